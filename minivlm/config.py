@@ -1,0 +1,261 @@
+"""Typed configs and named presets: the one place where the paper's numbers live.
+
+Every model is built from one of these dataclasses alone, and a checkpoint stores its config as JSON
+(`to_dict` / `from_dict`). Presets carry the paper's published figures (`paper_*` fields) so that the
+cost table and the tests can compare against them without repeating numbers elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Builds a config from JSON, ignoring unknown keys (forward compatibility) but converting lists
+    back to tuples where the field is a tuple."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            continue
+        if isinstance(value, list) and "tuple" in str(names[key].type):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vision: TEE-X and the R101-F (bottom-up attention) baseline
+# ----------------------------------------------------------------------------------------------------
+
+# Visual Genome vocabularies of bottom-up attention, the sizes the paper counts with.
+VG_NUM_CLASSES = 1600
+VG_NUM_ATTRIBUTES = 400
+
+
+@dataclass
+class PaperCost:
+    """Figures from the paper's Tables 4, 5 and 10 (None where the paper gives none)."""
+
+    backbone_params_m: float | None = None
+    rpn_params_m: float | None = None
+    box_head_params_m: float | None = None
+    total_params_m: float | None = None
+    backbone_gflops: float | None = None
+    rpn_gflops: float | None = None
+    box_head_gflops: float | None = None
+    total_gflops: float | None = None
+    map50: float | None = None
+
+
+@dataclass
+class TEEConfig:
+    """Two-stage Efficient feature Extractor: EfficientNet-BX + BiFPN(P2-P6) + 1x1 RPN + RoIAlign 4x4
+    + two linear layers to 1024-d region features + class / attribute heads."""
+
+    name: str = "tee0"
+    backbone: str = "efficientnet_b0"  # timm model name, features_only, strides 4..32
+    fpn_channels: int = 64  # EfficientDet-DX BiFPN width
+    fpn_layers: int = 3  # EfficientDet-DX BiFPN depth
+    image_size: int = 512  # EfficientDet-DX input size (longest side, padded to a multiple of 64)
+    min_level: int = 2  # P2 (stride 4): TEE starts one level lower than EfficientDet
+    max_level: int = 6  # P6 (stride 64) by down-sampling P5
+    # RPN: two 1x1 convolutions per level over A anchors per location
+    anchor_scale: float = 8.0  # anchor side = anchor_scale * stride (32 px at P2 ... 512 px at P6)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_topk: int = 2000  # per level, before the single class-agnostic NMS
+    rpn_post_nms_topk: int = 300  # proposals kept after NMS (the paper's box-head cost implies 300)
+    rpn_nms_iou: float = 0.7
+    rpn_min_size: float = 2.0
+    # Region head
+    roi_size: int = 4  # RoIAlign output resolution: 4x4 instead of 7x7 / 14x14
+    roi_sampling_ratio: int = 2
+    canonical_box_size: int = 224  # FPN eq. 1: k = floor(k0 + log2(sqrt(wh) / 224))
+    canonical_level: int = 4
+    region_dim: int = 1024  # two linear layers -> 1024-d region features
+    num_classes: int = VG_NUM_CLASSES  # + 1 background, set from the dataset's vocabulary
+    num_attributes: int = VG_NUM_ATTRIBUTES  # + 1 "no attribute"
+    max_regions: int = 50  # top-K regions kept per image for the transformer
+    region_score_thresh: float = 0.0
+    region_nms_iou: float = 0.5  # final class-agnostic NMS on refined boxes before taking the top-K
+    pretrained_backbone: str | None = None  # local timm/PyTorch state dict of the ImageNet backbone
+    paper: PaperCost = field(default_factory=PaperCost)
+
+
+@dataclass
+class BUTDConfig:
+    """ResNet-101 C4 Faster R-CNN of bottom-up attention (R101-F): built only for cost comparisons."""
+
+    name: str = "butd-r101"
+    image_size: tuple[int, int] = (600, 1000)  # shorter side 600, longer side capped at 1000
+    rpn_channels: int = 512  # 3x3 conv on res4 (1024 channels)
+    num_anchors: int = 12  # 4 scales x 3 ratios
+    roi_size: int = 14  # RoIPool/RoIAlign 14x14, res5 stride 2 -> 7x7, mean-pooled
+    region_dim: int = 2048
+    num_classes: int = VG_NUM_CLASSES
+    num_attributes: int = VG_NUM_ATTRIBUTES
+    num_proposals: int = 300
+    paper: PaperCost = field(default_factory=PaperCost)
+
+
+TEE_PRESETS: dict[str, TEEConfig] = {
+    "tee0": TEEConfig(
+        name="tee0", backbone="efficientnet_b0", fpn_channels=64, fpn_layers=3, image_size=512,
+        paper=PaperCost(3.8, None, 3.7, 7.5, 3.3, 0.03, 1.1, 4.4, map50=9.9),
+    ),
+    "tee1": TEEConfig(
+        name="tee1", backbone="efficientnet_b1", fpn_channels=88, fpn_layers=4, image_size=640,
+        paper=PaperCost(total_params_m=10.6, total_gflops=9.6, map50=10.6),
+    ),
+    "tee2": TEEConfig(
+        name="tee2", backbone="efficientnet_b2", fpn_channels=112, fpn_layers=5, image_size=768,
+        paper=PaperCost(total_params_m=12.4, total_gflops=17.6, map50=11.3),
+    ),
+    "tee3": TEEConfig(
+        name="tee3", backbone="efficientnet_b3", fpn_channels=160, fpn_layers=6, image_size=896,
+        paper=PaperCost(total_params_m=17.0, total_gflops=23.3, map50=11.5),
+    ),
+    # TEE-0's architecture at the synthetic world's scale: small images, small vocabularies, few regions.
+    "tee-demo": TEEConfig(
+        name="tee-demo", backbone="efficientnet_b0", fpn_channels=64, fpn_layers=3, image_size=320,
+        rpn_pre_nms_topk=600, rpn_post_nms_topk=100, max_regions=20, num_classes=12, num_attributes=17,
+    ),
+}
+
+BUTD_PRESETS: dict[str, BUTDConfig] = {
+    "butd-r101": BUTDConfig(paper=PaperCost(27.6, 4.7, 31.4, 63.8, 67.1, 9.1, 690.8, 767.0, map50=10.2)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fusion: compact BERT presets of Table 2
+# ----------------------------------------------------------------------------------------------------
+
+BERT_VOCAB_SIZE = 30522  # BERT uncased WordPiece
+
+
+@dataclass
+class BertConfig:
+    name: str = "minilm"
+    num_layers: int = 12
+    hidden_size: int = 384
+    intermediate_size: int = 1536
+    num_heads: int = 12
+    vocab_size: int = BERT_VOCAB_SIZE
+    max_position: int = 512
+    type_vocab_size: int = 2  # segment 0: text, segment 1: tags and regions (as OSCAR)
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    region_dim: int = 1024  # 1024 for TEE, 2048 for Oscar/VinVL features
+    box_dim: int = 6  # normalised x1, y1, x2, y2, w, h
+    max_regions: int = 50  # the paper's cost setting: 50 regions ...
+    max_text_len: int = 35  # ... and 35 text tokens
+    max_tag_len: int = 20
+    paper_params_m: float | None = None
+    paper_gflops: float | None = None
+
+
+BERT_PRESETS: dict[str, BertConfig] = {
+    "bert-base": BertConfig("bert-base", 12, 768, 3072, 12, paper_params_m=134.3, paper_gflops=8.2),
+    "bert8": BertConfig("bert8", 8, 768, 3072, 12, paper_params_m=106.0, paper_gflops=5.8),
+    "tinybert6": BertConfig("tinybert6", 6, 768, 3072, 12, paper_params_m=91.8, paper_gflops=4.6),
+    "bert4": BertConfig("bert4", 4, 768, 3072, 12, paper_params_m=77.6, paper_gflops=3.3),
+    "minilm": BertConfig("minilm", 12, 384, 1536, 12, paper_params_m=45.7, paper_gflops=2.3),
+    "tinybert4": BertConfig("tinybert4", 4, 312, 1200, 12, paper_params_m=24.3, paper_gflops=0.8),
+    # MiniLM's shape at the synthetic world's scale (CPU minutes, not GPU days).
+    "bert-demo": BertConfig("bert-demo", 4, 256, 1024, 4, max_regions=20, max_text_len=24, max_tag_len=12),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training recipes and task settings
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """One trainer serves every stage; these are its knobs."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # stops early when set
+    batch_size: int = 8  # global batch (split across ranks under torchrun)
+    lr: float = 1e-3
+    optimizer: str = "adamw"  # "sgd" | "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    schedule: str = "linear"  # "cosine" | "linear" | "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    amp: bool = True  # mixed precision, used only where a GPU is present
+    num_workers: int = 0
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200  # steps between checkpoints (and always at the end)
+    eval_every: int | None = None
+
+
+# The paper's recipes (Sec. 4.1), for real data.
+PAPER_RECIPES: dict[str, TrainConfig] = {
+    "tee-imagenet": TrainConfig(epochs=400, batch_size=1024, lr=0.4, optimizer="sgd", schedule="cosine",
+                                weight_decay=4e-5),
+    "tee-objects365": TrainConfig(epochs=100, batch_size=256, lr=0.4, optimizer="sgd", schedule="cosine",
+                                  weight_decay=4e-5),
+    "tee-vg": TrainConfig(epochs=200, batch_size=512, lr=0.2, optimizer="sgd", schedule="cosine",
+                          weight_decay=4e-5),
+    "vl-pretrain": TrainConfig(epochs=100, batch_size=2048, lr=4e-4, optimizer="adamw", schedule="linear",
+                               weight_decay=0.01),
+}
+
+
+@dataclass
+class PretrainTaskConfig:
+    mask_prob: float = 0.15  # MLM over text and tag tokens
+    mask_token_frac: float = 0.8  # 80% [MASK]
+    random_token_frac: float = 0.1  # 10% random token, 10% unchanged
+    itm_pollute_prob: float = 0.5  # replace the tags (or the caption) with another image's
+    pollute_caption_frac: float = 0.5  # of the polluted pairs, how many pollute the caption (else tags)
+
+
+@dataclass
+class CaptionTaskConfig:
+    mask_prob: float = 0.15
+    max_gen_len: int = 20
+    beam_size: int = 1  # the paper's speed setting (OSCAR used 5)
+    scst_samples: int = 5
+
+
+@dataclass
+class VQATaskConfig:
+    num_answers: int = 3129  # the paper's shared answer set; capped by what the training data has
+
+
+@dataclass
+class RetrievalTaskConfig:
+    negatives_per_positive: int = 1
+    test_sizes: tuple[int, ...] = (1000, 5000)  # 1K and 5K test sets, scaled to the data
+
+
+def get_tee(name: str) -> TEEConfig:
+    return _lookup(TEE_PRESETS, name, "TEE")
+
+
+def get_butd(name: str) -> BUTDConfig:
+    return _lookup(BUTD_PRESETS, name, "R101-F")
+
+
+def get_bert(name: str) -> BertConfig:
+    return _lookup(BERT_PRESETS, name, "transformer")
+
+
+def _lookup(presets: dict[str, T], name: str, what: str) -> T:
+    if name not in presets:
+        raise KeyError(f"unknown {what} preset {name!r}; choose one of: {', '.join(presets)}")
+    return dataclasses.replace(presets[name])  # a copy: callers may adjust it

@@ -1,0 +1,90 @@
+"""Files: atomic writes, JSON with clear errors, safetensors checkpoints.
+
+Nothing here unpickles arbitrary code: weights are safetensors, and the few training-state files go
+through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minivlm.errors import DataFormatError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it over `path` only if the block succeeds, so a
+    crash or kill never leaves a half-written file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
+    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(path, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise DataFormatError(path, "not a UTF-8 text file") from None
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    # safetensors refuses shared storage; contiguous clones keep tied weights loadable.
+    tensors = {k: v.detach().contiguous().clone() if _shares(v, state) else v.detach().contiguous()
+               for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _shares(v: torch.Tensor, state: dict[str, torch.Tensor]) -> bool:
+    ptr = v.untyped_storage().data_ptr()
+    return sum(1 for t in state.values() if t.untyped_storage().data_ptr() == ptr) > 1
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "weights file not found")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise DataFormatError(path, f"not a readable safetensors file ({err})") from None
+
+
+def save_state(obj: Any, path: str | Path) -> None:
+    """Training state (optimizer, scheduler, RNG): tensors and plain Python only."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_state(path: str | Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,45 @@
+"""`Regions`: the one value that passes from the vision module to the fusion module.
+
+Whether region features are computed on the fly by TEE-X or read back from a feature store (or from an
+Oscar/VinVL TSV), every task sees this type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Regions:
+    boxes: torch.Tensor  # [K, 4] float, x1 y1 x2 y2 in pixels of the original image
+    features: torch.Tensor  # [K, D] float, D = 1024 for TEE-X (2048 for R101-F / VinVL)
+    scores: torch.Tensor  # [K] float, the class confidence of each region's tag
+    labels: torch.Tensor  # [K] long, class ids (0-based, background excluded)
+    image_size: tuple[int, int]  # (width, height) of the original image
+    tags: list[str] = field(default_factory=list)  # class names of `labels`: the object tags
+    attributes: torch.Tensor | None = None  # [K] long, best attribute id per region (or None)
+    attribute_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def box_encoding(self) -> torch.Tensor:
+        """The paper's 6-d box code: normalised x1, y1, x2, y2, width, height."""
+        w, h = self.image_size
+        b = self.boxes.float() / torch.tensor([w, h, w, h], dtype=torch.float32)
+        b = b.clamp(0.0, 1.0)
+        return torch.cat([b, b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], dim=1)
+
+    def top(self, k: int) -> "Regions":
+        """The k highest-scoring regions (already sorted stores return a prefix)."""
+        order = torch.argsort(self.scores, descending=True)[:k]
+        pick = order.tolist()
+        return Regions(
+            boxes=self.boxes[order], features=self.features[order], scores=self.scores[order],
+            labels=self.labels[order], image_size=self.image_size,
+            tags=[self.tags[i] for i in pick] if self.tags else [],
+            attributes=None if self.attributes is None else self.attributes[order],
+            attribute_names=[self.attribute_names[i] for i in pick] if self.attribute_names else [],
+        )
