@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from minivlm.config import TrainConfig
+from minivlm.train.trainer import ShardedSampler, Trainer, lr_lambda, read_log
+
+
+class Regression(nn.Module):
+    """y = w.x + b on fixed data; raises on the `crash_at`-th forward to simulate a kill."""
+
+    def __init__(self, crash_at: int | None = None):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.calls, self.crash_at = 0, crash_at
+
+    def forward(self, batch):
+        self.calls += 1
+        if self.crash_at is not None and self.calls == self.crash_at:
+            raise RuntimeError("simulated kill")
+        x, y = batch
+        loss = ((self.lin(x).squeeze(1) - y) ** 2).mean()
+        return {"loss": loss, "mae": (self.lin(x).squeeze(1) - y).abs().mean()}
+
+
+def make_data(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.3
+    return list(zip(x, y))
+
+
+def collate(items):
+    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+
+
+def cfg(**kw):
+    base = dict(epochs=4, batch_size=8, lr=0.05, optimizer="sgd", schedule="cosine", weight_decay=0.0,
+                log_every=2, ckpt_every=5, grad_clip=None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_decreases_and_log_written(tmp_path):
+    torch.manual_seed(0)
+    model = Regression()
+    Trainer(model, cfg(), tmp_path).fit(make_data(), collate)
+    log = read_log(tmp_path / "log.jsonl")
+    assert log[0]["step"] == 2 and log[-1]["step"] == 32  # 64 samples / 8 per batch x 4 epochs
+    assert log[-1]["loss"] < 0.1 * log[0]["loss"]
+    assert "mae" in log[-1] and "lr" in log[-1]
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
+    torch.manual_seed(1)
+    reference = Regression()
+    init = {k: v.clone() for k, v in reference.state_dict().items()}
+    Trainer(reference, cfg(), tmp_path / "ref").fit(make_data(), collate)
+
+    crashing = Regression(crash_at=13)  # dies during step 13, after the step-10 checkpoint
+    crashing.load_state_dict(init)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        Trainer(crashing, cfg(), tmp_path / "run").fit(make_data(), collate)
+    assert (tmp_path / "run" / "checkpoint" / "latest").read_text() == "step-0000010"
+
+    resumed = Regression()  # a fresh process: different random init, restored from the checkpoint
+    Trainer(resumed, cfg(), tmp_path / "run").fit(make_data(), collate)
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v)
+    steps = [e["step"] for e in read_log(tmp_path / "run" / "log.jsonl")]
+    assert steps == sorted(set(steps))  # no duplicated log entries after the resume
+    assert not list((tmp_path / "run" / "checkpoint").glob(".*tmp"))
+
+
+def test_sampler_shards_cover_each_index_once_and_resume_midway():
+    n, world = 10, 3
+    for epoch in range(2):
+        parts = []
+        for rank in range(world):
+            s = ShardedSampler(n, rank, world, seed=7)
+            s.set_epoch(epoch)
+            parts.append(list(s))
+        assert len({len(p) for p in parts}) == 1  # equal work per rank (padded)
+        assert set(sum(parts, [])) == set(range(n))
+    s = ShardedSampler(n, 0, 1, seed=7)
+    s.set_epoch(1)
+    full = list(s)
+    s.set_epoch(1, start=4)
+    assert list(s) == full[4:]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedules_decay_to_zero_after_warmup(schedule):
+    f = lr_lambda(schedule, warmup=10, total=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(110) == pytest.approx(0.0, abs=1e-9)
+    assert f(60) < f(30)
+
+
+def test_eval_fn_results_logged(tmp_path):
+    model = Regression()
+    calls = []
+
+    def eval_fn(m, step):
+        calls.append(step)
+        return {"val_mae": float(m(collate(make_data(16)))["mae"])}
+
+    out = Trainer(model, cfg(epochs=1, eval_every=4), tmp_path).fit(make_data(), collate, eval_fn)
+    assert calls == [4, 8]
+    assert "val_mae" in out["eval"]
+    evals = [e for e in read_log(tmp_path / "log.jsonl") if "eval" in e]
+    assert [e["step"] for e in evals] == [4, 8]
+    json.dumps(evals)
