@@ -8,6 +8,7 @@ cost table and the tests can compare against them without repeating numbers else
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -21,14 +22,17 @@ def to_dict(cfg: Any) -> dict:
 def from_dict(cls: type[T], data: dict) -> T:
     """Builds a config from JSON, ignoring unknown keys (forward compatibility) but converting lists
     back to tuples where the field is a tuple."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    for key, value in data.items():
-        if key not in names:
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
             continue
-        if isinstance(value, list) and "tuple" in str(names[key].type):
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value)
+        elif isinstance(value, list) and "tuple" in str(hint):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        kwargs[key] = value
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 

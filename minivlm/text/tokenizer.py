@@ -38,11 +38,12 @@ class Tokenizer:
         self.vocab_path = Path(vocab_path) if vocab_path else default_vocab_path()
         if not self.vocab_path.is_file():
             raise MiniVLMError(f"vocabulary file not found: {self.vocab_path}")
-        self._tok = BertWordPieceTokenizer(str(self.vocab_path), lowercase=True)
-        vocab = self._tok.get_vocab()
-        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        words = set(self.vocab_path.read_text(encoding="utf-8", errors="replace").split("\n"))
+        missing = [t for t in SPECIAL_TOKENS if t not in words]
         if missing:
             raise MiniVLMError(f"{self.vocab_path}: not a BERT vocabulary (missing {', '.join(missing)})")
+        self._tok = BertWordPieceTokenizer(str(self.vocab_path), lowercase=True)
+        vocab = self._tok.get_vocab()
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (vocab[t] for t in SPECIAL_TOKENS)
         self.vocab_size = self._tok.get_vocab_size()
         self._id_to_token = {i: t for t, i in vocab.items()}
