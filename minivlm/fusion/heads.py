@@ -1,0 +1,73 @@
+"""Heads on top of `MultimodalBert`'s hidden states.
+
+* `MLMHead`: BERT's prediction head (dense + GELU + LayerNorm, then an UNTIED decoder over the vocabulary,
+  which is how Table 2 counts the "decoding layer"). Also the captioning head.
+* `Pooler` + `ITMHead`: [CLS] -> dense + tanh -> 2-way classifier (image-text matched / polluted).
+* `ClassifierHead`: [CLS] pooled -> MLP -> N outputs, for the tasks' VQA (3129 answers), NLVR2 (two
+  pooled vectors concatenated) and retrieval (1 score) heads.
+
+Attribute names follow Hugging Face's `BertForPreTraining` heads so `fusion.loading` maps them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minivlm.config import BertConfig
+from minivlm.fusion.transformer import init_bert_weights
+
+
+class MLMHead(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.apply(init_bert_weights)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., vocab] logits."""
+        return self.decoder(self.LayerNorm(F.gelu(self.dense(hidden))))
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: the [CLS] (first) token through dense + tanh."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.apply(init_bert_weights)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class ITMHead(nn.Module):
+    """Image-text matching on [CLS]: logits [B, 2], class 1 = polluted (text or tags from another image)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.pooler = Pooler(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, 2)
+        init_bert_weights(self.classifier)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pooler(hidden)))
+
+
+class ClassifierHead(nn.Module):
+    """Pooled vector(s) -> Linear -> GELU -> LayerNorm -> Linear (OSCAR's VQA/NLVR2 classifier shape).
+    `in_mult` = number of pooled vectors concatenated (2 for NLVR2's two images)."""
+
+    def __init__(self, cfg: BertConfig, num_outputs: int, in_mult: int = 1):
+        super().__init__()
+        h = cfg.hidden_size
+        self.net = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(in_mult * h, 2 * h), nn.GELU(),
+                                 nn.LayerNorm(2 * h, eps=cfg.layer_norm_eps), nn.Linear(2 * h, num_outputs))
+        self.apply(init_bert_weights)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled)
