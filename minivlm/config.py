@@ -79,6 +79,13 @@ class TEEConfig:
     rpn_post_nms_topk: int = 300  # proposals kept after NMS (the paper's box-head cost implies 300)
     rpn_nms_iou: float = 0.7
     rpn_min_size: float = 2.0
+    rpn_fg_iou: float = 0.7  # anchor matching for the objectness loss (Faster R-CNN)
+    rpn_bg_iou: float = 0.3
+    rpn_batch_per_image: int = 256  # sampled anchors per image, half positive at most
+    roi_batch_per_image: int = 128  # sampled RoIs per image in training (ground-truth boxes included)
+    roi_fg_fraction: float = 0.25
+    roi_fg_iou: float = 0.5
+    attribute_loss_weight: float = 0.5
     # Region head
     roi_size: int = 4  # RoIAlign output resolution: 4x4 instead of 7x7 / 14x14
     roi_sampling_ratio: int = 2

@@ -1,0 +1,43 @@
+"""EfficientDet's weighted bidirectional FPN (effdet's `BiFpn`), set to levels P2-P6.
+
+TEE feeds the BiFPN four backbone maps (strides 4-32) instead of EfficientDet's three (8-32) and adds
+P6 by down-sampling P5. effdet sizes every resampling step from `image_size`, so the model works on a
+fixed square canvas; timm's symmetric padding and effdet's size rule both round up, so any canvas size
+lines up (multiples of 64 need no rounding at all).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import Tensor, nn
+
+from minivlm.config import TEEConfig
+
+with warnings.catch_warnings():  # effdet scripts a helper with the deprecated torch.jit at import
+    warnings.simplefilter("ignore", FutureWarning)
+    from effdet.config.model_config import default_detection_model_configs
+    from effdet.efficientdet import BiFpn
+
+
+def effdet_config(cfg: TEEConfig):
+    c = default_detection_model_configs()
+    c.min_level, c.max_level = cfg.min_level, cfg.max_level
+    c.num_levels = cfg.max_level - cfg.min_level + 1
+    c.fpn_channels = cfg.fpn_channels
+    c.fpn_cell_repeats = cfg.fpn_layers
+    c.image_size = (cfg.image_size, cfg.image_size)
+    c.pad_type = ""  # PyTorch-style symmetric padding (effdet's `efficientdet_dX`, not the TF port)
+    c.redundant_bias = False
+    return c
+
+
+class BiFPN(nn.Module):
+    def __init__(self, cfg: TEEConfig, backbone_channels: list[int]):
+        super().__init__()
+        feature_info = [dict(num_chs=c) for c in backbone_channels]  # effdet writes sizes into these
+        self.fpn = BiFpn(effdet_config(cfg), feature_info)
+        self.strides = [2**level for level in range(cfg.min_level, cfg.max_level + 1)]
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        return self.fpn(list(feats))  # effdet appends to its input list

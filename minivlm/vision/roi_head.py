@@ -1,0 +1,171 @@
+"""Region head: FPN level assignment (Lin et al. eq. 1), RoIAlign 4x4, two linear layers to 1024-d
+region features, and the class / box / attribute heads on top of them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou, nms, roi_align
+
+from minivlm.config import TEEConfig
+from minivlm.vision.anchors import BoxCoder, clip_boxes
+from minivlm.vision.rpn import _subsample
+
+ROI_MAX_LEVEL = 5  # Lin et al. pool RoIs from P2-P5; P6 serves only the RPN's largest anchors
+
+
+def assign_levels(boxes: Tensor, min_level: int = 2, max_level: int = ROI_MAX_LEVEL,
+                  canonical_size: float = 224.0, canonical_level: int = 4) -> Tensor:
+    """FPN eq. 1: k = floor(k0 + log2(sqrt(wh) / 224)), clamped to the available levels."""
+    wh = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    k = torch.floor(canonical_level + torch.log2(wh.sqrt().clamp(min=1e-6) / canonical_size))
+    return k.clamp(min_level, max_level).long()
+
+
+def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: int, levels: Tensor,
+                         output_size: int, sampling_ratio: int) -> Tensor:
+    """RoIAlign of each box on its own level. feats[i] is level min_level+i (stride 2**level);
+    boxes are per image, canvas pixels; levels [R] for the concatenated boxes. Returns [R, C, s, s]."""
+    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+    out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], output_size, output_size)
+    for level in levels.unique().tolist():
+        idx = torch.where(levels == level)[0]
+        f = feats[level - min_level]
+        out[idx] = roi_align(f, rois[idx].to(f.dtype), output_size, spatial_scale=1.0 / 2**level,
+                             sampling_ratio=sampling_ratio, aligned=True)
+    return out
+
+
+class BoxHead(nn.Module):
+    """Two linear layers on the flattened 4x4 RoI (16*C -> 1024 -> 1024) give the region feature; the
+    class layer (num_classes + background) and a class-agnostic box refinement sit on it."""
+
+    def __init__(self, in_dim: int, region_dim: int, num_classes: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, region_dim)
+        self.fc2 = nn.Linear(region_dim, region_dim)
+        self.cls = nn.Linear(region_dim, num_classes + 1)
+        self.box = nn.Linear(region_dim, 4)
+        nn.init.normal_(self.cls.weight, std=0.01)
+        nn.init.normal_(self.box.weight, std=0.001)
+        nn.init.zeros_(self.cls.bias)
+        nn.init.zeros_(self.box.bias)
+
+    def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        feat = F.relu(self.fc2(F.relu(self.fc1(pooled.flatten(1)))))
+        return feat, self.cls(feat), self.box(feat)
+
+
+class AttributeHead(nn.Module):
+    """Bottom-up attention's attribute head: the region feature concatenated with an embedding of the
+    region's class (ground truth in training, predicted at inference) -> hidden -> attributes + "none".
+    A training-time head: it shapes the region features and is not counted in the paper's totals."""
+
+    def __init__(self, region_dim: int, num_classes: int, num_attributes: int, embed_dim: int = 256,
+                 hidden_dim: int = 512):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes + 1, embed_dim)
+        self.hidden = nn.Linear(region_dim + embed_dim, hidden_dim)
+        self.out = nn.Linear(hidden_dim, num_attributes + 1)
+
+    def forward(self, feat: Tensor, class_ids: Tensor) -> Tensor:
+        """class_ids: 1-based (0 = background). Returns logits [R, num_attributes + 1], index 0 = none."""
+        return self.out(F.relu(self.hidden(torch.cat([feat, self.embed(class_ids)], dim=1))))
+
+
+class RoIHead(nn.Module):
+    def __init__(self, cfg: TEEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
+        self.box_head = BoxHead(cfg.roi_size**2 * cfg.fpn_channels, cfg.region_dim, cfg.num_classes)
+        self.attribute_head = AttributeHead(cfg.region_dim, cfg.num_classes, cfg.num_attributes)
+        self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+
+    def pool(self, feats: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        cfg = self.cfg
+        levels = assign_levels(torch.cat(boxes), cfg.min_level, self.roi_max_level, cfg.canonical_box_size,
+                               cfg.canonical_level)
+        return multilevel_roi_align(feats, boxes, cfg.min_level, levels, cfg.roi_size, cfg.roi_sampling_ratio)
+
+    def loss(self, feats: list[Tensor], proposals: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        """Samples RoIs (ground-truth boxes included; IoU >= roi_fg_iou foreground), then class CE,
+        class-agnostic smooth-L1 box refinement and the attribute loss on foreground RoIs."""
+        cfg = self.cfg
+        rois, labels, box_tgt, attr_tgt = [], [], [], []
+        for props, t in zip(proposals, targets):
+            gt, gl = t["boxes"].to(props), t["labels"]
+            cand = torch.cat([props, gt])
+            if gt.numel():
+                best, match = box_iou(cand, gt).max(1)
+                lab = torch.where(best >= cfg.roi_fg_iou, gl[match] + 1, torch.zeros_like(match))
+            else:
+                match = torch.zeros(cand.shape[0], dtype=torch.long, device=cand.device)
+                lab = match.clone()
+            keep = _subsample(lab, cfg.roi_batch_per_image, cfg.roi_fg_fraction) >= 0
+            cand, lab, match = cand[keep], lab[keep], match[keep]
+            rois.append(cand)
+            labels.append(lab)
+            box_tgt.append(self.coder.encode(cand, gt[match]) if gt.numel() else torch.zeros_like(cand))
+            attr_tgt.append(_attribute_targets(t.get("attributes"), match, lab > 0, cfg.num_attributes))
+        labels, box_tgt, attr_tgt = torch.cat(labels), torch.cat(box_tgt), torch.cat(attr_tgt)
+        feat, cls_logits, box_deltas = self.box_head(self.pool(feats, rois))
+        fg = labels > 0
+        losses = {
+            "cls": F.cross_entropy(cls_logits.float(), labels),
+            "box": F.smooth_l1_loss(box_deltas[fg].float(), box_tgt[fg], beta=1.0, reduction="sum")
+            / max(labels.numel(), 1),
+        }
+        if fg.any():
+            attr_logits = self.attribute_head(feat[fg], labels[fg])
+            losses["attr"] = cfg.attribute_loss_weight * F.cross_entropy(attr_logits.float(), attr_tgt[fg])
+        else:
+            losses["attr"] = feat.sum() * 0.0
+        with torch.no_grad():
+            losses["cls_acc"] = (cls_logits.argmax(1) == labels).float().mean()
+        return losses
+
+    @torch.no_grad()
+    def detect(self, feats: list[Tensor], proposals: list[Tensor], image_hw: list[tuple[int, int]],
+               max_regions: int) -> list[dict[str, Tensor]]:
+        """Per image: the top `max_regions` regions after one class-agnostic NMS on refined boxes, sorted
+        by score. Features come from the proposal each region was pooled from (as bottom-up attention)."""
+        cfg = self.cfg
+        counts = [p.shape[0] for p in proposals]
+        if sum(counts) == 0:
+            feat = feats[0].new_zeros(0, cfg.region_dim)
+            cls_logits, deltas = feats[0].new_zeros(0, cfg.num_classes + 1), feats[0].new_zeros(0, 4)
+        else:
+            feat, cls_logits, deltas = self.box_head(self.pool(feats, proposals))
+        probs = cls_logits.float().softmax(1)[:, 1:]
+        scores, labels = probs.max(1)
+        attr_logits = self.attribute_head(feat, labels + 1) if feat.shape[0] else feat.new_zeros(0, 1)
+        attrs = attr_logits[:, 1:].argmax(1) if attr_logits.shape[1] > 1 else torch.zeros_like(labels)
+        out, start = [], 0
+        for props, n, (h, w) in zip(proposals, counts, image_hw):
+            sl = slice(start, start + n)
+            start += n
+            boxes = clip_boxes(self.coder.decode(props, deltas[sl].float()), h, w)
+            sc = scores[sl]
+            keep = torch.where(sc > cfg.region_score_thresh)[0]
+            keep = keep[nms(boxes[keep], sc[keep], cfg.region_nms_iou)][:max_regions]  # sorted by score
+            out.append(dict(boxes=boxes[keep], scores=sc[keep], labels=labels[sl][keep],
+                            features=feat[sl][keep].float(), attributes=attrs[sl][keep], class_probs=probs[sl][keep]))
+        return out
+
+
+def _attribute_targets(attributes: Tensor | None, match: Tensor, fg: Tensor, num_attributes: int) -> Tensor:
+    """Soft targets over (none, attr_1..attr_n): uniform over the matched object's attributes, or all mass
+    on "none" for objects without any. attributes: [G, M] 0-based ids, -1 padded."""
+    tgt = torch.zeros(match.shape[0], num_attributes + 1, device=match.device)
+    if attributes is None or attributes.numel() == 0:
+        tgt[:, 0] = 1.0
+        return tgt
+    a = attributes.to(match.device)[match]  # [R, M]
+    valid = a >= 0
+    tgt.scatter_(1, (a + 1).clamp(min=0), valid.float())
+    tgt[:, 0] = 0.0
+    has = valid.any(1)
+    tgt[~has, 0] = 1.0
+    return tgt / tgt.sum(1, keepdim=True)

@@ -1,0 +1,208 @@
+"""TEE-X: the Two-stage Efficient feature Extractor (paper Sec. 3.1), image in, `Regions` out.
+
+    image -> letterbox to a square canvas (longest side = image_size)
+          -> EfficientNet-BX (strides 4-32) -> BiFPN (P2-P6)
+          -> RPN (two 1x1 convs) -> one class-agnostic NMS -> <= rpn_post_nms_topk proposals
+          -> RoIAlign 4x4 on the level of FPN eq. 1 -> Linear -> ReLU -> Linear -> ReLU: 1024-d features
+          -> class / box / attribute heads -> top-K regions, boxes in original image pixels
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minivlm.config import PaperCost, TEEConfig, from_dict, to_dict
+from minivlm.errors import DataFormatError, ImageError
+from minivlm.io import load_weights, read_json, save_weights, write_json
+from minivlm.regions import Regions
+from minivlm.vision.backbone import build_backbone
+from minivlm.vision.bifpn import BiFPN
+from minivlm.vision.roi_head import RoIHead
+from minivlm.vision.rpn import RPN
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+LOSS_KEYS = ("rpn_obj", "rpn_box", "cls", "box", "attr")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images -> canvas
+# ----------------------------------------------------------------------------------------------------
+
+
+def image_tensor(image: Any) -> Tensor:
+    """Any image (PIL of any mode, HxW / HxWxC array, CxHxW tensor, uint8 or float 0..1) -> float [3, H, W]."""
+    if isinstance(image, (str, Path)):
+        image = open_image(image)
+    if hasattr(image, "convert"):  # PIL: grayscale, palette, RGBA, CMYK all become RGB
+        image = np.array(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(image))
+        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    elif isinstance(image, Tensor):
+        t = image[None] if image.ndim == 2 else image
+    else:
+        raise ImageError(f"unsupported image type {type(image).__name__}")
+    t = t.float() / 255.0 if not t.is_floating_point() else t.float()
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    elif t.shape[0] == 4:
+        t = t[:3]
+    if t.ndim != 3 or t.shape[0] != 3 or min(t.shape[1:]) < 1:
+        raise ImageError(f"cannot read an image of shape {tuple(image.shape)}")
+    return t
+
+
+def open_image(path: str | Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ImageError(f"{path}: cannot decode image ({err})") from None
+
+
+def letterbox(image: Any, size: int) -> tuple[Tensor, tuple[float, float], tuple[int, int]]:
+    """Resizes so that the longest side is `size` and normalises with ImageNet statistics. Returns the
+    resized image [3, h, w], the scale (sx, sy) from original to canvas pixels, and the original (w, h)."""
+    t = image_tensor(image)
+    h0, w0 = t.shape[1:]
+    s = size / max(h0, w0)
+    h, w = max(1, min(size, round(h0 * s))), max(1, min(size, round(w0 * s)))
+    if (h, w) != (h0, w0):
+        t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=h < h0)[0]
+    t = (t.clamp(0, 1) - IMAGENET_MEAN) / IMAGENET_STD
+    return t, (w / w0, h / h0), (w0, h0)
+
+
+def pad_to_canvas(images: Sequence[Tensor], size: int) -> Tensor:
+    """Stacks resized images into [B, 3, size, size], top-left aligned; padding is 0 (the mean colour)."""
+    canvas = images[0].new_zeros(len(images), 3, size, size)
+    for i, t in enumerate(images):
+        canvas[i, :, : t.shape[1], : t.shape[2]] = t
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+
+
+class TEE(nn.Module):
+    def __init__(self, cfg: TEEConfig, class_names: list[str] | None = None,
+                 attribute_names: list[str] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(cfg.num_classes)]
+        self.attribute_names = (list(attribute_names) if attribute_names
+                                else [f"attribute{i}" for i in range(cfg.num_attributes)])
+        if len(self.class_names) != cfg.num_classes or len(self.attribute_names) != cfg.num_attributes:
+            raise ValueError(f"{len(self.class_names)} class / {len(self.attribute_names)} attribute names for a "
+                             f"model with {cfg.num_classes} / {cfg.num_attributes}")
+        self.backbone = build_backbone(cfg)
+        self.fpn = BiFPN(cfg, self.backbone.feature_info.channels())
+        self.rpn = RPN(cfg)
+        self.roi_head = RoIHead(cfg)
+
+    def features(self, canvas: Tensor) -> list[Tensor]:
+        """Backbone + BiFPN: P2..P6 at strides 4..64."""
+        s = self.cfg.image_size
+        if canvas.shape[-2:] != (s, s):
+            raise ValueError(f"TEE expects a {s}x{s} canvas (letterbox + pad_to_canvas), got {tuple(canvas.shape)}")
+        return self.fpn(self.backbone(canvas))
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """Training step: batch = {"images": [B,3,S,S], "image_hw": [(h, w)] resized sizes, "targets":
+        [{"boxes": [G,4] canvas px, "labels": [G] 0-based, "attributes": [G,M] -1 padded}]}."""
+        images = batch["images"]
+        targets = [{k: v.to(images.device) for k, v in t.items()} for t in batch["targets"]]
+        feats = self.features(images)
+        proposals, losses = self.rpn(feats, batch["image_hw"], [t["boxes"] for t in targets])
+        losses.update(self.roi_head.loss(feats, proposals, targets))
+        losses["loss"] = sum(losses[k] for k in LOSS_KEYS)
+        return losses
+
+    @torch.no_grad()
+    def detect(self, canvas: Tensor, image_hw: list[tuple[int, int]], max_regions: int | None = None
+               ) -> list[dict[str, Tensor]]:
+        """Regions per image in canvas pixels: boxes, scores, labels, features, attributes, class_probs."""
+        feats = self.features(canvas)
+        proposals, _ = self.rpn(feats, image_hw)
+        return self.roi_head.detect(feats, proposals, image_hw, max_regions or self.cfg.max_regions)
+
+    @torch.no_grad()
+    def extract(self, images: Sequence[Any], batch_size: int = 8, max_regions: int | None = None) -> list[Regions]:
+        """Images (PIL, arrays, tensors or paths) -> one `Regions` per image, boxes in original pixels."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out: list[Regions] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [letterbox(im, self.cfg.image_size) for im in images[start:start + batch_size]]
+            canvas = pad_to_canvas([c[0] for c in chunk], self.cfg.image_size).to(device)
+            dets = self.detect(canvas, [tuple(c[0].shape[1:]) for c in chunk], max_regions)
+            out += [self.to_regions(d, scale, size) for d, (_, scale, size) in zip(dets, chunk)]
+        self.train(was_training)
+        return out
+
+    def to_regions(self, det: dict[str, Tensor], scale: tuple[float, float], size: tuple[int, int]) -> Regions:
+        sx, sy = scale
+        w, h = size
+        boxes = det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        labels, attrs = det["labels"].cpu(), det["attributes"].cpu()
+        return Regions(boxes=boxes, features=det["features"].cpu(), scores=det["scores"].float().cpu(),
+                       labels=labels, image_size=(w, h), tags=[self.class_names[i] for i in labels.tolist()],
+                       attributes=attrs, attribute_names=[self.attribute_names[i] for i in attrs.tolist()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Detector folders: config.json + model.safetensors
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_detector(model: TEE, folder: str | Path) -> Path:
+    folder = Path(folder)
+    cfg = dataclasses.replace(model.cfg, pretrained_backbone=None)  # the weights are in the folder now
+    meta = {**to_dict(cfg), "class_names": model.class_names, "attribute_names": model.attribute_names}
+    save_weights(model.state_dict(), folder / "model.safetensors", metadata={"format": "minivlm-tee"})
+    write_json(folder / "config.json", meta, indent=1)
+    return folder
+
+
+def detector_config(folder: str | Path) -> tuple[TEEConfig, list[str], list[str]]:
+    path = Path(folder) / "config.json"
+    meta = read_json(path)
+    if not isinstance(meta, dict) or "backbone" not in meta:
+        raise DataFormatError(path, "not a TEE detector config (no 'backbone' field)")
+    cfg = from_dict(TEEConfig, {k: v for k, v in meta.items() if k != "paper"})
+    cfg.paper = from_dict(PaperCost, meta.get("paper") or {})
+    cfg.pretrained_backbone = None
+    names, attrs = meta.get("class_names"), meta.get("attribute_names")
+    for field, value, n in (("class_names", names, cfg.num_classes), ("attribute_names", attrs, cfg.num_attributes)):
+        if value is not None and (not isinstance(value, list) or len(value) != n):
+            raise DataFormatError(path, f"{field}: expected a list of {n} names")
+    return cfg, names, attrs
+
+
+def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> TEE:
+    cfg, names, attrs = detector_config(folder)
+    model = TEE(cfg, names, attrs)
+    path = Path(folder) / "model.safetensors"
+    state = load_weights(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataFormatError(path, f"weights do not fit config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval()

@@ -1,0 +1,272 @@
+"""TEE-X and R101-F: sizes against the paper, shapes, NMS, level assignment, coordinates, odd inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from minivlm.config import get_tee
+from minivlm.errors import DataFormatError
+from minivlm.io import save_weights
+from minivlm.vision.anchors import BoxCoder
+from minivlm.vision.cost import butd_cost_rows, tee_cost_rows, vision_cost_rows
+from minivlm.vision.roi_head import RoIHead, assign_levels, multilevel_roi_align
+from minivlm.vision.rpn import RPN
+from minivlm.vision.tee import TEE, letterbox, load_detector, pad_to_canvas, save_detector
+
+
+def small_cfg(**kw):
+    # TEE-0's architecture on a 128-px canvas keeps the tests fast.
+    base = dict(image_size=128, rpn_pre_nms_topk=200, rpn_post_nms_topk=40, max_regions=10)
+    return dataclasses.replace(get_tee("tee-demo"), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return TEE(small_cfg()).eval()
+
+
+def _close(value, paper, tol):
+    return abs(value - paper) <= tol * paper
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cost against Tables 4, 5 and 10
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tee0", "tee1", "tee2", "tee3"])
+def test_tee_params_match_paper(name):
+    rows = tee_cost_rows(name)
+    checked = 0
+    for r in rows:
+        if r.paper_params_m is not None:
+            assert _close(r.params_m, r.paper_params_m, 0.03), r
+            checked += 1
+    assert checked >= 1
+    total = next(r for r in rows if r.component == "total")
+    parts = sum(r.params_m for r in rows if r.component in ("backbone", "rpn", "box_head"))
+    assert total.params_m == pytest.approx(parts)
+
+
+def test_tee0_flops_match_paper_at_stated_setting():
+    rows = {r.component: r for r in tee_cost_rows("tee0", image_size=600, num_proposals=300)}
+    for comp in ("backbone", "rpn", "box_head", "total"):
+        assert _close(rows[comp].gflops, rows[comp].paper_gflops, 0.15), rows[comp]
+    assert "600x600" in rows["total"].setting and "300" in rows["total"].setting
+    # the box head scales with the proposal count, the backbone does not
+    fewer = {r.component: r for r in tee_cost_rows("tee0", image_size=600, num_proposals=100)}
+    assert fewer["box_head"].gflops == pytest.approx(rows["box_head"].gflops / 3, rel=1e-3)
+    assert fewer["backbone"].gflops == pytest.approx(rows["backbone"].gflops)
+
+
+def test_butd_params_and_flops():
+    rows = {r.component: r for r in butd_cost_rows()}
+    for comp in ("backbone", "rpn", "box_head", "total"):
+        assert _close(rows[comp].params_m, rows[comp].paper_params_m, 0.03), rows[comp]
+    for comp in ("backbone", "rpn"):
+        assert _close(rows[comp].gflops, rows[comp].paper_gflops, 0.15), rows[comp]
+    assert "600x800" in rows["total"].setting
+
+
+def test_vision_cost_rows_cover_every_model_and_component():
+    rows = vision_cost_rows()
+    keys = {(r.model, r.component) for r in rows}
+    for m in ("tee0", "tee1", "tee2", "tee3", "butd-r101"):
+        for c in ("backbone", "rpn", "box_head", "attribute_head", "total"):
+            assert (m, c) in keys
+    tee0 = next(r for r in rows if r.model == "tee0" and r.component == "total")
+    butd = next(r for r in rows if r.model == "butd-r101" and r.component == "total")
+    assert tee0.gflops < 0.02 * butd.gflops  # the paper's headline: ~1% of R101-F's FLOPs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_pyramid_levels_and_strides(model):
+    s = model.cfg.image_size
+    feats = model.features(torch.zeros(2, 3, s, s))
+    assert len(feats) == 5  # P2..P6
+    for f, stride in zip(feats, (4, 8, 16, 32, 64)):
+        assert tuple(f.shape) == (2, model.cfg.fpn_channels, s // stride, s // stride)
+
+
+def test_roi_align_is_4x4_and_region_features_are_1024(model):
+    s = model.cfg.image_size
+    feats = model.features(torch.zeros(1, 3, s, s))
+    boxes = [torch.tensor([[0.0, 0.0, 30.0, 30.0], [10.0, 10.0, 120.0, 100.0]])]
+    pooled = model.roi_head.pool(feats, boxes)
+    assert tuple(pooled.shape) == (2, model.cfg.fpn_channels, 4, 4)
+    feat, cls, box = model.roi_head.box_head(pooled)
+    assert tuple(feat.shape) == (2, 1024) and tuple(cls.shape) == (2, model.cfg.num_classes + 1)
+    assert tuple(box.shape) == (2, 4)
+    regions = model.extract([Image.new("RGB", (100, 80), (200, 30, 30))])[0]
+    assert regions.features.shape[1] == 1024 and len(regions) <= model.cfg.max_regions
+    assert torch.all(regions.scores[:-1] >= regions.scores[1:])  # sorted by score
+
+
+def test_roi_align_reads_the_assigned_level():
+    # Each level is a constant map equal to its level number: the pooled value tells which level was read.
+    feats = [torch.full((1, 2, 64 // 2**lvl, 64 // 2**lvl), float(lvl)) for lvl in range(2, 7)]
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 60.0, 60.0]])]
+    levels = torch.tensor([2, 5])
+    out = multilevel_roi_align(feats, boxes, 2, levels, 4, 2)
+    assert torch.allclose(out[0], torch.full_like(out[0], 2.0))
+    assert torch.allclose(out[1], torch.full_like(out[1], 5.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Proposals, NMS and level assignment
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_level_assignment_follows_fpn_equation_1():
+    sides = torch.tensor([10.0, 56.0, 111.0, 112.0, 223.0, 224.0, 447.0, 448.0, 1000.0])
+    boxes = torch.stack([torch.zeros_like(sides), torch.zeros_like(sides), sides, sides], dim=1)
+    expect = [2, 2, 2, 3, 3, 4, 4, 5, 5]  # floor(4 + log2(side / 224)), clamped to P2..P5
+    assert assign_levels(boxes, 2, 5).tolist() == expect
+    assert assign_levels(boxes, 2, 6)[-1].item() == 6  # 1000 px: floor(4 + 2.16) = 6 when P6 is allowed
+    rect = torch.tensor([[0.0, 0.0, 448.0, 112.0]])  # sqrt(wh) = 224
+    assert assign_levels(rect).item() == 4
+
+
+def test_rpn_nms_is_one_class_agnostic_pass_over_all_levels():
+    cfg = small_cfg(rpn_pre_nms_topk=10, rpn_post_nms_topk=10)
+    rpn = RPN(cfg)
+    # Two levels, one anchor each, almost the same box: only one may survive a single NMS.
+    anchors = [torch.tensor([[10.0, 10.0, 60.0, 60.0]]), torch.tensor([[12.0, 11.0, 61.0, 60.0]]),
+               torch.tensor([[80.0, 80.0, 120.0, 120.0]])]
+    logits = [torch.tensor([[2.0]]), torch.tensor([[3.0]]), torch.tensor([[1.0]])]
+    deltas = [torch.zeros(1, 1, 4) for _ in anchors]
+    props = rpn.propose(logits, deltas, anchors, [(128, 128)])[0]
+    assert props.shape[0] == 2
+    assert torch.allclose(props[0], anchors[1][0])  # the higher score wins, across levels
+
+
+def test_final_region_nms_is_class_agnostic():
+    cfg = small_cfg(num_classes=3, num_attributes=2)
+    head = RoIHead(cfg).eval()
+    feats = [torch.zeros(1, cfg.fpn_channels, 128 // 2**lvl, 128 // 2**lvl) for lvl in range(2, 7)]
+    proposals = [torch.tensor([[10.0, 10.0, 60.0, 60.0], [12.0, 12.0, 62.0, 61.0], [90.0, 90.0, 120.0, 120.0]])]
+
+    logits = torch.tensor([[0.0, 9.0, 0.0, 0.0], [0.0, 0.0, 8.0, 0.0], [0.0, 0.0, 0.0, 7.0]])
+
+    def fake_box_head(pooled):
+        return torch.zeros(pooled.shape[0], cfg.region_dim), logits, torch.zeros(pooled.shape[0], 4)
+
+    head.box_head.forward = fake_box_head
+    det = head.detect(feats, proposals, [(128, 128)], max_regions=10)[0]
+    # The two overlapping boxes have different classes; a per-class NMS would keep both.
+    assert det["labels"].tolist() == [0, 2]
+    assert det["boxes"].shape == (2, 4)
+    assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+
+
+def test_box_coder_round_trip():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    ref = torch.tensor([[0.0, 0.0, 10.0, 20.0], [5.0, 5.0, 50.0, 30.0]])
+    boxes = torch.tensor([[1.0, 2.0, 12.0, 18.0], [0.0, 10.0, 40.0, 44.0]])
+    assert torch.allclose(coder.decode(ref, coder.encode(ref, boxes)), boxes, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images in, regions out
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_letterbox_scales_and_boxes_map_back_to_original_pixels(model):
+    t, (sx, sy), (w, h) = letterbox(torch.rand(3, 60, 256), 128)
+    assert tuple(t.shape) == (3, 30, 128) and (w, h) == (256, 60)
+    assert sx == pytest.approx(0.5) and sy == pytest.approx(0.5)
+    det = {"boxes": torch.tensor([[10.0, 5.0, 64.0, 30.0], [0.0, 0.0, 128.0, 40.0]]), "scores": torch.tensor([0.9, 0.5]),
+           "labels": torch.tensor([1, 0]), "features": torch.zeros(2, 1024), "attributes": torch.tensor([0, 1])}
+    r = model.to_regions(det, (sx, sy), (w, h))
+    assert r.boxes[0].tolist() == pytest.approx([20.0, 10.0, 128.0, 60.0])
+    assert r.boxes[1].tolist() == pytest.approx([0.0, 0.0, 256.0, 60.0])  # clipped to the original image
+    assert r.tags == [model.class_names[1], model.class_names[0]]
+    assert r.image_size == (256, 60)
+
+
+def test_grayscale_rgba_and_odd_sizes_work(model):
+    images = [Image.new("L", (97, 213), 128), Image.new("RGBA", (301, 17), (0, 255, 0, 100)),
+              np.random.randint(0, 255, (33, 45, 3), dtype=np.uint8), torch.rand(1, 50, 7)]
+    sizes = [(97, 213), (301, 17), (45, 33), (7, 50)]
+    out = model.extract(images, batch_size=3)
+    assert len(out) == 4
+    for r, (w, h) in zip(out, sizes):
+        assert r.image_size == (w, h)
+        assert r.features.shape[1] == 1024 and len(r) == len(r.tags) == len(r.attribute_names)
+        if len(r):
+            assert float(r.boxes[:, 0::2].max()) <= w and float(r.boxes[:, 1::2].max()) <= h
+            assert float(r.boxes.min()) >= 0.0
+
+
+def test_canvas_size_is_checked(model):
+    with pytest.raises(ValueError, match="canvas"):
+        model.features(torch.zeros(1, 3, 96, 128))
+
+
+def test_tiny_forward_backward_has_finite_losses():
+    torch.manual_seed(0)
+    m = TEE(small_cfg()).train()
+    t, (sx, sy), _ = letterbox(torch.rand(3, 100, 120), 128)
+    batch = {
+        "images": pad_to_canvas([t], 128), "image_hw": [tuple(t.shape[1:])],
+        "targets": [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 110.0, 100.0]]) * sx,
+                     "labels": torch.tensor([0, 5]), "attributes": torch.tensor([[1, 3], [-1, -1]])}],
+    }
+    losses = m(batch)
+    for key in ("loss", "rpn_obj", "rpn_box", "cls", "box", "attr"):
+        assert torch.isfinite(losses[key]), key
+    assert losses["loss"].item() > 0
+    losses["loss"].backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert m.backbone.conv_stem.weight.grad is not None and m.roi_head.attribute_head.out.weight.grad is not None
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights: local ImageNet backbone, detector folders
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_backbone_loads_local_imagenet_weights(tmp_path):
+    torch.manual_seed(1)
+    classifier = timm.create_model("efficientnet_b0", pretrained=False, num_classes=1000)
+    path = tmp_path / "effnet_b0.safetensors"
+    save_weights(classifier.state_dict(), path)
+    m = TEE(small_cfg(pretrained_backbone=str(path)))
+    assert torch.equal(m.backbone.conv_stem.weight, classifier.conv_stem.weight)
+    assert torch.equal(m.backbone.blocks[6][0].conv_pwl.weight, classifier.blocks[6][0].conv_pwl.weight)
+    torch.save(classifier.state_dict(), tmp_path / "effnet_b0.pth")
+    m2 = TEE(small_cfg(pretrained_backbone=str(tmp_path / "effnet_b0.pth")))
+    assert torch.equal(m2.backbone.bn1.running_var, classifier.bn1.running_var)
+    with pytest.raises(DataFormatError, match="not found"):
+        TEE(small_cfg(pretrained_backbone=str(tmp_path / "missing.pth")))
+    save_weights({"foo": torch.zeros(2)}, tmp_path / "bad.safetensors")
+    with pytest.raises(DataFormatError, match="no key"):
+        TEE(small_cfg(pretrained_backbone=str(tmp_path / "bad.safetensors")))
+
+
+def test_detector_folder_round_trip(tmp_path, model):
+    names = [f"thing{i}" for i in range(model.cfg.num_classes)]
+    attrs = [f"attr{i}" for i in range(model.cfg.num_attributes)]
+    m = TEE(model.cfg, names, attrs).eval()
+    save_detector(m, tmp_path / "det")
+    loaded = load_detector(tmp_path / "det")
+    assert loaded.class_names == names and loaded.attribute_names == attrs
+    assert loaded.cfg == m.cfg
+    image = Image.new("RGB", (90, 70), (10, 200, 40))
+    a, b = m.extract([image])[0], loaded.extract([image])[0]
+    assert torch.allclose(a.features, b.features) and a.tags == b.tags
+    (tmp_path / "det" / "config.json").write_text("{\"backbone\": 3")
+    with pytest.raises(DataFormatError, match="config.json"):
+        load_detector(tmp_path / "det")
