@@ -225,3 +225,30 @@ def test_world_missing_files_name_expected_path(tmp_path):
         w.nlvr2_image_path("dev", "dev-9-9-img0.png")
     with pytest.raises(DataFormatError, match=r"instances_train.json"):
         World(tmp_path / "nowhere").class_names()
+
+
+def test_generated_synthetic_world_loads_through_world(tmp_path):
+    from minivlm.data.images import load_image
+    from minivlm.data.synthetic import generate_world
+
+    generate_world(tmp_path / "w", images=12, seed=0, nlvr2_pairs=4, workers=1)
+    w = World(tmp_path / "w")
+    assert w.splits() == ["test", "train", "val"] and w.splits("vqa") == ["test", "train", "val"]
+    assert len(w.class_names()) > 1 and len(w.attribute_names()) > 1
+    n_images = 0
+    for split in w.splits():
+        inst, caps = w.instances(split), w.captions(split)
+        assert set(caps.images) == set(inst.images) and all(caps.captions[i] for i in caps.images)
+        for info in inst.images.values():
+            assert load_image(w.image_path(split, info)).size == (info.width, info.height)
+            for a in inst.annotations[info.id]:
+                assert a.bbox[0] + a.bbox[2] <= info.width + 1 and a.bbox[1] + a.bbox[3] <= info.height + 1
+        for q in w.vqa(split):
+            assert q.image_id in inst.images and w.vqa_image_path(split, q.image_id).is_file()
+        n_images += len(inst.images)
+    assert len(w.karpathy()) == n_images
+    assert all(w.image_path(k.filepath, k.filename).is_file() for k in w.karpathy())
+    examples = [(s, e) for s in w.splits("nlvr2") for e in w.nlvr2(s)]
+    assert examples
+    for split, e in examples:
+        assert w.nlvr2_image_path(split, e.left_image).is_file() and w.nlvr2_image_path(split, e.right_image).is_file()
