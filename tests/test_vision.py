@@ -183,12 +183,12 @@ def test_box_coder_round_trip():
 
 
 def test_letterbox_scales_and_boxes_map_back_to_original_pixels(model):
-    t, (sx, sy), (w, h) = letterbox(torch.rand(3, 60, 256), 128)
+    t, scale, (w, h) = letterbox(torch.rand(3, 60, 256), 128)
     assert tuple(t.shape) == (3, 30, 128) and (w, h) == (256, 60)
-    assert sx == pytest.approx(0.5) and sy == pytest.approx(0.5)
+    assert scale == pytest.approx(0.5)
     det = {"boxes": torch.tensor([[10.0, 5.0, 64.0, 30.0], [0.0, 0.0, 128.0, 40.0]]), "scores": torch.tensor([0.9, 0.5]),
            "labels": torch.tensor([1, 0]), "features": torch.zeros(2, 1024), "attributes": torch.tensor([0, 1])}
-    r = model.to_regions(det, (sx, sy), (w, h))
+    r = model.to_regions(det, scale, (w, h))
     assert r.boxes[0].tolist() == pytest.approx([20.0, 10.0, 128.0, 60.0])
     assert r.boxes[1].tolist() == pytest.approx([0.0, 0.0, 256.0, 60.0])  # clipped to the original image
     assert r.tags == [model.class_names[1], model.class_names[0]]
@@ -217,7 +217,7 @@ def test_canvas_size_is_checked(model):
 def test_tiny_forward_backward_has_finite_losses():
     torch.manual_seed(0)
     m = TEE(small_cfg()).train()
-    t, (sx, sy), _ = letterbox(torch.rand(3, 100, 120), 128)
+    t, sx, _ = letterbox(torch.rand(3, 100, 120), 128)
     batch = {
         "images": pad_to_canvas([t], 128), "image_hw": [tuple(t.shape[1:])],
         "targets": [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 110.0, 100.0]]) * sx,

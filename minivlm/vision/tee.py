@@ -15,10 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from minivlm.config import PaperCost, TEEConfig, from_dict, to_dict
+from minivlm.data.images import image_to_tensor, load_image
 from minivlm.errors import DataFormatError, ImageError
 from minivlm.io import load_weights, read_json, save_weights, write_json
 from minivlm.regions import Regions
@@ -27,8 +28,6 @@ from minivlm.vision.bifpn import BiFPN
 from minivlm.vision.roi_head import RoIHead
 from minivlm.vision.rpn import RPN
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 LOSS_KEYS = ("rpn_obj", "rpn_box", "cls", "box", "attr")
 
 
@@ -37,53 +36,33 @@ LOSS_KEYS = ("rpn_obj", "rpn_box", "cls", "box", "attr")
 # ----------------------------------------------------------------------------------------------------
 
 
-def image_tensor(image: Any) -> Tensor:
-    """Any image (PIL of any mode, HxW / HxWxC array, CxHxW tensor, uint8 or float 0..1) -> float [3, H, W]."""
-    if isinstance(image, (str, Path)):
-        image = open_image(image)
-    if hasattr(image, "convert"):  # PIL: grayscale, palette, RGBA, CMYK all become RGB
-        image = np.array(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(image))
-        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
-    elif isinstance(image, Tensor):
-        t = image[None] if image.ndim == 2 else image
-    else:
+def to_pil(image: Any) -> Image.Image:
+    """PIL images and paths pass through `load_image`; HxW / HxWxC arrays and CxHxW tensors (uint8, or
+    float in 0..1) become PIL images first, so every input takes the same resize path."""
+    if isinstance(image, (str, Path, Image.Image)):
+        return load_image(image)
+    if isinstance(image, Tensor):
+        t = image.detach().cpu()
+        image = (t if t.ndim == 2 else t.permute(1, 2, 0)).numpy()
+    if not isinstance(image, np.ndarray):
         raise ImageError(f"unsupported image type {type(image).__name__}")
-    t = t.float() / 255.0 if not t.is_floating_point() else t.float()
-    if t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    elif t.shape[0] == 4:
-        t = t[:3]
-    if t.ndim != 3 or t.shape[0] != 3 or min(t.shape[1:]) < 1:
-        raise ImageError(f"cannot read an image of shape {tuple(image.shape)}")
-    return t
+    a = image
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(a.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or min(a.shape[:2]) < 1:
+        raise ImageError(f"cannot read an image array of shape {tuple(image.shape)}")
+    return load_image(Image.fromarray(a))
 
 
-def open_image(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise ImageError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ImageError(f"{path}: cannot decode image ({err})") from None
-
-
-def letterbox(image: Any, size: int) -> tuple[Tensor, tuple[float, float], tuple[int, int]]:
-    """Resizes so that the longest side is `size` and normalises with ImageNet statistics. Returns the
-    resized image [3, h, w], the scale (sx, sy) from original to canvas pixels, and the original (w, h)."""
-    t = image_tensor(image)
-    h0, w0 = t.shape[1:]
-    s = size / max(h0, w0)
-    h, w = max(1, min(size, round(h0 * s))), max(1, min(size, round(w0 * s)))
-    if (h, w) != (h0, w0):
-        t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=h < h0)[0]
-    t = (t.clamp(0, 1) - IMAGENET_MEAN) / IMAGENET_STD
-    return t, (w / w0, h / h0), (w0, h0)
+def letterbox(image: Any, size: int) -> tuple[Tensor, float, tuple[int, int]]:
+    """The longest side resized to `size` and ImageNet-normalised (`minivlm.data.images`, the one place
+    images become model input). Returns the resized image [3, h, w], the scale from original to canvas
+    pixels, and the original (w, h)."""
+    pil = to_pil(image)
+    t, scale = image_to_tensor(pil, size, stride=1)
+    return t, scale, pil.size
 
 
 def pad_to_canvas(images: Sequence[Tensor], size: int) -> Tensor:
@@ -156,16 +135,18 @@ class TEE(nn.Module):
         self.train(was_training)
         return out
 
-    def to_regions(self, det: dict[str, Tensor], scale: tuple[float, float], size: tuple[int, int]) -> Regions:
-        sx, sy = scale
+    def to_regions(self, det: dict[str, Tensor], scale: float, size: tuple[int, int]) -> Regions:
+        """Canvas detections -> `Regions` in original pixels (padding is bottom/right: no offset)."""
         w, h = size
-        boxes = det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
+        boxes = det["boxes"].float().cpu() / scale
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        labels, attrs = det["labels"].cpu(), det["attributes"].cpu()
+        labels = det["labels"].cpu()
+        attrs = det["attributes"].cpu() if self.attribute_names else None
         return Regions(boxes=boxes, features=det["features"].cpu(), scores=det["scores"].float().cpu(),
                        labels=labels, image_size=(w, h), tags=[self.class_names[i] for i in labels.tolist()],
-                       attributes=attrs, attribute_names=[self.attribute_names[i] for i in attrs.tolist()])
+                       attributes=attrs,
+                       attribute_names=[self.attribute_names[i] for i in attrs.tolist()] if attrs is not None else [])
 
 
 # ----------------------------------------------------------------------------------------------------
