@@ -1,0 +1,345 @@
+"""Vision-language pre-training (OSCAR's recipe, as MiniVLM uses it): masked language modelling over text
+AND tag tokens, plus image-text matching where half of the pairs have their caption or their tags
+replaced by another image's.
+
+    minivlm pretrain --data WORLD --features STORE --out runs/pretrain --preset bert-demo [--tags gt]
+
+Pieces, each usable from Python:
+  * `mask_tokens`     15% of the word pieces of text and tags; of those 80% [MASK], 10% a random word
+                      piece, 10% unchanged; [CLS]/[SEP]/[PAD] never.
+  * `PretrainDataset` (regions, text, tags) per example, polluted with probability 0.5 (ITM label 1).
+  * `PretrainCollator` OSCAR inputs (`build_batch`) + masks + labels -> `FusionBatch`.
+  * `PretrainModel`   MultimodalBert + MLM head (untied decoder) + ITM head; forward(batch) -> losses and
+                      accuracies, as the Trainer wants.
+  * `evaluate`        held-out MLM and ITM accuracy on fixed (seeded) masks and pollutions.
+The result is a model folder (config.json + model.safetensors + vocab.txt) that fine-tuning starts from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from minivlm.config import BERT_PRESETS, BertConfig, PretrainTaskConfig, TrainConfig, get_bert, to_dict
+from minivlm.errors import MiniVLMError
+from minivlm.fusion.heads import ITMHead, MLMHead
+from minivlm.fusion.inputs import FusionBatch, build_batch
+from minivlm.fusion.loading import load_text_weights, save_model_folder, vocab_of
+from minivlm.fusion.transformer import MultimodalBert
+from minivlm.io import write_json, write_text
+from minivlm.regions import Regions
+from minivlm.tasks.corpus import TAG_SOURCES, PretrainExample, RegionSource, build_corpus, pseudo_caption_corpus
+from minivlm.text.tokenizer import Tokenizer, get_tokenizer
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------- masking
+
+
+@lru_cache(maxsize=8)
+def first_word_piece(tokenizer: Tokenizer) -> int:
+    """Lowest id of a real word piece: BERT's vocabulary starts with [PAD], [unusedN], [CLS], ... which a
+    random replacement should never produce."""
+    for i in range(tokenizer.vocab_size):
+        if not tokenizer.id_to_token(i).startswith("["):
+            return i
+    raise MiniVLMError(f"{tokenizer.vocab_path}: no ordinary word piece in the vocabulary")
+
+
+def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int, random_range: tuple[int, int],
+                task: PretrainTaskConfig, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking over `maskable` positions: returns (masked input ids, labels with -100 elsewhere).
+    At least one token is chosen when any is maskable, so the MLM loss is never empty."""
+    chosen = (torch.rand(input_ids.shape, generator=generator) < task.mask_prob) & maskable
+    if not chosen.any() and maskable.any():
+        candidates = maskable.flatten().nonzero().flatten()
+        pick = candidates[torch.randint(len(candidates), (1,), generator=generator)]
+        chosen.view(-1)[pick] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    roll = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (roll < task.mask_token_frac)
+    to_random = chosen & (roll >= task.mask_token_frac) & (roll < task.mask_token_frac + task.random_token_frac)
+    random_ids = torch.randint(random_range[0], random_range[1], input_ids.shape, generator=generator)
+    ids = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    ids = torch.where(to_random, random_ids, ids)
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PretrainItem:
+    regions: Regions
+    text: str
+    tags: list[str]
+    polluted: int  # ITM label: 1 when the text or the tags come from another image
+    image: tuple[int, int | str]  # (store, key) of the regions
+    text_image: tuple[int, int | str]  # the image the text describes
+    tags_image: tuple[int, int | str]  # the image the tags belong to
+
+
+class PretrainDataset(Dataset):
+    """Examples over one or more feature stores; item i is example i, polluted at random for ITM."""
+
+    def __init__(self, examples: Sequence[PretrainExample], stores: Sequence[RegionSource],
+                 task: PretrainTaskConfig | None = None, max_tries: int = 20):
+        self.examples, self.stores = list(examples), list(stores)
+        self.task = task or PretrainTaskConfig()
+        self.max_tries = max_tries
+        if len({(e.source, e.image_key) for e in self.examples}) < 2:
+            raise MiniVLMError("pre-training needs examples from at least two images (ITM pairs an image "
+                               "with another image's text or tags)")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> PretrainItem:
+        return self.item(i, None)
+
+    def _other(self, me: tuple, generator: torch.Generator | None, differs) -> PretrainExample | None:
+        """A random example from another image for which `differs(example)` holds."""
+        for _ in range(self.max_tries):
+            e = self.examples[int(torch.randint(len(self.examples), (1,), generator=generator))]
+            if (e.source, e.image_key) != me and differs(e):
+                return e
+        return None
+
+    def item(self, i: int, generator: torch.Generator | None = None) -> PretrainItem:
+        ex = self.examples[i]
+        me = (ex.source, ex.image_key)
+        text, tags, text_image, tags_image, polluted = ex.text, ex.tags, me, me, 0
+        if float(torch.rand((), generator=generator)) < self.task.itm_pollute_prob:
+            other = None
+            if ex.tags and float(torch.rand((), generator=generator)) >= self.task.pollute_caption_frac:
+                other = self._other(me, generator, lambda e: e.tags and e.tags != ex.tags)
+                if other is not None:
+                    tags, tags_image, polluted = other.tags, (other.source, other.image_key), 1
+            if other is None:
+                other = self._other(me, generator, lambda e: e.text != ex.text)
+                if other is not None:
+                    text, text_image, polluted = other.text, (other.source, other.image_key), 1
+        return PretrainItem(self.stores[ex.source][ex.image_key], text, list(tags), polluted, me, text_image,
+                            tags_image)
+
+
+class PretrainCollator:
+    """Items -> one FusionBatch with MLM labels (masked ids in `input_ids`) and ITM labels."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: BertConfig, task: PretrainTaskConfig | None = None):
+        self.tokenizer, self.cfg, self.task = tokenizer, cfg, task or PretrainTaskConfig()
+        self.random_range = (first_word_piece(tokenizer), tokenizer.vocab_size)
+
+    def __call__(self, items: Sequence[PretrainItem], generator: torch.Generator | None = None) -> FusionBatch:
+        batch = build_batch(self.tokenizer, [it.text for it in items], [it.tags for it in items],
+                            [it.regions for it in items], self.cfg)
+        ids, labels = mask_tokens(batch.input_ids, batch.maskable, self.tokenizer.mask_id, self.random_range,
+                                  self.task, generator)
+        return dataclasses.replace(batch, input_ids=ids, mlm_labels=labels,
+                                   itm_labels=torch.tensor([it.polluted for it in items], dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class PretrainModel(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = MultimodalBert(cfg)
+        self.mlm = MLMHead(cfg)
+        self.itm = ITMHead(cfg)
+
+    def scores(self, batch: FusionBatch) -> dict[str, torch.Tensor]:
+        """Summed losses and correct counts with their denominators (for exact held-out averages)."""
+        hidden = self.bert(**batch.model_inputs()).hidden_states
+        text = hidden[:, : batch.input_ids.shape[1]]
+        chosen = batch.mlm_labels != IGNORE
+        logits, labels = self.mlm(text[chosen]), batch.mlm_labels[chosen]
+        itm_logits = self.itm(hidden)
+        return {
+            "mlm_loss_sum": F.cross_entropy(logits.float(), labels, reduction="sum"),
+            "mlm_correct": (logits.argmax(-1) == labels).sum(),
+            "mlm_count": chosen.sum(),
+            "itm_loss_sum": F.cross_entropy(itm_logits.float(), batch.itm_labels, reduction="sum"),
+            "itm_correct": (itm_logits.argmax(-1) == batch.itm_labels).sum(),
+            "itm_count": torch.tensor(len(batch), device=hidden.device),
+        }
+
+    def forward(self, batch: FusionBatch) -> dict[str, torch.Tensor]:
+        s = self.scores(batch)
+        n_mlm, n_itm = s["mlm_count"].clamp(min=1), s["itm_count"]
+        mlm_loss, itm_loss = s["mlm_loss_sum"] / n_mlm, s["itm_loss_sum"] / n_itm
+        return {"loss": mlm_loss + itm_loss, "mlm_loss": mlm_loss.detach(), "itm_loss": itm_loss.detach(),
+                "mlm_acc": s["mlm_correct"] / n_mlm, "itm_acc": s["itm_correct"] / n_itm}
+
+
+def fixed_batches(dataset: PretrainDataset, collator: PretrainCollator, batch_size: int, max_examples: int | None,
+                  seed: int = 1234) -> list[FusionBatch]:
+    """Held-out batches with seeded pollution and masks: every evaluation scores the same inputs."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+    order = torch.randperm(len(dataset), generator=g)[:n].tolist()
+    items = [dataset.item(i, g) for i in order]
+    return [collator(items[i:i + batch_size], g) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model: PretrainModel, batches: Sequence[FusionBatch]) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total: dict[str, float] = {}
+    for batch in batches:
+        for k, v in model.scores(batch.to(device)).items():
+            total[k] = total.get(k, 0.0) + float(v)
+    model.train(was_training)
+    m, i = max(total.get("mlm_count", 0.0), 1.0), max(total.get("itm_count", 0.0), 1.0)
+    return {"mlm_acc": total["mlm_correct"] / m, "itm_acc": total["itm_correct"] / i,
+            "mlm_loss": total["mlm_loss_sum"] / m, "itm_loss": total["itm_loss_sum"] / i,
+            "mlm_tokens": int(total["mlm_count"]), "itm_pairs": int(total["itm_count"])}
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", required=True, help="dataset root (COCO-style annotations/, vqa/)")
+    d.add_argument("--features", required=True, help="feature store of the dataset's images (`minivlm extract`)")
+    d.add_argument("--val-features", help="feature store of the validation images (default: --features)")
+    d.add_argument("--train-split", help="default: the dataset's train* split")
+    d.add_argument("--val-split", help="default: the dataset's val* split; 'none' to skip held-out evaluation")
+    d.add_argument("--tags", choices=TAG_SOURCES, default="store",
+                   help="tag source: ground-truth labels, a feature store's predicted tags, or none")
+    d.add_argument("--tag-store", help="feature store whose predicted tags to use with --tags store "
+                                       "(a stronger tagger; default: --features)")
+    d.add_argument("--no-captions", action="store_true", help="leave the caption files out of the corpus")
+    d.add_argument("--no-vqa", action="store_true", help="leave VQA question+answer text out of the corpus")
+    d.add_argument("--extra-captions", help="pseudo-captions (COCO captions JSON, e.g. from `minivlm distill`)")
+    d.add_argument("--extra-features", help="feature store of the --extra-captions images")
+    m = parser.add_argument_group("model")
+    m.add_argument("--preset", default="minilm", choices=list(BERT_PRESETS), help="transformer shape (Table 2)")
+    m.add_argument("--init-text", help="text-pretrained BERT/MiniLM folder to start from (default: random)")
+    m.add_argument("--dropout", type=float, help="override the preset's dropout")
+    t = parser.add_argument_group("training")
+    t.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoint/, model/)")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--batch-size", type=int, default=32, help="global batch (paper: 2048)")
+    t.add_argument("--lr", type=float, default=4e-4, help="AdamW peak learning rate, linear decay (paper: 4e-4)")
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--ckpt-every", type=int, default=200)
+    t.add_argument("--eval-every", type=int, help="steps between held-out evaluations (always at the end)")
+    t.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored per evaluation")
+    t.add_argument("--workers", type=int, default=0)
+    t.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+
+
+def _auto_split(world, prefix: str) -> str | None:
+    names = sorted(set(world.splits("coco")) | set(world.splits("vqa")))
+    found = [s for s in names if s.startswith(prefix)]
+    return found[0] if found else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from minivlm.data.feature_store import FeatureStore
+    from minivlm.data.world import World
+    from minivlm.train.trainer import Trainer, distributed_env
+
+    rank = distributed_env()[0]
+    say = tqdm.write if rank == 0 else (lambda *_: None)
+    world = World(args.data)
+    train_split = args.train_split or _auto_split(world, "train")
+    if train_split is None:
+        raise MiniVLMError(f"{world.root}: no train* split found (annotations/captions_train*.json or vqa/)")
+    val_split = None if args.val_split == "none" else (args.val_split or _auto_split(world, "val"))
+    store = FeatureStore(args.features)
+    tag_store = FeatureStore(args.tag_store) if args.tag_store else None
+
+    cfg = get_bert(args.preset)
+    if store.feature_dim is not None:
+        cfg.region_dim = store.feature_dim  # 1024 for TEE, 2048 for Oscar/VinVL stores
+    if args.dropout is not None:
+        cfg.dropout = args.dropout
+    tokenizer = get_tokenizer(str(vocab_of(args.init_text))) if args.init_text and vocab_of(args.init_text) else get_tokenizer()
+    if tokenizer.vocab_size != cfg.vocab_size:
+        cfg.vocab_size = tokenizer.vocab_size
+
+    corpus_args = dict(tag_source=args.tags, tag_store=tag_store, max_regions=cfg.max_regions,
+                       use_captions=not args.no_captions, use_vqa=not args.no_vqa)
+    examples, skipped = build_corpus(world, train_split, store, **corpus_args)
+    stores: list[RegionSource] = [store]
+    if args.extra_captions:
+        if not args.extra_features:
+            raise MiniVLMError("--extra-captions needs --extra-features (the feature store of those images)")
+        extra, extra_skipped = pseudo_caption_corpus(args.extra_captions, FeatureStore(args.extra_features),
+                                                     "none" if args.tags == "none" else "store", cfg.max_regions)
+        stores.append(FeatureStore(args.extra_features))
+        examples += extra
+        say(f"[pretrain] {len(extra)} pseudo-captions from {args.extra_captions} ({extra_skipped} without features)")
+    if not examples:
+        raise MiniVLMError(f"{args.features}: none of the {train_split} images has features in this store")
+    say(f"[pretrain] {train_split}: {len(examples)} examples, tags={args.tags}"
+        + (f" ({skipped} skipped: image not in the feature store)" if skipped else ""))
+    task = PretrainTaskConfig()
+    train_set = PretrainDataset(examples, stores, task)
+    collator = PretrainCollator(tokenizer, cfg, task)
+
+    eval_batches: list[FusionBatch] = []
+    if val_split is not None:
+        val_store = FeatureStore(args.val_features) if args.val_features else store
+        val_examples, _ = build_corpus(world, val_split, val_store, **corpus_args)
+        if len({e.image_key for e in val_examples}) >= 2:
+            eval_batches = fixed_batches(PretrainDataset(val_examples, [val_store], task), collator,
+                                         args.batch_size, args.eval_examples, seed=args.seed + 1234)
+            say(f"[pretrain] held-out {val_split}: {min(len(val_examples), args.eval_examples)} examples")
+
+    torch.manual_seed(args.seed)
+    model = PretrainModel(cfg)
+    out = Path(args.out)
+    if args.init_text:
+        report = load_text_weights(model, args.init_text)
+        say(f"[pretrain] init from text weights:\n{report.summary()}")
+        if rank == 0:
+            write_text(out / "init_report.txt", report.summary() + "\n")
+    steps = math.ceil(len(train_set) / args.batch_size) * args.epochs
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    train_cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                            optimizer="adamw", weight_decay=args.weight_decay, schedule="linear",
+                            warmup_steps=args.warmup_steps, grad_clip=1.0, amp=not args.no_amp,
+                            num_workers=args.workers, seed=args.seed, log_every=args.log_every,
+                            ckpt_every=args.ckpt_every, eval_every=args.eval_every)
+    trainer = Trainer(model, train_cfg, out, desc="pretrain")
+    eval_fn = (lambda m, step: evaluate(m, eval_batches)) if eval_batches else None
+    say(f"[pretrain] {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+        f"{steps} steps of {args.batch_size}")
+    last = trainer.fit(train_set, collator, eval_fn)
+    if rank == 0:
+        folder = save_model_folder(out / "model", model, cfg, tokenizer.vocab_path, extra_config={
+            "task": "pretrain", "tags": args.tags, "train_split": train_split, "init_text": args.init_text,
+            "examples": len(train_set)})
+        write_json(out / "result.json", {"train": {k: v for k, v in last.items() if k != "eval"},
+                                         "eval": last.get("eval", {}), "config": to_dict(cfg)}, indent=1)
+        if "eval" in last:
+            e = last["eval"]
+            say(f"[pretrain] held-out MLM accuracy {e['mlm_acc']:.3f}, ITM accuracy {e['itm_acc']:.3f}")
+        say(f"[pretrain] model folder: {folder}")
+    return 0
