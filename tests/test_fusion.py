@@ -14,7 +14,7 @@ from minivlm.fusion.cost import TABLE2_PRESETS, fusion_cost_rows
 from minivlm.fusion.heads import ITMHead, MLMHead
 from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT, build_batch
 from minivlm.fusion.loading import load_text_weights, read_bert_config, read_checkpoint, save_model_folder
-from minivlm.fusion.transformer import MultimodalBert, prefix_causal_mask
+from minivlm.fusion.transformer import MultimodalBert, prefix_causal_mask, trim_cache
 from minivlm.regions import Regions
 from minivlm.text.tokenizer import get_tokenizer, minilm_checkpoint_path
 
@@ -147,6 +147,29 @@ def test_kv_cache_matches_full_recompute():
     assert not torch.allclose(full2[:, c - 1], full[:, c - 1], atol=1e-3)
     with pytest.raises(ValueError, match="position_ids"):
         model(input_ids=caption[:, :1], past_key_values=cache)
+
+
+def test_trailing_mask_then_trim_cache():
+    torch.manual_seed(0)
+    model = MultimodalBert(TINY).eval()
+    b, r = 2, 3
+    feats, boxes = torch.randn(b, r, TINY.region_dim), torch.rand(b, r, 6)
+    prefix = model(region_feats=feats, region_boxes=boxes, use_cache=True).past_key_values
+    zeros = torch.zeros(b, 2, dtype=torch.long)
+    tok, mask_tok = torch.full((b, 1), 2000), torch.full((b, 1), 103)
+    pos = torch.tensor([[0, 1]]).expand(b, 2)
+    # two new tokens: the word sees the regions and itself, the [MASK] sees everything before it too
+    two_mask = torch.ones(b, 2, r + 2, dtype=torch.bool)
+    two_mask[:, 0, -1] = False
+    with torch.no_grad():
+        both = model(input_ids=torch.cat([tok, mask_tok], 1), token_type_ids=zeros, position_ids=pos,
+                     attention_mask=two_mask, past_key_values=prefix, use_cache=True)
+        alone = model(input_ids=tok, token_type_ids=zeros[:, :1], position_ids=pos[:, :1],
+                      attention_mask=torch.ones(b, 1, r + 1, dtype=torch.bool), past_key_values=prefix, use_cache=True)
+    trimmed = trim_cache(both.past_key_values, 1)
+    assert trimmed[0][0].shape[2] == r + 1
+    for (k1, v1), (k2, v2) in zip(trimmed, alone.past_key_values):
+        assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
 
 
 def test_cost_rows_match_table2():

@@ -22,6 +22,9 @@ Incremental decoding (captioning) — encode a prefix once, then append one toke
                    past_key_values=cache, use_cache=True)
         cache = out.past_key_values; h = out.hidden_states[:, -1]
 
+OSCAR predicts the next word at a trailing [MASK]: feed [previous token, [MASK]] as two new tokens, read
+the prediction at the [MASK], then `trim_cache(cache, 1)` so the [MASK] is not kept as context.
+
 With a cache, `position_ids` and `token_type_ids` are required: the model cannot know where in the text
 the new token sits (the cache may hold regions). Keys are order-free apart from their position
 embeddings, so a cached [tags, regions] prefix followed by caption tokens gives the same result as one
@@ -131,6 +134,11 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     if mask.dtype == torch.bool or not mask.is_floating_point():
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask == 0, MASK_VALUE)
     return mask[:, None].to(dtype)
+
+
+def trim_cache(cache: KVCache, n: int) -> KVCache:
+    """Drops the last `n` cached positions of every layer (e.g. a [MASK] fed only to read a prediction)."""
+    return [(k[:, :, : k.shape[2] - n], v[:, :, : v.shape[2] - n]) for k, v in cache]
 
 
 def prefix_causal_mask(seq_valid: torch.Tensor, prefix_valid: torch.Tensor) -> torch.Tensor:
