@@ -43,6 +43,29 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(name: str, argv: list[str]) -> tuple[object, argparse.Namespace]:
+    """The command's module and its parsed arguments (argparse exits 2 on a usage error)."""
+    if name not in COMMANDS:
+        raise MiniVLMError(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"minivlm {name}", description=help_text)
+    module.add_arguments(parser, name) if _takes_name(module) else module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command = name
+    return module, args
+
+
+def invoke(name: str, *argv: object) -> int:
+    """Runs `minivlm NAME ARGV...` in this process (the demo chains commands this way, so it does
+    exactly what a user typing them would). Errors propagate as exceptions."""
+    module, args = parse(name, [str(a) for a in argv])
+    code = int(module.run(args) or 0)
+    if code:
+        raise MiniVLMError(f"`minivlm {name}` exited with status {code}")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -52,16 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
-    module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"minivlm {name}", description=help_text)
-    module.add_arguments(parser, name) if _takes_name(module) else module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    args.command = name
+    module, args = parse(name, rest)
     try:
         result = module.run(args)
     except MiniVLMError as err:
         print(f"minivlm {name}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, permission denied, ...: the user's environment, not a bug
+        print(f"minivlm {name}: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"minivlm {name}: interrupted; rerun the same command to resume", file=sys.stderr)
