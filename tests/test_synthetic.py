@@ -135,7 +135,8 @@ def test_karpathy_file_matches_captions(world):
         for a in _load(world, f"annotations/captions_{split}.json")["annotations"]:
             captions[a["id"]] = (a["image_id"], a["caption"])
     for k, rec in enumerate(data["images"]):
-        assert rec["imgid"] == k and rec["filepath"] == rec["split"] and (world / rec["filepath"] / rec["filename"]).is_file()
+        assert rec["imgid"] == k and rec["filepath"] == rec["split"]
+        assert (world / rec["filepath"] / rec["filename"]).is_file()
         assert rec["sentids"] == [s["sentid"] for s in rec["sentences"]] and len(rec["sentids"]) == 5
         for s in rec["sentences"]:
             assert captions[s["sentid"]] == (rec["cocoid"], s["raw"]) and s["imgid"] == k
@@ -163,7 +164,7 @@ def test_answers_agree_with_annotations(world):
     checked = Counter()
     for q, a in _vqa(world):
         objs, text, ans = objects[q["image_id"]], q["question"].lower(), a["multiple_choice_answer"]
-        if m := re.fullmatch(r"how many ([\w -]+?) (?:are there|are in the image|are in the picture|can you see)\?", text):
+        if m := re.fullmatch(r"how many ([\w -]+?) (?:are there|are in the (?:image|picture)|can you see)\?", text):
             colour, _, noun = m.group(1).partition(" ") if m.group(1).split()[0] in COLOURS else (None, "", m.group(1))
             if noun in ("shapes", "objects"):
                 assert int(ans) == len(objs), text

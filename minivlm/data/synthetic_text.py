@@ -285,9 +285,7 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
             out.append(_sentence(text))
             if len(out) == n:
                 return out
-    while len(out) < n:  # a one-object scene may run out of distinct phrasings
-        out.append(out[len(out) % max(1, len(out))])
-    return out
+    return out + [out[0]] * (n - len(out))  # a one-object scene may run out of distinct phrasings
 
 
 # ---------------------------------------------------------------------------------------------------
