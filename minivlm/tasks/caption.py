@@ -1,0 +1,597 @@
+"""Image captioning (Sec. 4.4): masked-token fine-tuning, cached decoding, CIDEr-D optimisation (SCST).
+
+Input layout (OSCAR's captioning layout)::
+
+    caption  [CLS] w1 .. wn [SEP] [PAD]..   segment 0, positions 0 .. S-1       (S <= max_text_len)
+    tags     t1 .. tm [SEP]                 segment 1, positions max_text_len + 0 .. m
+    regions  feature ++ 6-d box code        no position, no segment
+
+The tags sit at a FIXED position offset (max_text_len), whatever the caption's length, so the tags and
+regions (the "prefix") can be encoded once and cached while the caption grows.
+
+Training: each caption word piece (and the closing [SEP], so the model learns to stop) is replaced by
+[MASK] with probability `mask_prob` (at least one per caption) and predicted from its output; the mask is
+prefix-causal (`prefix_causal_mask`): a caption token sees the tags, the regions and the caption tokens
+up to itself; tags and regions see only tags and regions. Loss: cross-entropy over the masked tokens.
+
+Inference (OSCAR): [CLS] [MASK] -> predict w1 at the [MASK]; the token replaces the [MASK], a new [MASK]
+is appended, and so on until [SEP] or `max_len` tokens. With the key/value cache each step feeds two
+tokens, [w_{t-1} at position t-1, MASK at position t]: w_{t-1} is recomputed as a real token (it sees
+the prefix, [CLS] .. itself) and only its keys/values are kept; the [MASK]'s are dropped after use. Since
+no caption token ever sees a later one, this equals recomputing the whole sequence at every step
+(`use_cache=False`), token for token.
+
+SCST (second stage): for each image, `scst_samples` captions are sampled and a greedy caption is decoded
+(both without gradient, in eval mode); the reward is CIDEr-D against the image's reference captions
+(`minivlm.eval.caption_metrics.CiderD`, document frequencies from the training references); the baseline
+is the greedy caption's reward (self-critical, the default) or the mean reward of the image's other
+samples ("mean"). The loss is -advantage x log p(sample), averaged over sampled tokens, where log p comes
+from one teacher-forced pass with gradient (`sequence_logprobs`) that reproduces the decoder's
+distribution exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from minivlm.config import BertConfig, CaptionTaskConfig, TrainConfig
+from minivlm.errors import MiniVLMError
+from minivlm.fusion.heads import MLMHead
+from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT, collate_regions
+from minivlm.fusion.loading import LoadReport, load_text_weights, read_bert_config, save_model_folder, vocab_of
+from minivlm.fusion.transformer import KVCache, MultimodalBert, prefix_causal_mask
+from minivlm.io import load_weights
+from minivlm.regions import Regions
+from minivlm.tasks.decode import SpecialIds, beam_search, greedy_search, strip
+from minivlm.text.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+DEFAULT_MAX_LEN = 20  # the paper's generation length
+TAG_CHOICES = ("predicted", "none")
+RegionsFn = Callable[[Hashable], Regions]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def unique_tags(regions: Regions | None, max_regions: int) -> list[str]:
+    """The detector's class names over the regions the transformer sees, highest score first, each once."""
+    if regions is None or len(regions) == 0 or not regions.tags:
+        return []
+    order = torch.argsort(regions.scores, descending=True)[:max_regions].tolist()
+    seen: dict[str, None] = {}
+    for i in order:
+        if regions.tags[i]:
+            seen.setdefault(regions.tags[i], None)
+    return list(seen)
+
+
+@dataclass
+class CaptionPrefix:
+    """What a caption is conditioned on: tag tokens and regions, padded per batch."""
+
+    tag_ids: torch.Tensor  # [B, G] long: tag word pieces then [SEP]; pads at the end
+    tag_mask: torch.Tensor  # [B, G] bool
+    region_feats: torch.Tensor  # [B, R, D]
+    region_boxes: torch.Tensor  # [B, R, 6]
+    region_mask: torch.Tensor  # [B, R] bool
+
+    def __len__(self) -> int:
+        return int(self.tag_ids.shape[0])
+
+    def valid(self) -> torch.Tensor:
+        """[B, G + R] key mask of the prefix (tags first, then regions, as the transformer orders them)."""
+        return torch.cat([self.tag_mask, self.region_mask], dim=1)
+
+    def select(self, index: torch.Tensor) -> "CaptionPrefix":
+        return CaptionPrefix(**{f.name: getattr(self, f.name).index_select(0, index) for f in fields(self)})
+
+    def repeat(self, n: int) -> "CaptionPrefix":
+        """Each image n times in a row (image-major), as beams and SCST samples are laid out."""
+        if n == 1:
+            return self
+        return CaptionPrefix(**{f.name: getattr(self, f.name).repeat_interleave(n, dim=0) for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> "CaptionPrefix":
+        return CaptionPrefix(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def build_prefix(tokenizer: Tokenizer, regions_list: Sequence[Regions | None], cfg: BertConfig,
+                 tags_list: Sequence[Sequence[str]] | None = None, tags: str = "predicted") -> CaptionPrefix:
+    """Tags (`tags_list`, else each image's own predicted tags, unless tags="none") + regions, padded."""
+    if tags not in TAG_CHOICES:
+        raise MiniVLMError(f"tags must be one of {TAG_CHOICES}, got {tags!r}")
+    if tags_list is None:
+        tags_list = [unique_tags(r, cfg.max_regions) if tags == "predicted" else [] for r in regions_list]
+    if len(tags_list) != len(regions_list):
+        raise ValueError(f"{len(regions_list)} region sets but {len(tags_list)} tag lists")
+    seqs = []
+    for t in tags_list:
+        ids = tokenizer.encode(" ".join(x for x in t if x), max(0, cfg.max_tag_len - 1)) if t else []
+        seqs.append(ids + [tokenizer.sep_id] if ids else [])
+    g = max((len(s) for s in seqs), default=0)
+    tag_ids = torch.full((len(seqs), g), tokenizer.pad_id, dtype=torch.long)
+    tag_mask = torch.zeros((len(seqs), g), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tag_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        tag_mask[i, :len(s)] = True
+    feats, boxes, rmask = collate_regions(regions_list, cfg.region_dim, cfg.max_regions)
+    return CaptionPrefix(tag_ids, tag_mask, feats, boxes, rmask)
+
+
+@dataclass
+class CaptionBatch:
+    keys: list  # image keys (ids), one per row
+    input_ids: torch.Tensor  # [B, S] caption with the chosen tokens replaced by [MASK]
+    caption_mask: torch.Tensor  # [B, S] bool: real tokens ([CLS] .. [SEP])
+    labels: torch.Tensor  # [B, S] long: the original token where masked, IGNORE elsewhere
+    prefix: CaptionPrefix
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def mask_captions(ids: torch.Tensor, valid: torch.Tensor, mask_prob: float, mask_id: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replaces each word piece and the final [SEP] (never [CLS], never pads) by [MASK] with probability
+    `mask_prob`, at least one per caption. Returns (masked input ids, labels)."""
+    candidates = valid.clone()
+    candidates[:, 0] = False  # [CLS]
+    chosen = (torch.rand(ids.shape, generator=generator) < mask_prob) & candidates
+    for i in torch.nonzero(~chosen.any(dim=1)).flatten().tolist():
+        pos = torch.nonzero(candidates[i]).flatten()
+        if len(pos):
+            chosen[i, pos[torch.randint(len(pos), (1,), generator=generator)]] = True
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+    return torch.where(chosen, torch.full_like(ids, mask_id), ids), labels
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def caption_prefix_mask(self_mask: torch.Tensor, prefix_valid: torch.Tensor) -> torch.Tensor:
+    """Bool [B, S+P, S+P] from a caption-to-caption mask [B, S, S]: caption tokens also see the valid
+    prefix; prefix tokens see only the valid prefix (the general form of `prefix_causal_mask`)."""
+    b, s, _ = self_mask.shape
+    p = prefix_valid.shape[1]
+    pv = prefix_valid.bool()[:, None, :]
+    top = torch.cat([self_mask.bool(), pv.expand(b, s, p)], dim=2)
+    bottom = torch.cat([torch.zeros(b, p, s, dtype=torch.bool, device=self_mask.device), pv.expand(b, p, p)], dim=2)
+    return torch.cat([top, bottom], dim=1)
+
+
+@dataclass
+class ScstObjective:
+    """Settings of the CIDEr-D optimisation stage; `CaptionModel.forward` uses it while it is set."""
+
+    reward: Callable[[list, list[str]], np.ndarray]  # (image keys, captions) -> rewards
+    tokenizer: Tokenizer
+    samples: int = 5
+    baseline: str = "greedy"  # "greedy" (self-critical) | "mean" (mean of the image's other samples)
+    max_len: int = 20
+
+    def __post_init__(self):
+        if self.baseline not in ("greedy", "mean"):
+            raise MiniVLMError(f"SCST baseline must be 'greedy' or 'mean', got {self.baseline!r}")
+        if self.baseline == "mean" and self.samples < 2:
+            raise MiniVLMError("SCST baseline 'mean' needs at least 2 samples per image")
+
+
+def cider_reward(cider) -> Callable[[list, list[str]], np.ndarray]:
+    """Wraps a `CiderD` (references of the training images) as an SCST reward function."""
+    return lambda keys, captions: cider.score(list(zip(keys, captions)))[1]
+
+
+class CaptionModel(nn.Module):
+    """MultimodalBert + MLM head (untied decoder), trained and decoded as OSCAR does for captioning."""
+
+    def __init__(self, cfg: BertConfig, special: SpecialIds | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = MultimodalBert(cfg)
+        self.mlm = MLMHead(cfg)
+        self.ids = special or SpecialIds.from_tokenizer(get_tokenizer())
+        self.scst: ScstObjective | None = None  # set for the SCST stage (not a module: no weights)
+        self.load_report: LoadReport | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- passes ------------------------------------------------------------------------------------
+    def encode(self, caption_ids: torch.Tensor, caption_pos: torch.Tensor, full_mask: torch.Tensor,
+               prefix: CaptionPrefix) -> torch.Tensor:
+        """One pass over caption + tags + regions; returns the caption tokens' hidden states [B, S, H]."""
+        s, g = caption_ids.shape[1], prefix.tag_ids.shape[1]
+        tag_pos = (self.cfg.max_text_len + torch.arange(g, device=caption_ids.device)).expand(len(prefix), g)
+        ids = torch.cat([caption_ids, prefix.tag_ids], dim=1)
+        types = torch.cat([torch.full_like(caption_ids, TEXT_SEGMENT), torch.full_like(prefix.tag_ids, TAG_SEGMENT)], 1)
+        has_regions = prefix.region_feats.shape[1] > 0
+        out = self.bert(input_ids=ids, token_type_ids=types, position_ids=torch.cat([caption_pos, tag_pos], 1),
+                        region_feats=prefix.region_feats if has_regions else None,
+                        region_boxes=prefix.region_boxes if has_regions else None, attention_mask=full_mask)
+        return out.hidden_states[:, :s]
+
+    def encode_prefix(self, prefix: CaptionPrefix) -> KVCache | None:
+        """Keys/values of tags + regions (each sees only the prefix, as in training), or None if empty."""
+        g, r = prefix.tag_ids.shape[1], prefix.region_feats.shape[1]
+        if g + r == 0:
+            return None
+        tag_pos = (self.cfg.max_text_len + torch.arange(g, device=prefix.tag_ids.device)).expand(len(prefix), g)
+        out = self.bert(input_ids=prefix.tag_ids if g else None, token_type_ids=torch.full_like(prefix.tag_ids, TAG_SEGMENT),
+                        position_ids=tag_pos, region_feats=prefix.region_feats if r else None,
+                        region_boxes=prefix.region_boxes if r else None, attention_mask=prefix.valid(), use_cache=True)
+        return out.past_key_values
+
+    def _check_len(self, max_len: int | None) -> int:
+        """None -> 20 tokens (the paper's), or fewer if the caption segment is shorter."""
+        if max_len is None:
+            return min(DEFAULT_MAX_LEN, self.cfg.max_text_len - 1)
+        if not 1 <= max_len <= self.cfg.max_text_len - 1:
+            raise MiniVLMError(f"max_len {max_len} must be in [1, max_text_len - 1 = {self.cfg.max_text_len - 1}] "
+                               f"(BertConfig.max_text_len: the caption segment holds [CLS] + the tokens)")
+        return max_len
+
+    # -- cross-entropy training ----------------------------------------------------------------------
+    def forward(self, batch: CaptionBatch) -> dict[str, torch.Tensor]:
+        if self.scst is not None:
+            return self.scst_loss(batch)
+        s = batch.input_ids.shape[1]
+        pos = torch.arange(s, device=batch.input_ids.device).expand(len(batch), s)
+        mask = prefix_causal_mask(batch.caption_mask, batch.prefix.valid())
+        hidden = self.encode(batch.input_ids, pos, mask, batch.prefix)
+        chosen = batch.labels != IGNORE
+        logits, labels = self.mlm(hidden[chosen]), batch.labels[chosen]
+        loss = F.cross_entropy(logits.float(), labels)
+        return {"loss": loss, "acc": (logits.argmax(-1) == labels).float().mean()}
+
+    # -- decoding ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prefix: CaptionPrefix, max_len: int | None = None, beam_size: int = 1, use_cache: bool = True,
+                 min_len: int = 0, length_penalty: float = 1.0) -> list[list[int]]:
+        """Caption token ids per image (no [CLS]/[SEP]). Greedy when beam_size == 1. The model's train/eval
+        mode is left as it is: call `eval()` first (dropout would make every step different)."""
+        max_len = self._check_len(max_len)
+        prefix = prefix.to(self.device)
+        b = len(prefix)
+        if beam_size == 1:
+            stepper = CachedSteps(self, prefix) if use_cache else FullSteps(self, prefix)
+            tokens, _ = greedy_search(stepper, b, max_len, self.ids, self.device, min_len=min_len)
+        else:
+            stepper = CachedSteps(self, prefix, beam_size) if use_cache else FullSteps(self, prefix, beam_size)
+            tokens, _ = beam_search(stepper, b, beam_size, max_len, self.ids, self.device, min_len=min_len,
+                                    length_penalty=length_penalty)
+        return strip(tokens, self.ids)
+
+    @torch.no_grad()
+    def sample(self, prefix: CaptionPrefix, n: int, max_len: int | None = None, use_cache: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """n sampled captions per image, image-major: tokens [B * n, T] with [SEP] / [PAD] (see greedy_search)."""
+        max_len = self._check_len(max_len)
+        prefix = prefix.to(self.device).repeat(n)
+        stepper = CachedSteps(self, prefix) if use_cache else FullSteps(self, prefix)
+        return greedy_search(stepper, len(prefix), max_len, self.ids, self.device, sample=True, generator=generator)[0]
+
+    def sequence_logprobs(self, prefix: CaptionPrefix, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log p of given captions, as the decoder would have produced them, in ONE pass:
+        the real tokens [CLS] g1 .. g_{T-1} (positions 0 .. T-1, causal among themselves) are followed by
+        T [MASK]s, the t-th at position t seeing [CLS] .. g_{t-1} and itself. Returns (logp [N, T], valid
+        [N, T]: up to and including each row's [SEP])."""
+        n, t = tokens.shape
+        dev = tokens.device
+        real = torch.cat([torch.full((n, 1), self.ids.cls, dtype=torch.long, device=dev), tokens[:, :-1]], 1)
+        caption = torch.cat([real, torch.full_like(tokens, self.ids.mask)], dim=1)
+        pos = torch.cat([torch.arange(t, device=dev), torch.arange(1, t + 1, device=dev)]).expand(n, 2 * t)
+        tril = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(t, dtype=torch.bool, device=dev)
+        self_mask = torch.cat([torch.cat([tril, torch.zeros_like(tril)], 1), torch.cat([tril, eye], 1)], 0)
+        mask = caption_prefix_mask(self_mask.expand(n, 2 * t, 2 * t), prefix.valid())
+        hidden = self.encode(caption, pos, mask, prefix)[:, t:]
+        logp = torch.log_softmax(self.mlm(hidden).float(), dim=-1).gather(2, tokens[..., None]).squeeze(2)
+        ended_before = torch.cumsum((tokens == self.ids.sep).long(), dim=1) - (tokens == self.ids.sep).long()
+        valid = (ended_before == 0) & (tokens != self.ids.pad)
+        return logp * valid, valid
+
+    # -- SCST ----------------------------------------------------------------------------------------
+    def scst_loss(self, batch: CaptionBatch, generator: torch.Generator | None = None) -> dict[str, Any]:
+        obj = self.scst
+        if obj is None:
+            raise MiniVLMError("scst_loss needs model.scst (an ScstObjective) to be set")
+        k, b = obj.samples, len(batch)
+        was_training = self.training
+        self.eval()  # decode without dropout; the gradient pass below runs in the caller's mode
+        try:
+            samples = self.sample(batch.prefix, k, obj.max_len, generator=generator)
+            greedy = None
+            if obj.baseline == "greedy":
+                with torch.no_grad():
+                    stepper = CachedSteps(self, batch.prefix)
+                    greedy, _ = greedy_search(stepper, b, obj.max_len, self.ids, self.device)
+        finally:
+            self.train(was_training)
+        tok = obj.tokenizer
+        keys_k = [key for key in batch.keys for _ in range(k)]
+        rewards = torch.as_tensor(obj.reward(keys_k, [tok.decode(s) for s in strip(samples, self.ids)]),
+                                  dtype=torch.float32, device=samples.device).view(b, k)
+        if greedy is not None:
+            base = torch.as_tensor(obj.reward(list(batch.keys), [tok.decode(s) for s in strip(greedy, self.ids)]),
+                                   dtype=torch.float32, device=samples.device)[:, None]
+        else:
+            base = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # leave-one-out mean
+        advantage = (rewards - base).view(-1)
+        logp, valid = self.sequence_logprobs(batch.prefix.repeat(k), samples)
+        loss = -(advantage[:, None] * logp).sum() / valid.sum().clamp(min=1)
+        return {"loss": loss, "reward": rewards.mean(), "baseline_reward": base.mean(),
+                "advantage_abs": advantage.abs().mean(), "sample_len": valid.sum(1).float().mean(),
+                "samples": samples, "advantage": advantage}
+
+    # -- convenience ---------------------------------------------------------------------------------
+    def caption(self, tokenizer: Tokenizer, regions_list: Sequence[Regions], tags_list: Sequence[Sequence[str]] | None = None,
+                max_len: int | None = None, beam_size: int = 1, tags: str = "predicted") -> list[str]:
+        prefix = build_prefix(tokenizer, regions_list, self.cfg, tags_list, tags)
+        was_training = self.training
+        self.eval()
+        try:
+            ids = self.generate(prefix, max_len=max_len, beam_size=beam_size)
+        finally:
+            self.train(was_training)
+        return [tokenizer.decode(s) for s in ids]
+
+    @classmethod
+    def from_pretrained_vl(cls, folder: str | Path, special: SpecialIds | None = None) -> "CaptionModel":
+        """Transformer + MLM head from a model folder (config.json + model.safetensors): a pre-training or
+        captioning folder written by `save_model_folder` (Hugging Face BERT names), a raw Trainer state dict
+        of a model with `bert` / `mlm` attributes, or a text BERT/MiniLM. What was not found stays as
+        initialised and is listed in `model.load_report` (and logged)."""
+        folder = Path(folder)
+        if special is None and vocab_of(folder) is not None:  # the folder's own vocabulary decides the ids
+            special = SpecialIds.from_tokenizer(get_tokenizer(str(vocab_of(folder))))
+        model = cls(read_bert_config(folder), special)
+        raw_path = folder / "model.safetensors"
+        raw = load_weights(raw_path) if raw_path.is_file() else {}
+        if any(k.startswith("bert.layers.") for k in raw):
+            own = model.state_dict()
+            picked = {k: v for k, v in raw.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+            model.load_state_dict(picked, strict=False)
+            report = LoadReport(source=str(folder), loaded=sorted(picked),
+                                missing=sorted(k for k in own if k not in picked),
+                                mismatched=sorted(f"{k}: checkpoint {list(raw[k].shape)} vs model {list(own[k].shape)}"
+                                                  for k in raw if k in own and k not in picked),
+                                unused=sorted(k for k in raw if k not in own))
+        else:
+            report = load_text_weights(model, folder)
+        model.load_report = report
+        if report.missing or report.mismatched:
+            log.warning("caption model from %s: %d parameters missing, %d mismatched:\n%s", folder,
+                        len(report.missing), len(report.mismatched), report.summary())
+        return model
+
+    def save(self, folder: str | Path, tokenizer: Tokenizer | None = None, extra: dict | None = None) -> Path:
+        """A model folder that `from_pretrained_vl` (and every other task) loads."""
+        vocab = tokenizer.vocab_path if tokenizer is not None else None
+        return save_model_folder(folder, self, self.cfg, vocab, extra_config={"task": "caption", **(extra or {})})
+
+
+class CachedSteps:
+    """Key/value-cached stepper: the prefix is encoded once; each step feeds [previous token, [MASK]]."""
+
+    def __init__(self, model: CaptionModel, prefix: CaptionPrefix, expand: int = 1):
+        self.model = model
+        self.cache = model.encode_prefix(prefix)
+        self.prefix_valid = prefix.valid()
+        if expand > 1:
+            self.prefix_valid = self.prefix_valid.repeat_interleave(expand, dim=0)
+            if self.cache is not None:
+                self.cache = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in self.cache]
+        self.seen = 0  # caption tokens in the cache
+        self._new = torch.tensor([[True, False], [True, True]], device=self.prefix_valid.device)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, t = tokens.shape
+        if t != self.seen + 1:
+            raise RuntimeError(f"cached stepper holds {self.seen} caption tokens but was given {t}")
+        m, dev = self.model, tokens.device
+        ids = torch.stack([tokens[:, -1], torch.full((n,), m.ids.mask, dtype=torch.long, device=dev)], 1)
+        pos = torch.tensor([t - 1, t], device=dev).expand(n, 2)
+        before = torch.cat([self.prefix_valid, torch.ones(n, self.seen, dtype=torch.bool, device=dev)], 1)
+        mask = torch.cat([before[:, None, :].expand(n, 2, before.shape[1]), self._new.expand(n, 2, 2)], dim=2)
+        out = m.bert(input_ids=ids, token_type_ids=torch.full_like(ids, TEXT_SEGMENT), position_ids=pos,
+                     attention_mask=mask, past_key_values=self.cache, use_cache=True)
+        self.cache = [(k[:, :, :-1], v[:, :, :-1]) for k, v in out.past_key_values]  # drop the [MASK]
+        self.seen += 1
+        return m.mlm(out.hidden_states[:, 1])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
+        self.prefix_valid = self.prefix_valid.index_select(0, index)
+
+
+class FullSteps:
+    """Reference stepper: recomputes [CLS] g1 .. g_{t-1} [MASK] + tags + regions at every step."""
+
+    def __init__(self, model: CaptionModel, prefix: CaptionPrefix, expand: int = 1):
+        self.model, self.prefix = model, prefix.repeat(expand)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, t = tokens.shape
+        m, dev = self.model, tokens.device
+        caption = torch.cat([tokens, torch.full((n, 1), m.ids.mask, dtype=torch.long, device=dev)], 1)
+        pos = torch.arange(t + 1, device=dev).expand(n, t + 1)
+        mask = prefix_causal_mask(torch.ones(n, t + 1, dtype=torch.bool, device=dev), self.prefix.valid())
+        return m.mlm(m.encode(caption, pos, mask, self.prefix)[:, t])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.prefix = self.prefix.select(index)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _regions_fn(regions: RegionsFn | Any) -> RegionsFn:
+    return regions if callable(regions) else regions.__getitem__
+
+
+class CaptionDataset(Dataset):
+    """(image key, caption) pairs with their regions; `collate` tokenizes, masks and pads."""
+
+    def __init__(self, items: Sequence[tuple[Hashable, str]], regions: RegionsFn | Any, tokenizer: Tokenizer,
+                 cfg: BertConfig, task_cfg: CaptionTaskConfig | None = None, tags: str = "predicted"):
+        if tags not in TAG_CHOICES:
+            raise MiniVLMError(f"tags must be one of {TAG_CHOICES}, got {tags!r}")
+        self.items = list(items)
+        self.regions = _regions_fn(regions)
+        self.tokenizer, self.cfg, self.task = tokenizer, cfg, task_cfg or CaptionTaskConfig()
+        self.tags = tags
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Hashable, str, Regions]:
+        key, caption = self.items[i]
+        return key, caption, self.regions(key)
+
+    def collate(self, items: Sequence[tuple[Hashable, str, Regions]], generator: torch.Generator | None = None
+                ) -> CaptionBatch:
+        tok, cfg = self.tokenizer, self.cfg
+        seqs = [[tok.cls_id, *tok.encode(c, max(0, cfg.max_text_len - 2)), tok.sep_id] for _, c, _ in items]
+        s = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), s), tok.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(seqs), s), dtype=torch.bool)
+        for i, q in enumerate(seqs):
+            ids[i, :len(q)] = torch.tensor(q, dtype=torch.long)
+            valid[i, :len(q)] = True
+        masked, labels = mask_captions(ids, valid, self.task.mask_prob, tok.mask_id, generator)
+        prefix = build_prefix(tok, [r for _, _, r in items], cfg, tags=self.tags)
+        return CaptionBatch([k for k, _, _ in items], masked, valid, labels, prefix)
+
+
+def caption_references(world, split: str) -> dict[int, list[str]]:
+    """Image id -> reference captions of a split: `captions_{split}.json`, else the Karpathy file's split
+    (train / val / test) when the dataset has one."""
+    if world.captions_path(split).is_file():
+        return {iid: caps for iid, caps in world.captions(split).captions.items() if caps}
+    if world.karpathy_path().is_file() and split in ("train", "val", "test"):
+        return {im.image_id: im.sentences for im in world.karpathy() if im.split == split and im.sentences}
+    raise MiniVLMError(f"{world.captions_path(split)}: not found, and no Karpathy split {split!r} in "
+                       f"{world.karpathy_path()}")
+
+
+def _has(store, key) -> bool:
+    try:
+        return key in store
+    except TypeError:
+        return True
+
+
+def caption_dataset_from_world(world, split: str, store, tokenizer: Tokenizer, cfg: BertConfig,
+                               task_cfg: CaptionTaskConfig | None = None, tags: str = "predicted",
+                               one_per_image: bool = False) -> CaptionDataset:
+    """Every (image, caption) of `split` whose image is in `store` (one item per image when
+    `one_per_image`, as SCST and evaluation want)."""
+    refs = caption_references(world, split)
+    items = [(iid, caps[0] if one_per_image else c) for iid, caps in refs.items() if _has(store, iid)
+             for c in (caps[:1] if one_per_image else caps)]
+    if not items:
+        raise MiniVLMError(f"none of the {len(refs)} images of split {split!r} is in the feature store {store!r}")
+    return CaptionDataset(items, store, tokenizer, cfg, task_cfg, tags)
+
+
+# ---------------------------------------------------------------------------------------------- train / predict
+
+
+def predict_captions(model: CaptionModel, tokenizer: Tokenizer, keys: Sequence[Hashable], regions_fn: RegionsFn | Any,
+                     batch_size: int = 32, beam_size: int = 1, max_len: int | None = None, tags: str = "predicted",
+                     progress: bool = True) -> list[dict]:
+    """COCO caption results rows [{"image_id", "caption"}], one per key, in order."""
+    fn = _regions_fn(regions_fn)
+    rows: list[dict] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in tqdm(range(0, len(keys), batch_size), desc="caption", disable=not progress, leave=False):
+            chunk = list(keys[i:i + batch_size])
+            prefix = build_prefix(tokenizer, [fn(k) for k in chunk], model.cfg, tags=tags)
+            for key, ids in zip(chunk, model.generate(prefix, max_len=max_len, beam_size=beam_size)):
+                rows.append({"image_id": key, "caption": tokenizer.decode(ids)})
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def _auto_split(world, prefix: str) -> str | None:
+    found = [s for s in world.splits("coco") if s.startswith(prefix) and world.captions_path(s).is_file()]
+    if found:
+        return found[0]
+    if world.karpathy_path().is_file() and prefix in ("train", "val", "test"):
+        return prefix
+    return None
+
+
+def cider_eval_fn(world, split: str, store, tokenizer: Tokenizer, max_images: int, max_len: int,
+                  tags: str = "predicted") -> Callable[[nn.Module, int], dict]:
+    """Held-out CIDEr-D of greedy captions on up to `max_images` images (fast, java-free: for progress)."""
+    from minivlm.eval.caption_metrics import CiderD
+
+    refs = {k: v for k, v in caption_references(world, split).items() if _has(store, k)}
+    keys = sorted(refs)[:max_images]
+    cider = CiderD({k: refs[k] for k in keys})
+
+    def evaluate(model: nn.Module, step: int) -> dict:
+        rows = predict_captions(model, tokenizer, keys, store, max_len=max_len, tags=tags, progress=False)
+        mean, _ = cider.score({r["image_id"]: r["caption"] for r in rows})
+        return {"cider_d": mean, "example": rows[0]["caption"] if rows else ""}
+
+    return evaluate
+
+
+def train_caption(pretrained: str | Path | None, world, store, out_dir: str | Path, bert_cfg: BertConfig,
+                  train_cfg: TrainConfig, scst_cfg: TrainConfig | None = None, *, task_cfg: CaptionTaskConfig | None = None,
+                  tokenizer: Tokenizer | None = None, train_split: str | None = None, val_split: str | None = None,
+                  val_images: int = 100, tags: str = "predicted", scst_baseline: str = "greedy") -> CaptionModel:
+    """Cross-entropy fine-tuning (out_dir/ce), then optional SCST (out_dir/scst), each through the Trainer
+    (so each stage resumes after a kill); the final model folder is out_dir/model."""
+    from minivlm.eval.caption_metrics import CiderD
+    from minivlm.train.trainer import Trainer, distributed_env
+
+    task = task_cfg or CaptionTaskConfig()
+    tokenizer = tokenizer or get_tokenizer()
+    out = Path(out_dir)
+    train_split = train_split or _auto_split(world, "train")
+    if train_split is None:
+        raise MiniVLMError(f"{world.root}: no training captions (annotations/captions_train*.json or a Karpathy file)")
+    if val_split is None:
+        val_split = _auto_split(world, "val")
+    special = SpecialIds.from_tokenizer(tokenizer)
+    model = CaptionModel.from_pretrained_vl(pretrained, special) if pretrained else CaptionModel(bert_cfg, special)
+    cfg = model.cfg
+    max_len = min(task.max_gen_len, cfg.max_text_len - 1)
+    eval_fn = (cider_eval_fn(world, val_split, store, tokenizer, val_images, max_len, tags)
+               if val_split and val_images > 0 else None)
+
+    ce_set = caption_dataset_from_world(world, train_split, store, tokenizer, cfg, task, tags)
+    Trainer(model, train_cfg, out / "ce", desc="caption-ce").fit(ce_set, ce_set.collate, eval_fn)
+
+    if scst_cfg is not None:
+        refs = {k: v for k, v in caption_references(world, train_split).items() if _has(store, k)}
+        model.scst = ScstObjective(cider_reward(CiderD(refs)), tokenizer, task.scst_samples, scst_baseline, max_len)
+        scst_set = caption_dataset_from_world(world, train_split, store, tokenizer, cfg, task, tags, one_per_image=True)
+        try:
+            Trainer(model, scst_cfg, out / "scst", desc="caption-scst").fit(scst_set, scst_set.collate, eval_fn)
+        finally:
+            model.scst = None
+    if distributed_env()[0] == 0:
+        model.save(out / "model", tokenizer, {"train_split": train_split, "tags": tags, "scst": scst_cfg is not None,
+                                               "scst_baseline": scst_baseline if scst_cfg else None})
+    return model
