@@ -27,7 +27,7 @@ SCST (second stage): for each image, `scst_samples` captions are sampled and a g
 is the greedy caption's reward (self-critical, the default) or the mean reward of the image's other
 samples ("mean"). The loss is -advantage x log p(sample), averaged over sampled tokens, where log p comes
 from one teacher-forced pass with gradient (`sequence_logprobs`) that reproduces the decoder's
-distribution exactly.
+distribution exactly (up to the dropout of the training mode it runs in).
 """
 
 from __future__ import annotations
