@@ -1,0 +1,159 @@
+"""What the four fine-tuning tasks share: finding an image's regions in a feature store, choosing splits,
+building the task transformer's config and initialising it from a pre-trained folder, and batching.
+
+Feature-store keys: COCO images are stored under their integer image id, NLVR2 images under their file
+name ("dev-850-0-img0.png"); `get_regions` also tries the other spelling of an id ("42" / 42) and the file
+name without its extension, so a store written by another tool (e.g. an Oscar TSV import) still works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence, TypeVar
+
+import torch
+
+from minivlm.config import BertConfig, get_bert
+from minivlm.errors import MiniVLMError
+from minivlm.regions import Regions
+
+T = TypeVar("T")
+Key = int | str
+TASKS = ("caption", "vqa", "nlvr2", "retrieval")
+
+
+class RegionSource(Protocol):
+    """A feature store, or anything keyed by image that returns `Regions`."""
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def __getitem__(self, key: Any) -> Regions: ...
+
+
+# ---------------------------------------------------------------------------------------------- regions
+
+
+def key_candidates(key: Key) -> list[Key]:
+    """The spellings under which a store may hold one image."""
+    out: list[Key] = [key]
+    if isinstance(key, int):
+        out.append(str(key))
+    elif isinstance(key, str):
+        if key.isdigit():
+            out.append(int(key))
+        stem = Path(key).stem
+        if stem != key:
+            out.append(stem)
+    return out
+
+
+def find_key(store: RegionSource, key: Key) -> Key | None:
+    """The key under which `store` holds the image, or None."""
+    for k in key_candidates(key):
+        if k in store:
+            return k
+    return None
+
+
+def get_regions(store: RegionSource, key: Key) -> Regions:
+    found = find_key(store, key)
+    if found is None:
+        raise MiniVLMError(f"image {key!r} has no regions in the feature store {getattr(store, 'root', store)!s} "
+                           "(run `minivlm extract` over this split's images)")
+    return store[found]
+
+
+class RegionCache:
+    """Keeps the top-`max_regions` regions of images already read, for evaluation loops that revisit the
+    same images (retrieval scores every caption against every image)."""
+
+    def __init__(self, store: RegionSource, max_regions: int):
+        self.store, self.max_regions = store, max_regions
+        self._cache: dict[Key, Regions] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._cache or (isinstance(key, (int, str)) and find_key(self.store, key) is not None)
+
+    def __getitem__(self, key: Key) -> Regions:
+        if key not in self._cache:
+            r = get_regions(self.store, key)
+            self._cache[key] = r.top(self.max_regions) if len(r) > self.max_regions else r
+        return self._cache[key]
+
+
+def check_region_dim(cfg: BertConfig, feature_dim: int | None, where: str) -> None:
+    """Region features of another width than the transformer was trained on give garbage silently (the
+    classic Oscar "garbage captions" mismatch), so refuse them loudly."""
+    if feature_dim is not None and int(feature_dim) != cfg.region_dim:
+        raise MiniVLMError(f"{where}: region features are {feature_dim}-d but the transformer expects "
+                           f"{cfg.region_dim}-d (BertConfig.region_dim); features and model must come from the "
+                           "same extractor")
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def pick_split(available: Sequence[str], wanted: str | None, prefixes: Sequence[str], what: str,
+               where: Any) -> str | None:
+    """`wanted` if given (checked), else the first available split starting with one of `prefixes`."""
+    if wanted:
+        if wanted not in available:
+            raise MiniVLMError(f"{where}: no {what} split {wanted!r} (found: {', '.join(available) or 'none'})")
+        return wanted
+    for p in prefixes:
+        found = sorted(s for s in available if s.startswith(p))
+        if found:
+            return found[0]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def task_bert_config(pretrained: str | Path | None, preset: str, feature_dim: int | None,
+                     vocab_size: int | None = None) -> BertConfig:
+    """The transformer's config: the pre-trained folder's own (its region_dim must match the features) or a
+    named preset for a random start (its region_dim set from the features)."""
+    if pretrained:
+        from minivlm.fusion.loading import read_bert_config
+
+        cfg = read_bert_config(pretrained)
+        if "num_layers" not in _raw_config(pretrained):  # a text-only Hugging Face BERT: no region width
+            cfg.region_dim = int(feature_dim) if feature_dim else cfg.region_dim
+        check_region_dim(cfg, feature_dim, f"{pretrained}/config.json vs the feature store")
+    else:
+        cfg = get_bert(preset)
+        if feature_dim:
+            cfg.region_dim = int(feature_dim)
+    if vocab_size and vocab_size != cfg.vocab_size:
+        cfg.vocab_size = vocab_size
+    return cfg
+
+
+def _raw_config(folder: str | Path) -> dict:
+    from minivlm.io import read_json
+
+    data = read_json(Path(folder) / "config.json")
+    return data if isinstance(data, dict) else {}
+
+
+def init_from_pretrained(model: torch.nn.Module, folder: str | Path | None) -> str:
+    """Copies what the task model shares with a pre-trained folder (transformer, pooler, ITM head); returns
+    the load report's summary ("random init" when there is no folder)."""
+    if not folder:
+        return "no pre-trained folder: random initialisation"
+    from minivlm.fusion.loading import load_text_weights
+
+    return load_text_weights(model, folder).summary()
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,546 @@
+"""`minivlm finetune`: one pre-trained checkpoint -> one task (caption, VQA, NLVR2 or retrieval).
+
+    minivlm finetune --task vqa --pretrained PRE/model --data WORLD --features STORE --out DIR
+
+Starts from a pre-trained folder (`minivlm pretrain` output, or a text-only BERT/MiniLM folder; random
+weights of `--preset` without one), trains with the one Trainer (resumes after a kill: rerun the same
+command), then evaluates on the held-out splits. The output folder:
+
+    config.json          BertConfig + {"minivlm": {"format": "minivlm-task", "task", ...}}
+    model.safetensors    the task transformer + head (what `MiniVLM.assemble` takes)
+    vocab.txt            WordPiece vocabulary; answers.txt for VQA
+    results_{split}.json official result formats: VQA [{"question_id", "answer"}], NLVR2 [{"identifier",
+                         "prediction"}], retrieval {"scores", "text_to_image", "image_ids", "texts"}
+    metrics.json         per split: the task metric beside its chance / prior baseline
+    log.jsonl, checkpoint/, train_config.json, init_report.txt
+
+Captioning is trained by `minivlm.tasks.caption.train_caption`; this module passes it the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from minivlm.config import BERT_PRESETS, BertConfig, RetrievalTaskConfig, TrainConfig, VQATaskConfig
+from minivlm.errors import MiniVLMError
+from minivlm.io import atomic_path, write_json, write_text
+from minivlm.tasks.data import TASKS, init_from_pretrained, pick_split, task_bert_config
+from minivlm.text.tokenizer import Tokenizer, get_tokenizer
+
+# Per-task defaults at the synthetic world's scale (the paper's real-data recipes are far longer).
+DEFAULT_LR = {"caption": 1e-4, "vqa": 2e-4, "nlvr2": 1e-4, "retrieval": 1e-4}
+DEFAULT_EPOCHS = {"caption": 10, "vqa": 10, "nlvr2": 10, "retrieval": 5}
+
+
+@dataclass
+class FinetuneSetup:
+    """Everything a task's fine-tuning needs, resolved from the command line (or built in Python)."""
+
+    task: str
+    data: Path
+    features: Path
+    out: Path
+    pretrained: Path | None = None
+    preset: str = "bert-demo"
+    nlvr2_features: Path | None = None
+    train_split: str | None = None
+    eval_splits: list[str] | None = None  # None: every held-out split found
+    epochs: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200
+    eval_every: int | None = None
+    eval_examples: int = 500  # examples per periodic evaluation (the final one uses every example)
+    max_train: int | None = None  # cap on training examples (quick runs)
+    max_eval: int | None = None  # cap on evaluation examples / retrieval images
+    workers: int = 0
+    amp: bool = True
+    num_answers: int = VQATaskConfig.num_answers
+    negatives: int = RetrievalTaskConfig.negatives_per_positive
+    hard_pool: int = 4
+    beam_size: int = 1
+    scst_steps: int = 0  # caption: CIDEr-D optimisation steps after cross-entropy (0: none)
+    progress: bool = True
+
+    def train_config(self, n_examples: int) -> TrainConfig:
+        epochs = self.epochs or DEFAULT_EPOCHS[self.task]
+        if self.steps and not self.epochs:  # --steps alone: as many epochs as it takes
+            epochs = max(1, math.ceil(self.steps * self.batch_size / max(1, n_examples)))
+        return TrainConfig(epochs=epochs, max_steps=self.steps, batch_size=self.batch_size,
+                           lr=self.lr or DEFAULT_LR[self.task], optimizer="adamw", weight_decay=self.weight_decay,
+                           schedule="linear", warmup_steps=self.warmup_steps, grad_clip=1.0, amp=self.amp,
+                           num_workers=self.workers, seed=self.seed, log_every=self.log_every,
+                           ckpt_every=self.ckpt_every, eval_every=self.eval_every)
+
+
+class Run:
+    """Shared plumbing: world, stores, tokenizer, config, messages, output files."""
+
+    def __init__(self, setup: FinetuneSetup):
+        from minivlm.data.feature_store import FeatureStore
+        from minivlm.data.world import World
+        from minivlm.fusion.loading import vocab_of
+        from minivlm.train.trainer import distributed_env
+
+        self.setup = setup
+        self.rank = distributed_env()[0]
+        self.world = World(setup.data)
+        self.store = FeatureStore(setup.features)
+        vocab = vocab_of(setup.pretrained) if setup.pretrained else None
+        self.tokenizer: Tokenizer = get_tokenizer(str(vocab)) if vocab else get_tokenizer()
+        self.out = Path(setup.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def say(self, msg: str) -> None:
+        if self.rank == 0:
+            tqdm.write(f"[finetune {self.setup.task}] {msg}")
+
+    def bert_config(self, store) -> BertConfig:
+        return task_bert_config(self.setup.pretrained, self.setup.preset, store.feature_dim, self.tokenizer.vocab_size)
+
+    def init(self, model: torch.nn.Module) -> None:
+        torch.manual_seed(self.setup.seed)
+        summary = init_from_pretrained(model, self.setup.pretrained)
+        self.say(summary.splitlines()[0] if summary else "")
+        if self.rank == 0:
+            write_text(self.out / "init_report.txt", summary + "\n")
+
+    def write_folder(self, cfg: BertConfig, **extra: Any) -> None:
+        from minivlm.model import write_task_config
+
+        if self.rank != 0:
+            return
+        with atomic_path(self.out / "vocab.txt") as tmp:
+            shutil.copyfile(self.tokenizer.vocab_path, tmp)
+        write_task_config(self.out, self.setup.task, cfg, pretrained=str(self.setup.pretrained or ""), **extra)
+
+    def fit(self, model, dataset, collate, eval_fn: Callable | None) -> dict:
+        from minivlm.train.trainer import Trainer
+
+        cfg = self.setup.train_config(len(dataset))
+        torch.manual_seed(self.setup.seed)
+        trainer = Trainer(model, cfg, self.out, desc=f"finetune {self.setup.task}")
+        n = sum(p.numel() for p in model.parameters())
+        self.say(f"{len(dataset)} training examples, {n / 1e6:.2f} M parameters, lr {cfg.lr}, batch {cfg.batch_size}, "
+                 f"{cfg.epochs} epoch(s){f', at most {cfg.max_steps} steps' if cfg.max_steps else ''}")
+        last = trainer.fit(dataset, collate, eval_fn)
+        if "loss" not in last:  # a rerun of a finished run trains no step: report the logged end of training
+            from minivlm.train.trainer import read_log
+
+            last = next((e for e in reversed(read_log(self.out / "log.jsonl")) if "loss" in e), last)
+        return {k: v for k, v in last.items() if k != "eval"}
+
+    def finish(self, metrics: dict) -> dict:
+        if self.rank == 0:
+            write_json(self.out / "metrics.json", metrics, indent=1)
+        return metrics
+
+
+def _cap(items: list, n: int | None) -> list:
+    return items if n is None else items[:n]
+
+
+# ---------------------------------------------------------------------------------------------- VQA
+
+
+def finetune_vqa(setup: FinetuneSetup) -> dict:
+    from minivlm.eval.vqa_eval import vqa_accuracy
+    from minivlm.model import read_lines, write_lines
+    from minivlm.tasks.vqa import (VQACollator, VQADataset, VQAModel, baseline_results, build_answer_vocab,
+                                   make_examples, predict_vqa)
+
+    run = Run(setup)
+    w = run.world
+    splits = w.splits("vqa")
+    train_split = pick_split(splits, setup.train_split, ["train"], "VQA", w.vqa_questions_path("*").parent)
+    if train_split is None:
+        raise MiniVLMError(f"{w.root / 'vqa'}: no VQA train split (v2_OpenEnded_mscoco_train*_questions.json)")
+    train_q = w.vqa(train_split)
+    if not any(q.answers for q in train_q):
+        raise MiniVLMError(f"{w.vqa_annotations_path(train_split)}: the training split needs its annotations")
+    # The answer set is fixed by the first run: a resumed run must build the very same head.
+    answers_path = run.out / "answers.txt"
+    answers = read_lines(answers_path) if answers_path.is_file() else build_answer_vocab(train_q, setup.num_answers)
+    if run.rank == 0:
+        write_lines(answers_path, answers)
+    train, missing = make_examples(train_q, run.store, answers, drop_unanswerable=True)
+    train = _cap(train, setup.max_train)
+    if not train:
+        raise MiniVLMError(f"{setup.features}: none of the {train_split} VQA images has features in this store")
+    run.say(f"{train_split}: {len(train)} questions, {len(answers)} answers"
+            + (f" ({missing} skipped: image not in the store)" if missing else ""))
+    eval_splits = [s for s in (setup.eval_splits or [s for s in splits if s != train_split]) if s != train_split]
+
+    cfg = run.bert_config(run.store)
+    model = VQAModel(cfg, len(answers))
+    run.init(model)
+    run.write_folder(cfg, num_answers=len(answers), train_split=train_split)
+
+    def score(split: str, limit: int | None) -> tuple[list[dict], dict | None, list]:
+        qs = w.vqa(split)
+        examples, _ = make_examples(qs, run.store, answers)
+        examples = _cap(examples, limit)
+        results = predict_vqa(model, run.tokenizer, examples, run.store, answers, setup.eval_batch_size,
+                              progress=setup.progress)
+        kept = {e.question_id for e in examples}
+        scored = [q for q in qs if q.question_id in kept and q.answers]
+        if not scored:
+            return results, None, scored
+        acc = vqa_accuracy({r["question_id"]: r["answer"] for r in results if r["question_id"] in
+                            {q.question_id for q in scored}}, scored)
+        return results, acc, scored
+
+    periodic = eval_splits[0] if eval_splits else None
+
+    def eval_fn(m, step):
+        _, acc, _ = score(periodic, setup.eval_examples)
+        return {"vqa_acc": acc["overall"]} if acc else {}
+
+    train_stats = run.fit(model, VQADataset(train, run.store), VQACollator(run.tokenizer, cfg, len(answers)),
+                          eval_fn if periodic and setup.eval_every else None)
+    metrics: dict[str, Any] = {"task": "vqa", "train_split": train_split, "n_train": len(train),
+                               "num_answers": len(answers), "train": train_stats, "eval": {}}
+    if run.rank == 0:
+        for split in eval_splits:
+            results, acc, scored = score(split, setup.max_eval)
+            write_json(run.out / f"results_{split}.json", [{"question_id": r["question_id"], "answer": r["answer"]}
+                                                           for r in results])
+            entry: dict[str, Any] = {"n_questions": len(results)}
+            if acc is not None:
+                entry.update(accuracy=acc["overall"], per_question_type=acc["perQuestionType"],
+                             per_answer_type=acc["perAnswerType"])
+                for name, base in baseline_results(train_q, scored).items():
+                    b = vqa_accuracy(base, scored)
+                    entry[f"baseline_{name}"] = {"accuracy": b["overall"], "per_question_type": b["perQuestionType"]}
+                run.say(f"{split}: VQA accuracy {acc['overall']:.2f} vs most-frequent-answer "
+                        f"{entry['baseline_most_frequent']['accuracy']:.2f}, per-question-type prior "
+                        f"{entry['baseline_per_question_type']['accuracy']:.2f} ({len(scored)} questions)")
+            else:
+                run.say(f"{split}: {len(results)} answers written (no annotations to score against)")
+            metrics["eval"][split] = entry
+    return run.finish(metrics)
+
+
+# ---------------------------------------------------------------------------------------------- NLVR2
+
+
+def finetune_nlvr2(setup: FinetuneSetup) -> dict:
+    from minivlm.data.feature_store import FeatureStore
+    from minivlm.eval.nlvr2 import nlvr2_accuracy
+    from minivlm.tasks.nlvr2 import NLVR2Collator, NLVR2Dataset, NLVR2Model, make_pairs, predict_nlvr2
+
+    run = Run(setup)
+    store = FeatureStore(setup.nlvr2_features) if setup.nlvr2_features else run.store
+    w = run.world
+    splits = w.splits("nlvr2")
+    train_split = pick_split(splits, setup.train_split, ["train"], "NLVR2", w.nlvr2_path("*").parent)
+    if train_split is None:
+        raise MiniVLMError(f"{w.root / 'nlvr2'}: no NLVR2 train split (train.json)")
+    train, missing = make_pairs(w.nlvr2(train_split), store)
+    train = _cap(train, setup.max_train)
+    if not train:
+        raise MiniVLMError(f"{store.root}: none of the NLVR2 {train_split} images has features in this store "
+                           "(pass --nlvr2-features, the store `minivlm extract` wrote for nlvr2/images)")
+    run.say(f"{train_split}: {len(train)} statement/pair examples"
+            + (f" ({missing} skipped: an image not in the store)" if missing else ""))
+    eval_splits = [s for s in (setup.eval_splits or [s for s in splits if s != train_split]) if s != train_split]
+
+    cfg = run.bert_config(store)
+    model = NLVR2Model(cfg)
+    run.init(model)
+    run.write_folder(cfg, train_split=train_split)
+
+    def score(split: str, limit: int | None) -> tuple[list[dict], dict, list]:
+        examples = w.nlvr2(split)
+        pairs, _ = make_pairs(examples, store)
+        pairs = _cap(pairs, limit)
+        results = predict_nlvr2(model, run.tokenizer, pairs, store, setup.eval_batch_size, progress=setup.progress)
+        kept = {p.identifier for p in pairs}
+        scored = [e for e in examples if e.identifier in kept]
+        return results, nlvr2_accuracy({r["identifier"]: r["prediction"] for r in results}, scored), scored
+
+    periodic = eval_splits[0] if eval_splits else None
+    train_stats = run.fit(model, NLVR2Dataset(train, store), NLVR2Collator(run.tokenizer, cfg),
+                          (lambda m, step: {"nlvr2_acc": score(periodic, setup.eval_examples)[1]["accuracy"]})
+                          if periodic and setup.eval_every else None)
+    metrics: dict[str, Any] = {"task": "nlvr2", "train_split": train_split, "n_train": len(train),
+                               "train": train_stats, "eval": {}}
+    if run.rank == 0:
+        for split in eval_splits:
+            results, acc, scored = score(split, setup.max_eval)
+            write_json(run.out / f"results_{split}.json", results)
+            majority = sum(e.label for e in scored) / len(scored)
+            entry = {**acc, "chance": 50.0, "baseline_majority": 100.0 * max(majority, 1 - majority)}
+            metrics["eval"][split] = entry
+            run.say(f"{split}: NLVR2 accuracy {acc['accuracy']:.2f} vs chance 50.00, majority class "
+                    f"{entry['baseline_majority']:.2f}; consistency {acc['consistency']:.2f} ({len(scored)} examples)")
+    return run.finish(metrics)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+
+
+def retrieval_captions(world, split: str) -> dict[int, list[str]]:
+    """Image id -> captions of a retrieval split: a Karpathy split name (train includes restval) when
+    dataset_coco.json exists, else a COCO captions file's split."""
+    if world.karpathy_path().is_file() and split in {"train", "val", "test"}:
+        return {k.image_id: k.sentences for k in world.karpathy() if k.split == split}
+    return dict(world.captions(split).captions)
+
+
+def retrieval_splits(world) -> list[str]:
+    if world.karpathy_path().is_file():
+        return sorted({k.split for k in world.karpathy()})
+    return [s for s in world.splits("coco") if world.captions_path(s).is_file()]
+
+
+def finetune_retrieval(setup: FinetuneSetup) -> dict:
+    from minivlm.eval.retrieval import retrieval_metrics
+    from minivlm.tasks.retrieval import (RetrievalCollator, RetrievalDataset, RetrievalModel, chance_recall,
+                                         retrieval_set, score_all_pairs)
+    from minivlm.tasks.data import find_key
+
+    run = Run(setup)
+    w = run.world
+    splits = retrieval_splits(w)
+    where = w.karpathy_path() if w.karpathy_path().is_file() else w.root / "annotations"
+    train_split = pick_split(splits, setup.train_split, ["train"], "caption", where)
+    if train_split is None:
+        raise MiniVLMError(f"{where}: no train split with captions")
+    pairs, missing = [], 0
+    for iid, caps in retrieval_captions(w, train_split).items():
+        key = find_key(run.store, iid)
+        if key is None:
+            missing += 1
+            continue
+        pairs += [(key, c) for c in caps if c.strip()]
+    pairs = _cap(pairs, setup.max_train)
+    if not pairs:
+        raise MiniVLMError(f"{setup.features}: none of the {train_split} images has features in this store")
+    run.say(f"{train_split}: {len(pairs)} captions of {len({k for k, _ in pairs})} images, {setup.negatives} "
+            f"negative(s) each" + (f" ({missing} images skipped: not in the store)" if missing else ""))
+    # Karpathy "test" is the paper's test set; fall back to val when there is no test split.
+    eval_splits = setup.eval_splits or ([s for s in ("test",) if s in splits] or
+                                        [s for s in splits if s.startswith(("test", "val"))][:1])
+    eval_splits = [s for s in eval_splits if s != train_split]
+
+    cfg = run.bert_config(run.store)
+    model = RetrievalModel(cfg)
+    run.init(model)
+    run.write_folder(cfg, train_split=train_split, negatives_per_positive=setup.negatives)
+    regions_of = lambda keys: [_top(run.store[k], cfg.max_regions) for k in keys]  # noqa: E731
+
+    def score(split: str, limit: int | None):
+        rset, _ = retrieval_set(retrieval_captions(w, split), run.store, limit)
+        if len(rset.image_keys) < 2:
+            raise MiniVLMError(f"retrieval split {split!r}: fewer than 2 images with features and captions")
+        scores = score_all_pairs(model, run.tokenizer, regions_of(rset.image_keys), rset.texts,
+                                 setup.eval_batch_size, progress=setup.progress)
+        return rset, scores, retrieval_metrics(scores, rset.text_to_image)
+
+    periodic = eval_splits[0] if eval_splits else None
+    eval_images = max(2, setup.eval_examples // 10)  # every pair is scored: keep periodic checks small
+
+    def eval_fn(m, step):
+        _, _, r = score(periodic, eval_images)
+        return {"TR@1": r["full"]["TR@1"], "IR@1": r["full"]["IR@1"]}
+
+    dataset = RetrievalDataset(pairs, run.store, setup.negatives, setup.hard_pool)
+    train_stats = run.fit(model, dataset, RetrievalCollator(run.tokenizer, cfg),
+                          eval_fn if periodic and setup.eval_every else None)
+    metrics: dict[str, Any] = {"task": "retrieval", "train_split": train_split, "n_train": len(pairs),
+                               "train": train_stats, "eval": {}}
+    if run.rank == 0:
+        for split in eval_splits:
+            rset, scores, r = score(split, setup.max_eval)
+            write_json(run.out / f"results_{split}.json", {
+                "scores": [[round(float(v), 4) for v in row] for row in scores], "text_to_image": rset.text_to_image,
+                "image_ids": rset.image_keys, "texts": rset.texts})
+            r["chance"] = chance_recall(rset.text_to_image, len(rset.image_keys))
+            if "folds" in r:
+                r["chance_folds"] = chance_recall([t % r["fold_size"] for t in rset.text_to_image
+                                                   if t < r["fold_size"]], r["fold_size"])
+            metrics["eval"][split] = r
+            f = r["full"]
+            run.say(f"{split} ({r['n_images']} images, {r['n_texts']} captions): text retrieval R@1/5/10 "
+                    f"{f['TR@1']:.1f}/{f['TR@5']:.1f}/{f['TR@10']:.1f}, image retrieval "
+                    f"{f['IR@1']:.1f}/{f['IR@5']:.1f}/{f['IR@10']:.1f}; chance R@1 TR {r['chance']['TR@1']:.1f}, "
+                    f"IR {r['chance']['IR@1']:.1f}"
+                    + (f"; {r['n_folds']} folds of {r['fold_size']}: TR@1 {r['folds']['TR@1']:.1f}, "
+                       f"IR@1 {r['folds']['IR@1']:.1f}" if "folds" in r else ""))
+    return run.finish(metrics)
+
+
+def _top(regions, k: int):
+    return regions.top(k) if len(regions) > k else regions
+
+
+# ---------------------------------------------------------------------------------------------- caption
+
+
+def caption_splits(world) -> list[str]:
+    splits = [s for s in world.splits("coco") if world.captions_path(s).is_file()]
+    if world.karpathy_path().is_file():
+        splits += [s for s in ("train", "val", "test") if s not in splits]
+    return splits
+
+
+def finetune_caption(setup: FinetuneSetup) -> dict:
+    """Cross-entropy (then optional SCST) training by `minivlm.tasks.caption.train_caption`, which resumes
+    each stage; then captions of the held-out splits scored with the COCO metrics."""
+    from collections import Counter
+
+    from minivlm.eval.caption_metrics import JavaError, score_captions
+    from minivlm.io import save_weights
+    from minivlm.tasks.caption import caption_references, predict_captions, train_caption
+    from minivlm.tasks.data import find_key
+
+    run = Run(setup)
+    w = run.world
+    splits = caption_splits(w)
+    train_split = pick_split(splits, setup.train_split, ["train"], "caption", w.root / "annotations")
+    if train_split is None:
+        raise MiniVLMError(f"{w.root / 'annotations'}: no captions_train*.json and no Karpathy split")
+    train_refs = caption_references(w, train_split)
+    n_train = sum(len(v) for k, v in train_refs.items() if find_key(run.store, k) is not None)
+    eval_splits = [s for s in (setup.eval_splits or [s for s in splits if s.startswith(("val", "test"))])
+                   if s != train_split]
+    cfg = run.bert_config(run.store)
+    train_cfg = setup.train_config(n_train)
+    scst_cfg = None
+    if setup.scst_steps:
+        scst_cfg = dataclasses.replace(train_cfg, max_steps=setup.scst_steps, lr=train_cfg.lr / 4,
+                                       epochs=max(1, math.ceil(setup.scst_steps * setup.batch_size / max(1, n_train))))
+    run.say(f"{train_split}: {n_train} captions; evaluation on {', '.join(eval_splits) or 'nothing'}")
+    model = train_caption(setup.pretrained, w, run.store, run.out, cfg, train_cfg, scst_cfg, tokenizer=run.tokenizer,
+                          train_split=train_split, val_split=eval_splits[0] if eval_splits else None,
+                          val_images=max(0, setup.eval_examples // 5) if setup.eval_every else 0)
+    metrics: dict[str, Any] = {"task": "caption", "train_split": train_split, "n_train": n_train, "eval": {}}
+    if run.rank != 0:
+        return metrics
+    save_weights(model.state_dict(), run.out / "model.safetensors")
+    run.write_folder(model.cfg, train_split=train_split, scst=scst_cfg is not None)
+    # The "prior" baseline: the most frequent training caption, given to every image.
+    common = Counter(c.strip().lower() for caps in train_refs.values() for c in caps).most_common(1)[0][0]
+    for split in eval_splits:
+        refs = {k: v for k, v in caption_references(w, split).items() if find_key(run.store, k) is not None}
+        keys = _cap(sorted(refs), setup.max_eval)
+        if not keys:
+            continue
+        rows = predict_captions(model, run.tokenizer, keys, run.store, batch_size=setup.eval_batch_size,
+                                beam_size=setup.beam_size, progress=setup.progress)
+        write_json(run.out / f"results_{split}.json", rows)
+        refs = {k: refs[k] for k in keys}
+        entry: dict[str, Any] = {}
+        for name, res in (("model", rows), ("baseline_most_common_caption", {k: common for k in keys})):
+            try:
+                entry[name] = score_captions(res, refs, meteor=False, spice=False)
+            except JavaError:  # no java for the PTB tokenizer: score on a plain lower-cased split instead
+                entry[name] = {**score_captions(res, refs, tokenizer="simple", meteor=False, spice=False),
+                               "tokenizer": "simple"}
+        metrics["eval"][split] = entry
+        run.say(f"{split}: CIDEr {entry['model']['CIDEr']:.3f} BLEU-4 {entry['model']['Bleu_4']:.3f} vs the most "
+                f"common training caption CIDEr {entry['baseline_most_common_caption']['CIDEr']:.3f} "
+                f"({len(keys)} images); e.g. {rows[0]['caption']!r}")
+    return run.finish(metrics)
+
+
+FINETUNE: dict[str, Callable[[FinetuneSetup], dict]] = {
+    "caption": finetune_caption, "vqa": finetune_vqa, "nlvr2": finetune_nlvr2, "retrieval": finetune_retrieval,
+}
+
+
+def finetune(setup: FinetuneSetup) -> dict:
+    """Fine-tunes `setup.task`; returns the metrics written to metrics.json."""
+    if setup.task not in FINETUNE:
+        raise MiniVLMError(f"unknown task {setup.task!r}; choose one of: {', '.join(TASKS)}")
+    return FINETUNE[setup.task](setup)
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, choices=list(TASKS))
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", required=True, help="dataset root (annotations/, vqa/, nlvr2/)")
+    d.add_argument("--features", required=True, help="feature store of the COCO-style images (`minivlm extract`)")
+    d.add_argument("--nlvr2-features", help="feature store of the NLVR2 images (default: --features)")
+    d.add_argument("--train-split", help="default: the task's train* split")
+    d.add_argument("--eval-split", action="append", dest="eval_splits",
+                   help="held-out split to evaluate (repeatable; default: every other split of the task)")
+    d.add_argument("--max-train", type=int, help="use at most this many training examples")
+    d.add_argument("--max-eval", type=int, help="evaluate at most this many examples (retrieval: images)")
+    m = parser.add_argument_group("model")
+    m.add_argument("--pretrained", help="pre-trained folder (`minivlm pretrain` output `OUT/model`, or a text BERT "
+                                        "folder); 'none' or omitted: random initialisation of --preset")
+    m.add_argument("--preset", default="bert-demo", choices=list(BERT_PRESETS),
+                   help="transformer shape when starting from random weights")
+    m.add_argument("--num-answers", type=int, default=VQATaskConfig.num_answers,
+                   help="VQA answer set size, capped by the distinct training answers (paper: 3129)")
+    m.add_argument("--negatives", type=int, default=RetrievalTaskConfig.negatives_per_positive,
+                   help="retrieval: mismatched pairs per matched pair")
+    m.add_argument("--hard-pool", type=int, default=4,
+                   help="retrieval: candidates per negative, the most word-overlapping one is kept (1 = random)")
+    m.add_argument("--beam-size", type=int, default=1, help="caption: beam size at evaluation")
+    m.add_argument("--scst-steps", type=int, default=0, help="caption: CIDEr-D optimisation (SCST) steps after "
+                                                             "cross-entropy (default 0: none)")
+    t = parser.add_argument_group("training")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--epochs", type=int, help=f"default per task: {DEFAULT_EPOCHS}")
+    t.add_argument("--steps", type=int, help="stop after this many optimizer steps")
+    t.add_argument("--lr", type=float, help=f"AdamW peak learning rate, linear decay (default per task: {DEFAULT_LR})")
+    t.add_argument("--batch-size", type=int, default=32, help="global batch (retrieval: positives; each brings "
+                                                              "--negatives mismatched pairs)")
+    t.add_argument("--eval-batch-size", type=int, default=128)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--ckpt-every", type=int, default=200)
+    t.add_argument("--eval-every", type=int, help="steps between evaluations on a held-out subset")
+    t.add_argument("--eval-examples", type=int, default=500, help="examples per periodic evaluation")
+    t.add_argument("--workers", type=int, default=0)
+    t.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+
+
+def setup_from_args(args: argparse.Namespace) -> FinetuneSetup:
+    pretrained = None if args.pretrained in (None, "", "none") else Path(args.pretrained)
+    if pretrained is not None and not (pretrained / "config.json").is_file():
+        raise MiniVLMError(f"{pretrained}: not a pre-trained model folder (no config.json); for `minivlm pretrain "
+                           "--out OUT` the folder is OUT/model")
+    for name in ("epochs", "steps", "batch_size", "eval_batch_size", "num_answers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise MiniVLMError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    return FinetuneSetup(
+        task=args.task, data=Path(args.data), features=Path(args.features), out=Path(args.out), pretrained=pretrained,
+        preset=args.preset, nlvr2_features=Path(args.nlvr2_features) if args.nlvr2_features else None,
+        train_split=args.train_split, eval_splits=args.eval_splits, epochs=args.epochs, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
+        eval_every=args.eval_every, eval_examples=args.eval_examples, max_train=args.max_train,
+        max_eval=args.max_eval, workers=args.workers, amp=not args.no_amp, num_answers=args.num_answers,
+        negatives=args.negatives, hard_pool=args.hard_pool, beam_size=args.beam_size,
+        scst_steps=args.scst_steps)
+
+
+def run(args: argparse.Namespace) -> int:
+    finetune(setup_from_args(args))
+    return 0
+

@@ -1,0 +1,142 @@
+"""NLVR2: is a statement true of a pair of images? (paper Sec. 4.4)
+
+Two sequences share the statement, one per image:
+
+    [CLS] statement [SEP] left tags [SEP] left regions   -> transformer -> pooled [CLS] \
+                                                                                        concat [2H] -> 2 classes
+    [CLS] statement [SEP] right tags [SEP] right regions -> transformer -> pooled [CLS] /
+
+The left and right sequences of a batch of B pairs go through the transformer together as one batch of
+2B (rows 0..B-1 left, B..2B-1 right); the order of the concatenation keeps which image is which, so
+swapping the images changes the input of the classifier. Class 1 = the statement is true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from minivlm.config import BertConfig
+from minivlm.data.readers import NLVR2Example
+from minivlm.fusion.heads import ClassifierHead, Pooler
+from minivlm.fusion.inputs import FusionBatch, build_batch
+from minivlm.fusion.transformer import MultimodalBert
+from minivlm.regions import Regions
+from minivlm.tasks.data import RegionSource, chunks, find_key, get_regions, model_device
+from minivlm.text.tokenizer import Tokenizer
+
+
+@dataclass
+class NLVR2Pair:
+    identifier: str
+    sentence: str
+    left_key: int | str  # feature-store keys of the two images
+    right_key: int | str
+    label: bool
+
+
+def make_pairs(examples: Sequence[NLVR2Example], store: RegionSource) -> tuple[list[NLVR2Pair], int]:
+    """Pairs whose two images are in `store`; returns (pairs, number skipped for lack of features)."""
+    out, missing = [], 0
+    for e in examples:
+        left, right = find_key(store, e.left_image), find_key(store, e.right_image)
+        if left is None or right is None:
+            missing += 1
+            continue
+        out.append(NLVR2Pair(e.identifier, e.sentence, left, right, e.label))
+    return out, missing
+
+
+class NLVR2Dataset(Dataset):
+    def __init__(self, pairs: Sequence[NLVR2Pair], store: RegionSource):
+        self.pairs, self.store = list(pairs), store
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[NLVR2Pair, Regions, Regions]:
+        p = self.pairs[i]
+        return p, get_regions(self.store, p.left_key), get_regions(self.store, p.right_key)
+
+
+@dataclass
+class NLVR2Batch:
+    inputs: FusionBatch  # 2B sequences: the B left ones, then the B right ones
+    labels: torch.Tensor  # [B] long, 1 = true
+    identifiers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.identifiers)
+
+
+def pair_inputs(tokenizer: Tokenizer, cfg: BertConfig, statements: Sequence[str], left: Sequence[Regions],
+                right: Sequence[Regions]) -> FusionBatch:
+    if not len(statements) == len(left) == len(right):
+        raise ValueError(f"{len(statements)} statements for {len(left)} left and {len(right)} right images")
+    return build_batch(tokenizer, [*statements, *statements], None, [*left, *right], cfg)
+
+
+class NLVR2Collator:
+    def __init__(self, tokenizer: Tokenizer, cfg: BertConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def __call__(self, items: Sequence[tuple[NLVR2Pair, Regions, Regions]]) -> NLVR2Batch:
+        inputs = pair_inputs(self.tokenizer, self.cfg, [p.sentence for p, _, _ in items], [l for _, l, _ in items],
+                             [r for _, _, r in items])
+        return NLVR2Batch(inputs, torch.tensor([int(p.label) for p, _, _ in items], dtype=torch.long),
+                          [p.identifier for p, _, _ in items])
+
+
+class NLVR2Model(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = MultimodalBert(cfg)
+        self.pooler = Pooler(cfg)
+        self.head = ClassifierHead(cfg, 2, in_mult=2)
+
+    def joint(self, inputs: FusionBatch) -> torch.Tensor:
+        """[2B sequences] -> [B, 2H]: the left and right pooled [CLS] vectors side by side."""
+        pooled = self.pooler(self.bert(**inputs.model_inputs()).hidden_states)
+        b = pooled.shape[0] // 2
+        return torch.cat([pooled[:b], pooled[b:]], dim=1)
+
+    def logits(self, inputs: FusionBatch) -> torch.Tensor:
+        return self.head(self.joint(inputs))
+
+    def forward(self, batch: NLVR2Batch) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch.inputs)
+        acc = (logits.argmax(1) == batch.labels).float().mean()
+        return {"loss": F.cross_entropy(logits.float(), batch.labels), "acc": acc.detach()}
+
+    @torch.no_grad()
+    def predict(self, tokenizer: Tokenizer, left: Sequence[Regions], right: Sequence[Regions],
+                statements: Sequence[str]) -> torch.Tensor:
+        """P(statement true) [B] for one batch of image pairs."""
+        inputs = pair_inputs(tokenizer, self.cfg, statements, left, right).to(model_device(self))
+        return torch.softmax(self.logits(inputs).float(), dim=1)[:, 1].cpu()
+
+
+@torch.no_grad()
+def predict_nlvr2(model: NLVR2Model, tokenizer: Tokenizer, pairs: Sequence[NLVR2Pair], store: RegionSource,
+                  batch_size: int = 64, progress: bool = True) -> list[dict]:
+    """NLVR2 results `[{"identifier", "prediction", "probability"}]`."""
+    was = model.training
+    model.eval()
+    out: list[dict] = []
+    bar = tqdm(total=len(pairs), desc="nlvr2 predict", disable=not progress, leave=False)
+    for chunk in chunks(pairs, batch_size):
+        probs = model.predict(tokenizer, [get_regions(store, p.left_key) for p in chunk],
+                              [get_regions(store, p.right_key) for p in chunk], [p.sentence for p in chunk])
+        out += [{"identifier": p.identifier, "prediction": bool(pr > 0.5), "probability": round(float(pr), 5)}
+                for p, pr in zip(chunk, probs)]
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was)
+    return out

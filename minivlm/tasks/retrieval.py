@@ -1,0 +1,292 @@
+"""Image-text retrieval as binary matching on [CLS] (paper Sec. 4.4).
+
+    [CLS] caption [SEP] tags [SEP] regions -> transformer -> ITM head -> (matched, mismatched) logits
+
+The head is the pre-training ITM head (class 1 = "text from another image"), so fine-tuning starts from
+what pre-training learned; the score of a pair is the log-odds of "matched", logit[0] - logit[1].
+
+Training pairs every caption with its image (label 0) and with `negatives_per_positive` mismatched pairs
+(label 1): either the caption with another image or the image with another image's caption. A negative
+is never the true pair: its image differs, and it shares no caption text with the true image (a
+synthetic world or a real one can give two images the same caption). "Hard-ish" negatives: of
+`hard_pool` valid candidates, the one whose words overlap the true caption most.
+
+Evaluation scores every image x caption pair. The images' region tensors are padded once, the captions
+and tag lists are tokenised once, and each batch of pairs is gathered from those caches; the sequence
+layout `[CLS] caption.. [SEP] tags.. [SEP]` keeps padding inside the caption and tag slots, masked out
+and skipped by the position ids, which gives the same result as `build_batch`'s compact layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from minivlm.config import BertConfig
+from minivlm.errors import MiniVLMError
+from minivlm.fusion.heads import ITMHead
+from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT, FusionBatch, build_batch, collate_regions, tags_to_text
+from minivlm.fusion.transformer import MultimodalBert
+from minivlm.regions import Regions
+from minivlm.tasks.data import Key, RegionSource, get_regions, model_device
+from minivlm.text.tokenizer import Tokenizer
+
+MATCHED, MISMATCHED = 0, 1  # the ITM head's classes
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.lower().replace(".", " ").replace(",", " ").split())
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+# ---------------------------------------------------------------------------------------------- training data
+
+
+class RetrievalDataset(Dataset):
+    """Item i: caption i with its image, followed by its negatives, as (regions, text, label) triples."""
+
+    def __init__(self, pairs: Sequence[tuple[Key, str]], store: RegionSource | None, negatives_per_positive: int = 1,
+                 hard_pool: int = 4, image_negative_frac: float = 0.5):
+        self.pairs = list(pairs)
+        self.store = store
+        self.k, self.hard_pool, self.image_negative_frac = negatives_per_positive, max(1, hard_pool), image_negative_frac
+        self.image_keys = list(dict.fromkeys(k for k, _ in self.pairs))
+        self.image_texts: dict[Key, set[str]] = {}
+        self.image_words: dict[Key, set[str]] = {}
+        for key, text in self.pairs:
+            self.image_texts.setdefault(key, set()).add(_norm(text))
+            self.image_words.setdefault(key, set()).update(_words(text))
+        self.words = [_words(t) for _, t in self.pairs]
+        if self.k and len(self.image_keys) < 2:
+            raise MiniVLMError(f"retrieval training needs captions of at least 2 images for negatives, "
+                               f"got {len(self.image_keys)}")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _valid_caption(self, key: Key, j: int) -> bool:
+        other, text = self.pairs[j]
+        return other != key and _norm(text) not in self.image_texts[key]
+
+    def _valid_image(self, key: Key, other: Key) -> bool:
+        return other != key and not (self.image_texts[other] & self.image_texts[key])
+
+    def _draw(self, n: int, valid, generator: torch.Generator | None) -> list[int]:
+        found: list[int] = []
+        for _ in range(50 * self.hard_pool):
+            j = int(torch.randint(n, (1,), generator=generator))
+            if valid(j):
+                found.append(j)
+                if len(found) == self.hard_pool:
+                    break
+        if not found:  # rare: most items are invalid; search them all
+            found = [j for j in range(n) if valid(j)][: self.hard_pool]
+        return found
+
+    def sample_negatives(self, i: int, generator: torch.Generator | None = None) -> list[tuple[Key, str]]:
+        """`negatives_per_positive` mismatched (image key, caption) pairs for caption i."""
+        key, text = self.pairs[i]
+        words = self.words[i]
+        out: list[tuple[Key, str]] = []
+        for _ in range(self.k):
+            if float(torch.rand((), generator=generator)) < self.image_negative_frac:
+                cands = self._draw(len(self.image_keys), lambda j: self._valid_image(key, self.image_keys[j]), generator)
+                if cands:
+                    best = max(cands, key=lambda j: len(words & self.image_words[self.image_keys[j]]))
+                    out.append((self.image_keys[best], text))
+                    continue
+            cands = self._draw(len(self.pairs), lambda j: self._valid_caption(key, j), generator)
+            if not cands:
+                raise MiniVLMError(f"no caption of another image differs from image {key!r}'s captions: "
+                                   "cannot build a negative pair")
+            best = max(cands, key=lambda j: len(words & self.words[j]))
+            out.append((key, self.pairs[best][1]))
+        return out
+
+    def __getitem__(self, i: int) -> list[tuple[Regions, str, int]]:
+        key, text = self.pairs[i]
+        items = [(key, text, MATCHED)] + [(k, t, MISMATCHED) for k, t in self.sample_negatives(i)]
+        return [(get_regions(self.store, k), t, label) for k, t, label in items]
+
+
+@dataclass
+class RetrievalBatch:
+    inputs: FusionBatch
+    labels: torch.Tensor  # [N] long: 0 matched, 1 mismatched
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class RetrievalCollator:
+    def __init__(self, tokenizer: Tokenizer, cfg: BertConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def __call__(self, items: Sequence[list[tuple[Regions, str, int]]]) -> RetrievalBatch:
+        flat = [x for group in items for x in group]
+        inputs = build_batch(self.tokenizer, [t for _, t, _ in flat], None, [r for r, _, _ in flat], self.cfg)
+        return RetrievalBatch(inputs, torch.tensor([label for _, _, label in flat], dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = MultimodalBert(cfg)
+        self.itm = ITMHead(cfg)
+
+    def logits(self, inputs: FusionBatch) -> torch.Tensor:
+        return self.itm(self.bert(**inputs.model_inputs()).hidden_states)
+
+    def scores(self, inputs: FusionBatch) -> torch.Tensor:
+        """Matching score per sequence: log-odds of "matched"."""
+        logits = self.logits(inputs).float()
+        return logits[:, MATCHED] - logits[:, MISMATCHED]
+
+    def forward(self, batch: RetrievalBatch) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch.inputs)
+        acc = (logits.argmax(1) == batch.labels).float().mean()
+        return {"loss": F.cross_entropy(logits.float(), batch.labels), "acc": acc.detach()}
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class PairEncoder:
+    """Tokenised captions and tag lists plus padded region tensors, from which any (image, text) pair's
+    input is gathered without tokenising again."""
+
+    cfg: BertConfig
+    tokenizer: Tokenizer
+    regions: Sequence[Regions]
+    texts: Sequence[str]
+    cap_ids: torch.Tensor = field(init=False)
+    cap_len: torch.Tensor = field(init=False)
+    tag_ids: torch.Tensor = field(init=False)
+    tag_len: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        cfg, tok = self.cfg, self.tokenizer
+        caps = tok.encode_batch([t or "" for t in self.texts], max(0, cfg.max_text_len - 2)) if self.texts else []
+        tags = [tok.encode(tags_to_text(r.tags), max(0, cfg.max_tag_len - 1)) for r in self.regions]
+        self.cap_ids, self.cap_len = _pad(caps, tok.pad_id)
+        self.tag_ids, self.tag_len = _pad(tags, tok.pad_id)
+        self.feats, self.boxes, self.rmask = collate_regions(list(self.regions), cfg.region_dim, cfg.max_regions)
+
+    def batch(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> FusionBatch:
+        n, lc, lg = len(image_idx), self.cap_ids.shape[1], self.tag_ids.shape[1]
+        tok = self.tokenizer
+        col = lambda v: torch.full((n, 1), v, dtype=torch.long)  # noqa: E731
+        cap_len, tag_len = self.cap_len[text_idx], self.tag_len[image_idx]
+        ids = torch.cat([col(tok.cls_id), self.cap_ids[text_idx], col(tok.sep_id), self.tag_ids[image_idx],
+                         col(tok.sep_id)], dim=1)
+        ones = torch.ones(n, 1, dtype=torch.bool)
+        mask = torch.cat([ones, torch.arange(lc)[None] < cap_len[:, None], ones,
+                          torch.arange(lg)[None] < tag_len[:, None], (tag_len > 0)[:, None]], dim=1)
+        types = torch.cat([torch.full((n, lc + 2), TEXT_SEGMENT), torch.full((n, lg + 1), TAG_SEGMENT)], dim=1)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        return FusionBatch(input_ids=ids.masked_fill(~mask, tok.pad_id), token_type_ids=types, position_ids=positions,
+                           text_mask=mask, maskable=torch.zeros_like(mask), region_feats=self.feats[image_idx],
+                           region_boxes=self.boxes[image_idx], region_mask=self.rmask[image_idx])
+
+
+def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max([len(s) for s in seqs], default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+@torch.no_grad()
+def score_all_pairs(model: RetrievalModel, tokenizer: Tokenizer, regions: Sequence[Regions], texts: Sequence[str],
+                    batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """[n_images, n_texts] matching scores of every image against every text, `batch_size` pairs at a time."""
+    was = model.training
+    model.eval()
+    enc = PairEncoder(model.cfg, tokenizer, regions, texts)
+    n_i, n_t = len(regions), len(texts)
+    scores = torch.empty(n_i * n_t)
+    device = model_device(model)
+    bar = tqdm(total=n_i * n_t, desc="score pairs", disable=not progress, leave=False, unit="pair")
+    for start in range(0, n_i * n_t, batch_size):
+        flat = torch.arange(start, min(start + batch_size, n_i * n_t))
+        batch = enc.batch(flat // n_t, flat % n_t).to(device)
+        scores[flat] = model.scores(batch).cpu()
+        bar.update(len(flat))
+    bar.close()
+    model.train(was)
+    return scores.view(n_i, n_t)
+
+
+@torch.no_grad()
+def score_pairs(model: RetrievalModel, tokenizer: Tokenizer, regions: Sequence[Regions], texts: Sequence[str]
+                ) -> torch.Tensor:
+    """Scores of the given (regions[i], texts[i]) pairs, built the plain way (`build_batch`)."""
+    was = model.training
+    model.eval()
+    out = model.scores(build_batch(tokenizer, list(texts), None, list(regions), model.cfg).to(model_device(model)))
+    model.train(was)
+    return out.cpu()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class RetrievalSet:
+    image_keys: list[Key]
+    texts: list[str]
+    text_to_image: list[int]  # image index of each text
+
+
+def retrieval_set(captions: dict[Key, Sequence[str]], store: RegionSource, limit: int | None = None,
+                  captions_per_image: int | None = None) -> tuple[RetrievalSet, int]:
+    """Images (in the given order) with features and captions, at most `limit` of them; returns the set
+    and the number of images skipped for lack of features."""
+    from minivlm.tasks.data import find_key
+
+    keys, texts, t2i, missing = [], [], [], 0
+    for key, caps in captions.items():
+        if limit is not None and len(keys) >= limit:
+            break
+        found = find_key(store, key)
+        caps = [c for c in caps if c.strip()][:captions_per_image]
+        if found is None or not caps:
+            missing += found is None
+            continue
+        texts += caps
+        t2i += [len(keys)] * len(caps)
+        keys.append(found)
+    return RetrievalSet(keys, texts, t2i), missing
+
+
+def chance_recall(text_to_image: Sequence[int], n_images: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K (percent) of a random ranking: IR@K = K / n_images; TR@K = P(one of the image's c captions
+    is among K texts drawn from n_texts), averaged over images."""
+    n_texts = len(text_to_image)
+    per_image = [0] * n_images
+    for i in text_to_image:
+        per_image[i] += 1
+    out = {}
+    for k in ks:
+        k_t = min(k, n_texts)
+        miss = [math.comb(n_texts - c, k_t) / math.comb(n_texts, k_t) for c in per_image]
+        out[f"TR@{k}"] = 100.0 * (1.0 - sum(miss) / n_images)
+    for k in ks:
+        out[f"IR@{k}"] = 100.0 * min(1.0, k / n_images)
+    return out

@@ -1,0 +1,205 @@
+"""VQA as classification over a fixed answer set (paper Sec. 4.4, OSCAR's recipe).
+
+    [CLS] question [SEP] tags [SEP] regions -> transformer -> pooled [CLS] -> ClassifierHead -> A answers
+
+* Answer set: the `num_answers` (3129 in the paper) most frequent training answers after the official
+  normalisation (`minivlm.eval.vqa_eval.normalize_answer`), capped by how many distinct answers the data
+  has. Ties are broken alphabetically so the set is the same on every run (a resumed run must see the
+  same head).
+* Targets are soft: answer a gets min(1, #humans who gave a / 3), the VQA accuracy of predicting a.
+* Loss: binary cross-entropy over all answers, summed over answers and averaged over questions (OSCAR
+  multiplies the element mean by the number of answers).
+* Prediction: the highest-scoring answer; results are the official `[{"question_id", "answer"}]` list.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from minivlm.config import BertConfig
+from minivlm.data.readers import VQAQuestion
+from minivlm.eval.vqa_eval import normalize_answer
+from minivlm.fusion.heads import ClassifierHead, Pooler
+from minivlm.fusion.inputs import FusionBatch, build_batch
+from minivlm.fusion.transformer import MultimodalBert
+from minivlm.regions import Regions
+from minivlm.tasks.data import RegionSource, chunks, find_key, get_regions, model_device
+from minivlm.text.tokenizer import Tokenizer
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+def build_answer_vocab(questions: Sequence[VQAQuestion], num_answers: int) -> list[str]:
+    """The most frequent normalised human answers, at most `num_answers` of them."""
+    counts: Counter[str] = Counter()
+    for q in questions:
+        counts.update(a for a in (normalize_answer(x) for x in q.answers) if a)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [a for a, _ in ranked[:num_answers]]
+
+
+def soft_targets(answers: Sequence[str], index: dict[str, int]) -> dict[int, float]:
+    """Answer index -> min(1, n / 3) for the answers in the vocabulary (n = humans who gave it)."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    return {index[a]: min(1.0, n / 3.0) for a, n in counts.items() if a in index}
+
+
+def target_tensor(targets: Sequence[dict[int, float]], num_answers: int) -> torch.Tensor:
+    out = torch.zeros(len(targets), num_answers)
+    for i, t in enumerate(targets):
+        for a, s in t.items():
+            out[i, a] = s
+    return out
+
+
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE over every answer, summed over answers, averaged over questions."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="mean") * targets.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class VQAExample:
+    question_id: int
+    image_key: int | str  # the image's key in the feature store
+    question: str
+    targets: dict[int, float]  # answer index -> soft score (empty for unannotated questions)
+
+
+def make_examples(questions: Sequence[VQAQuestion], store: RegionSource, answers: Sequence[str],
+                  drop_unanswerable: bool = False) -> tuple[list[VQAExample], int]:
+    """Examples whose image is in `store`; returns (examples, number skipped for lack of features).
+    `drop_unanswerable` leaves out questions none of whose human answers is in the answer set (training:
+    they teach only "none of these"; OSCAR drops them too)."""
+    index = {a: i for i, a in enumerate(answers)}
+    out, missing = [], 0
+    for q in questions:
+        key = find_key(store, q.image_id)
+        if key is None:
+            missing += 1
+            continue
+        targets = soft_targets(q.answers, index)
+        if drop_unanswerable and not targets:
+            continue
+        out.append(VQAExample(q.question_id, key, q.question, targets))
+    return out, missing
+
+
+class VQADataset(Dataset):
+    def __init__(self, examples: Sequence[VQAExample], store: RegionSource):
+        self.examples, self.store = list(examples), store
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[VQAExample, Regions]:
+        e = self.examples[i]
+        return e, get_regions(self.store, e.image_key)
+
+
+@dataclass
+class VQABatch:
+    inputs: FusionBatch
+    targets: torch.Tensor  # [B, A] soft scores
+    question_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.question_ids)
+
+
+class VQACollator:
+    def __init__(self, tokenizer: Tokenizer, cfg: BertConfig, num_answers: int):
+        self.tokenizer, self.cfg, self.num_answers = tokenizer, cfg, num_answers
+
+    def __call__(self, items: Sequence[tuple[VQAExample, Regions]]) -> VQABatch:
+        inputs = build_batch(self.tokenizer, [e.question for e, _ in items], None, [r for _, r in items], self.cfg)
+        return VQABatch(inputs, target_tensor([e.targets for e, _ in items], self.num_answers),
+                        [e.question_id for e, _ in items])
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class VQAModel(nn.Module):
+    def __init__(self, cfg: BertConfig, num_answers: int):
+        super().__init__()
+        if num_answers < 1:
+            raise ValueError("a VQA model needs at least one answer")
+        self.cfg, self.num_answers = cfg, num_answers
+        self.bert = MultimodalBert(cfg)
+        self.pooler = Pooler(cfg)
+        self.head = ClassifierHead(cfg, num_answers)
+
+    def logits(self, inputs: FusionBatch) -> torch.Tensor:
+        return self.head(self.pooler(self.bert(**inputs.model_inputs()).hidden_states))
+
+    def forward(self, batch: VQABatch) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch.inputs)
+        # VQA score of the arg-max answer: the training accuracy in the official metric's units (0..1).
+        score = batch.targets.gather(1, logits.argmax(1, keepdim=True)).mean()
+        return {"loss": vqa_loss(logits.float(), batch.targets), "vqa_score": score.detach()}
+
+    @torch.no_grad()
+    def predict(self, tokenizer: Tokenizer, regions_list: Sequence[Regions], questions: Sequence[str],
+                top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(answer indices [N, k], sigmoid confidences [N, k]) for one batch of (image regions, question)."""
+        inputs = build_batch(tokenizer, list(questions), None, list(regions_list), self.cfg)
+        probs = torch.sigmoid(self.logits(inputs.to(model_device(self))).float())
+        conf, idx = probs.topk(min(top_k, self.num_answers), dim=1)
+        return idx.cpu(), conf.cpu()
+
+
+@torch.no_grad()
+def predict_vqa(model: VQAModel, tokenizer: Tokenizer, examples: Sequence[VQAExample], store: RegionSource,
+                answers: Sequence[str], batch_size: int = 64, progress: bool = True) -> list[dict]:
+    """The official results list `[{"question_id", "answer"}]` for `examples`."""
+    was = model.training
+    model.eval()
+    out: list[dict] = []
+    bar = tqdm(total=len(examples), desc="vqa predict", disable=not progress, leave=False)
+    for chunk in chunks(examples, batch_size):
+        idx, _ = model.predict(tokenizer, [get_regions(store, e.image_key) for e in chunk], [e.question for e in chunk])
+        out += [{"question_id": e.question_id, "answer": answers[int(i)]} for e, i in zip(chunk, idx[:, 0])]
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+
+def prior_answers(train: Sequence[VQAQuestion]) -> tuple[str, dict[str, str]]:
+    """The most frequent training answer overall, and per question type (the "prior" baselines)."""
+    overall: Counter[str] = Counter()
+    per_type: dict[str, Counter[str]] = {}
+    for q in train:
+        answers = [normalize_answer(a) for a in q.answers]
+        overall.update(answers)
+        per_type.setdefault(q.question_type, Counter()).update(answers)
+
+    def best(c: Counter[str]) -> str:
+        return min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] if c else ""
+
+    return best(overall), {t: best(c) for t, c in per_type.items()}
+
+
+def baseline_results(train: Sequence[VQAQuestion], questions: Sequence[VQAQuestion]) -> dict[str, list[dict]]:
+    """Results lists of the two prior baselines on `questions`: "most_frequent" answers every question with
+    the most frequent training answer, "per_question_type" with its question type's most frequent one."""
+    top, per_type = prior_answers(train)
+    return {
+        "most_frequent": [{"question_id": q.question_id, "answer": top} for q in questions],
+        "per_question_type": [{"question_id": q.question_id, "answer": per_type.get(q.question_type, top)}
+                              for q in questions],
+    }

@@ -1,0 +1,311 @@
+"""Fine-tuning tasks: VQA targets and loss, NLVR2 pairing, retrieval negatives and batched scoring, tiny
+overfits that must beat chance, and the `finetune` command on a small generated world."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minivlm.config import BertConfig
+from minivlm.data.readers import VQAQuestion
+from minivlm.fusion.inputs import build_batch
+from minivlm.regions import Regions
+from minivlm.tasks.nlvr2 import NLVR2Collator, NLVR2Model, NLVR2Pair
+from minivlm.tasks.retrieval import (MISMATCHED, RetrievalCollator, RetrievalDataset, RetrievalModel, _norm,
+                                     chance_recall, score_all_pairs, score_pairs)
+from minivlm.tasks.vqa import (VQABatch, VQACollator, VQAExample, VQAModel, baseline_results, build_answer_vocab,
+                               soft_targets, target_tensor, vqa_loss)
+from minivlm.text.tokenizer import get_tokenizer
+
+TINY = BertConfig("tiny", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2, vocab_size=30522,
+                  dropout=0.0, region_dim=16, max_regions=5, max_text_len=12, max_tag_len=6)
+TAGS = ["circle", "square", "star", "heart", "ring", "cross"]
+
+
+def regions(seed: int, k: int = 4, dim: int = TINY.region_dim, tags: list[str] | None = None) -> Regions:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(k, 2, generator=g) * 50
+    labels = torch.randint(len(TAGS), (k,), generator=g)
+    return Regions(boxes=torch.cat([xy, xy + 10 + torch.rand(k, 2, generator=g) * 40], 1),
+                   features=torch.randn(k, dim, generator=g), scores=torch.rand(k, generator=g), labels=labels,
+                   image_size=(100, 100), tags=tags if tags is not None else [TAGS[i] for i in labels.tolist()])
+
+
+def store_regions(seed: int, names: list[str], label: int) -> Regions:
+    r = regions(seed)
+    r.labels = torch.full((len(r),), label, dtype=torch.long)
+    r.tags = [names[label]] * len(r)
+    return r
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared machine: thread hand-offs cost more than the arithmetic.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def q(qid: int, answers: list[str], qtype: str = "what") -> VQAQuestion:
+    return VQAQuestion(qid, qid, "what is it?", qtype, "other", answers)
+
+
+# ---------------------------------------------------------------------------------------------- VQA
+
+
+def test_soft_targets_are_min_one_of_humans_over_three():
+    index = {"yes": 0, "no": 1, "2": 2}
+    t = soft_targets(["yes", "yes", "no", "no", "no", "no", "two", "maybe", "no", "no"], index)
+    assert t == {0: pytest.approx(2 / 3), 1: 1.0, 2: pytest.approx(1 / 3)}  # "two" normalised to "2"
+    assert 3 not in t and soft_targets(["maybe"] * 10, index) == {}
+    dense = target_tensor([t, {}], 4)
+    assert dense.shape == (2, 4) and dense[0].tolist() == pytest.approx([2 / 3, 1.0, 1 / 3, 0.0]) and dense[1].sum() == 0
+
+
+def test_answer_vocab_most_frequent_capped_by_data():
+    qs = [q(1, ["yes"] * 6 + ["no"] * 4), q(2, ["red"] * 5 + ["blue"] * 5), q(3, ["Two"] * 3 + ["2"] * 7)]
+    assert build_answer_vocab(qs, 2) == ["2", "yes"]  # "Two" and "2" count as one answer after normalisation
+    full = build_answer_vocab(qs, 3129)  # the paper's size, capped by the 5 distinct answers the data has
+    assert full == ["2", "yes", "blue", "red", "no"]  # ties broken alphabetically: the same set every run
+
+
+def test_vqa_loss_is_bce_summed_over_answers():
+    logits, targets = torch.randn(3, 7), torch.rand(3, 7)
+    manual = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits)).sum(1).mean()
+    assert torch.allclose(vqa_loss(logits, targets), manual, atol=1e-5)
+
+
+def test_prior_baselines_answer_the_most_frequent_answers():
+    train = [q(1, ["yes"] * 10, "is"), q(2, ["yes"] * 10, "is"), q(3, ["red"] * 10, "what color")]
+    test = [q(4, ["red"] * 10, "what color"), q(5, ["no"] * 10, "is"), q(6, ["x"] * 10, "new type")]
+    base = baseline_results(train, test)
+    assert [r["answer"] for r in base["most_frequent"]] == ["yes", "yes", "yes"]
+    assert [r["answer"] for r in base["per_question_type"]] == ["red", "yes", "yes"]
+
+
+# ---------------------------------------------------------------------------------------------- NLVR2
+
+
+def test_nlvr2_concatenates_left_then_right(tok):
+    torch.manual_seed(0)
+    model = NLVR2Model(TINY).eval()
+    collate = NLVR2Collator(tok, TINY)
+    a, b = regions(1), regions(2, k=3)
+    pair = NLVR2Pair("dev-0-0-0", "there is a star", "l", "r", True)
+    swapped = NLVR2Pair("dev-0-0-1", "there is a star", "r", "l", True)
+    batch = collate([(pair, a, b), (swapped, b, a)])
+    assert batch.inputs.input_ids.shape[0] == 4 and batch.labels.tolist() == [1, 1]
+    with torch.no_grad():
+        joint = model.joint(batch.inputs)
+        h = TINY.hidden_size
+        assert joint.shape == (2, 2 * h)
+        # the pair's right half is the swapped pair's left half: the order of the images is kept
+        assert torch.allclose(joint[0, :h], joint[1, h:], atol=1e-5) and torch.allclose(joint[0, h:], joint[1, :h], atol=1e-5)
+        assert (joint[0] - joint[1]).abs().max() > 1e-4  # so (a, b) and (b, a) are different inputs
+        logits = model.logits(batch.inputs)
+    assert (logits[0] - logits[1]).abs().max() > 1e-6
+    # the left sequences come first: row 0 holds a's regions, row 2 (the swapped pair's left) b's
+    assert torch.equal(batch.inputs.region_feats[0, :4], a.features) and torch.equal(batch.inputs.region_feats[1, :3], b.features)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+
+
+def test_retrieval_negatives_are_never_a_true_pair():
+    # image 3 shares a caption with image 0: pairing image 3 with that caption would be a true pair too
+    pairs = [(0, "a red circle"), (0, "a big red circle"), (1, "a blue square"), (2, "a green star"),
+             (3, "a red circle"), (3, "two hearts"), (4, "a blue square on grass")]
+    ds = RetrievalDataset(pairs, None, negatives_per_positive=3, hard_pool=3)
+    truth = {}
+    for k, t in pairs:
+        truth.setdefault(k, set()).add(_norm(t))
+    g = torch.Generator().manual_seed(0)
+    kinds = set()
+    for _ in range(40):
+        for i, (key, text) in enumerate(pairs):
+            negs = ds.sample_negatives(i, g)
+            assert len(negs) == 3
+            for k, t in negs:
+                assert _norm(t) not in truth[k], (i, k, t)
+                kinds.add("image" if t == text else "caption")
+                assert k != key or t != text
+    assert kinds == {"image", "caption"}  # both kinds of negatives are drawn
+
+
+def test_scoring_all_pairs_in_batches_equals_one_by_one(tok):
+    torch.manual_seed(0)
+    model = RetrievalModel(TINY).eval()
+    imgs = [regions(i, k=2 + i % 3, tags=[] if i == 2 else None) for i in range(4)]
+    texts = ["a red circle", "two stars on a very long line of grass near a tree", "", "heart"]
+    full = score_all_pairs(model, tok, imgs, texts, batch_size=5, progress=False)
+    assert full.shape == (4, 4)
+    for i in range(4):
+        for t in range(4):
+            one = score_pairs(model, tok, [imgs[i]], [texts[t]])
+            assert torch.allclose(full[i, t], one[0], atol=1e-5), (i, t)
+    assert full.std() > 0
+
+
+def test_chance_recall():
+    c = chance_recall([0, 0, 1, 1, 2, 2, 3, 3, 4, 4], 5, ks=(1, 5))
+    assert c["IR@1"] == pytest.approx(20.0) and c["IR@5"] == pytest.approx(100.0)
+    assert c["TR@1"] == pytest.approx(20.0)  # 2 of 10 captions are right
+    assert c["TR@5"] == pytest.approx(100 * (1 - 56 / 252))  # 1 - C(8,5)/C(10,5)
+
+
+# ---------------------------------------------------------------------------------------------- overfit
+
+
+def _fit(model, batches, steps: int, lr: float = 3e-3) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for s in range(steps):
+        loss = model(batches[s % len(batches)])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def test_tiny_vqa_overfit_beats_chance(tok):
+    torch.manual_seed(0)
+    answers = ["yes", "no", "red", "blue"]
+    examples = [VQAExample(i, i, ["is it red?", "what color?"][i % 2], {i % 4: 1.0}) for i in range(8)]
+    items = [(e, regions(100 + e.question_id)) for e in examples]
+    batch = VQACollator(tok, TINY, len(answers))(items)
+    model = VQAModel(TINY, len(answers))
+    _fit(model, [batch], 80)
+    idx, _ = model.predict(tok, [r for _, r in items], [e.question for e, _ in items])
+    acc = (idx[:, 0] == torch.tensor([i % 4 for i in range(8)])).float().mean().item()
+    assert acc >= 0.75  # chance: 0.25
+
+
+def test_tiny_nlvr2_overfit_beats_chance(tok):
+    torch.manual_seed(0)
+    labels = [True, False, False, True, True, False, True, False]
+    items = [(NLVR2Pair(f"train-{i}-0-0", ["both have a star", "one has a ring"][i % 2], i, i + 50, lab),
+              regions(200 + i), regions(300 + i)) for i, lab in enumerate(labels)]
+    batch = NLVR2Collator(tok, TINY)(items)
+    model = NLVR2Model(TINY)
+    _fit(model, [batch], 60)
+    p = model.predict(tok, [a for _, a, _ in items], [b for _, _, b in items], [x.sentence for x, _, _ in items])
+    acc = ((p > 0.5) == torch.tensor(labels)).float().mean().item()
+    assert acc >= 0.875  # chance: 0.5
+
+
+def test_tiny_retrieval_overfit_beats_chance(tok):
+    torch.manual_seed(0)
+    caps = ["a red circle", "a blue square", "a green star", "two pink hearts"]
+    imgs = {i: regions(400 + i) for i in range(4)}
+    ds = RetrievalDataset([(i, c) for i, c in enumerate(caps)], imgs, negatives_per_positive=3, hard_pool=1)
+    collate = RetrievalCollator(tok, TINY)
+    batches = [collate([ds[i] for i in range(4)]) for _ in range(6)]
+    assert (batches[0].labels == MISMATCHED).sum() == 12
+    model = RetrievalModel(TINY)
+    _fit(model, batches, 90)
+    scores = score_all_pairs(model, tok, [imgs[i] for i in range(4)], caps, progress=False)
+    ir1 = (scores.argmax(0) == torch.arange(4)).float().mean().item()
+    tr1 = (scores.argmax(1) == torch.arange(4)).float().mean().item()
+    assert ir1 >= 0.75 and tr1 >= 0.75  # chance: 0.25
+
+
+# ---------------------------------------------------------------------------------------------- finetune command
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A generated world of 20 images + 8 NLVR2 pairs, random region features for every image, and a tiny
+    "pre-trained" folder."""
+    from minivlm.data.feature_store import FeatureStoreWriter
+    from minivlm.data.synthetic import generate_world
+    from minivlm.data.world import World
+    from minivlm.fusion.loading import save_model_folder
+    from minivlm.tasks.pretrain import PretrainModel
+
+    root = tmp_path_factory.mktemp("ft")
+    generate_world(root / "world", images=20, seed=0, nlvr2_pairs=8, workers=1)
+    w = World(root / "world")
+    names = w.class_names()
+    with FeatureStoreWriter(root / "store", meta={"class_names": names}) as wr:
+        for split in w.splits():
+            for iid in w.instances(split).images:
+                wr.add(iid, store_regions(iid, names, iid % len(names)))
+    with FeatureStoreWriter(root / "nlvr2_store", meta={"class_names": names}) as wr:
+        for split in w.splits("nlvr2"):
+            for e in w.nlvr2(split):
+                for j, name in enumerate((e.left_image, e.right_image)):
+                    if name not in wr.done_keys():
+                        wr.add(name, store_regions(len(name) + j, names, j))
+    torch.manual_seed(0)
+    save_model_folder(root / "pre", PretrainModel(TINY), TINY)
+    return root
+
+
+def _finetune(root, task: str, *extra: str) -> tuple[int, dict]:
+    from minivlm.cli import main
+
+    out = root / f"out_{task}"
+    rc = main(["finetune", "--task", task, "--data", str(root / "world"), "--features", str(root / "store"),
+               "--nlvr2-features", str(root / "nlvr2_store"), "--pretrained", str(root / "pre"), "--out", str(out),
+               "--steps", "3", "--batch-size", "4", "--eval-batch-size", "16", *extra])
+    return rc, json.loads((out / "metrics.json").read_text()) if rc == 0 else {}
+
+
+def test_finetune_vqa_writes_results_metrics_and_task_folder(tiny_world):
+    from minivlm.eval.vqa_eval import read_vqa_results
+    from minivlm.model import read_task_folder
+
+    rc, m = _finetune(tiny_world, "vqa", "--num-answers", "5")
+    out = tiny_world / "out_vqa"
+    assert rc == 0 and m["num_answers"] == 5 and set(m["eval"]) == {"val", "test"}
+    val = m["eval"]["val"]
+    assert 0 <= val["accuracy"] <= 100 and "accuracy" in val["baseline_most_frequent"] and val["per_question_type"]
+    results = read_vqa_results(out / "results_val.json")  # the official format reads back
+    assert len(results) == val["n_questions"] > 0
+    info = read_task_folder(out)
+    assert info.task == "vqa" and len(info.answers) == 5 and info.cfg.hidden_size == TINY.hidden_size
+    assert "loaded" in (out / "init_report.txt").read_text()  # started from the pre-trained folder
+    # rerunning the finished command resumes at its last step: no training step is repeated
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    rc, _ = _finetune(tiny_world, "vqa", "--num-answers", "5")
+    again = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rc == 0 and [s for s in again if s not in steps] == [] and max(again) == 3
+
+
+def test_finetune_nlvr2_and_retrieval(tiny_world):
+    from minivlm.eval.nlvr2 import read_nlvr2_results
+    from minivlm.eval.retrieval import read_retrieval_results
+
+    rc, m = _finetune(tiny_world, "nlvr2")
+    assert rc == 0 and set(m["eval"]) == {"dev", "test1"} and m["eval"]["dev"]["chance"] == 50.0
+    assert len(read_nlvr2_results(tiny_world / "out_nlvr2" / "results_dev.json")) == m["eval"]["dev"]["n_examples"]
+    rc, m = _finetune(tiny_world, "retrieval", "--negatives", "2")
+    assert rc == 0 and list(m["eval"]) == ["test"]
+    r = m["eval"]["test"]
+    scores, t2i = read_retrieval_results(tiny_world / "out_retrieval" / "results_test.json")
+    assert scores.shape == (r["n_images"], r["n_texts"]) and len(t2i) == r["n_texts"]
+    assert {"TR@1", "IR@10"} <= set(r["full"]) and r["chance"]["IR@1"] == pytest.approx(100 / r["n_images"])
+
+
+def test_finetune_refuses_features_of_another_width(tiny_world, capsys):
+    from minivlm.cli import main
+
+    wide = BertConfig(**{**TINY.__dict__, "region_dim": 2048})
+    from minivlm.fusion.loading import save_model_folder
+    from minivlm.fusion.transformer import MultimodalBert
+
+    save_model_folder(tiny_world / "pre_wide", MultimodalBert(wide), wide)
+    rc = main(["finetune", "--task", "vqa", "--data", str(tiny_world / "world"), "--features",
+               str(tiny_world / "store"), "--pretrained", str(tiny_world / "pre_wide"), "--out",
+               str(tiny_world / "out_wide"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "2048" in err and "16" in err and "Traceback" not in err
