@@ -1,0 +1,232 @@
+"""One model folder (detector + one transformer per task): save/load round trip, assembly from training
+outputs, clear errors for broken folders, the Python API and the inference commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minivlm.config import BertConfig, get_tee
+from minivlm.errors import DataFormatError, MiniVLMError
+from minivlm.io import read_json, save_weights, write_json
+from minivlm.model import MiniVLM, build_task_model, write_lines, write_task_config
+from minivlm.text.tokenizer import get_tokenizer
+
+BERT = BertConfig("tiny", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2, vocab_size=30522,
+                  dropout=0.0, region_dim=16, max_regions=4, max_text_len=10, max_tag_len=6)
+TEE_CFG = dataclasses.replace(get_tee("tee-demo"), image_size=128, fpn_channels=16, fpn_layers=1, rpn_pre_nms_topk=100,
+                              rpn_post_nms_topk=20, max_regions=4, region_dim=16, num_classes=3, num_attributes=2)
+ANSWERS = ["yes", "no", "red", "two"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build_model() -> MiniVLM:
+    from minivlm.vision.tee import TEE
+
+    torch.manual_seed(0)
+    detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"])
+    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None)
+             for t in ("caption", "vqa", "nlvr2", "retrieval")}
+    for m in tasks.values():  # larger than BERT's init, so different inputs give visibly different outputs
+        for p in m.parameters():
+            p.data.normal_(0, 0.3) if p.dim() > 1 else None
+    return MiniVLM(detector, tasks, get_tokenizer(), ANSWERS).eval()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mf")
+    rng = np.random.default_rng(0)
+    (root / "imgs").mkdir()
+    paths = []
+    for i, size in enumerate([(120, 90), (64, 100), (100, 100)]):
+        p = root / "imgs" / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    (root / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    model = build_model()
+    model.save_pretrained(root / "model")
+    return root, model, paths
+
+
+def outputs(model: MiniVLM, paths) -> dict:
+    with torch.no_grad():
+        return {
+            "features": torch.cat([r.features for r in model.regions(paths)]),
+            "answers": model.answer_scores(paths, ["what color is it?", "is there a star?", "how many?"], top_k=2),
+            "verify": model.verify_proba(paths[:2], paths[1:], ["the left image has a red circle"] * 2),
+            "rank": model.rank(paths, ["a red circle", "two stars", "a square"]),
+            "caption": model.caption(paths[:2]),
+        }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert torch.equal(a["features"], b["features"]) and torch.equal(a["rank"], b["rank"])
+    assert a["answers"] == b["answers"] and a["verify"] == b["verify"] and a["caption"] == b["caption"]
+
+
+def test_round_trip_gives_identical_outputs_without_unpickling(env, monkeypatch):
+    root, model, paths = env
+    names = sorted(p.name for p in (root / "model").iterdir())
+    assert names == ["answers.txt", "attributes.txt", "caption.safetensors", "config.json", "detector.safetensors",
+                     "nlvr2.safetensors", "retrieval.safetensors", "tags.txt", "vocab.txt", "vqa.safetensors"]
+    before = outputs(model, paths)
+
+    def refuse(*a, **k):
+        raise AssertionError("loading a model folder must not unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    loaded = MiniVLM.from_pretrained(root / "model")
+    assert set(loaded.tasks) == {"caption", "vqa", "nlvr2", "retrieval"} and loaded.answers == ANSWERS
+    assert_same(before, outputs(loaded, paths))
+    config = read_json(root / "model" / "config.json")
+    assert config["versions"]["minivlm"] and config["detector"]["config"]["region_dim"] == 16
+    assert config["tasks"]["vqa"]["bert"]["hidden_size"] == 32
+
+
+def test_api_shapes_and_behaviour(env):
+    root, model, paths = env
+    from PIL import Image as PILImage
+
+    pil = [PILImage.open(p) for p in paths]
+    assert torch.equal(model.rank(pil, ["a"]), model.rank(paths, ["a"]))  # PIL images and paths agree
+    scores = model.rank(paths, ["a red circle", "two stars"])
+    assert scores.shape == (3, 2)
+    top = model.retrieve(paths, "two stars", top_k=2)
+    assert [i for i, _ in top] == torch.argsort(scores[:, 1], descending=True)[:2].tolist()
+    one_image = model.answer(paths[0], ["what color?", "is it big?"])  # one image, several questions
+    assert len(one_image) == 2 and all(a in ANSWERS for a in one_image)
+    assert model.verify(paths[0], paths[1], "a statement") in ([True], [False])
+    regions = model.regions(paths)
+    assert model.answer(regions[:1], "what color?") == model.answer(paths[:1], "what color?")  # Regions pass through
+    with pytest.raises(MiniVLMError, match="2 images for 3 questions"):
+        model.answer(paths[:2], ["a", "b", "c"])
+    partial = MiniVLM(model.detector, {"vqa": model.tasks["vqa"]}, model.tokenizer, ANSWERS)
+    with pytest.raises(MiniVLMError, match="no caption transformer"):
+        partial.caption(paths[:1])
+
+
+def _copy(root, name: str):
+    dst = root / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(root / "model", dst)
+    return dst
+
+
+def test_missing_files_fail_clearly(env):
+    root, _, _ = env
+    for missing in ("nlvr2.safetensors", "tags.txt", "vocab.txt", "detector.safetensors", "config.json"):
+        broken = _copy(root, "broken")
+        (broken / missing).unlink()
+        with pytest.raises(DataFormatError, match=missing.replace(".", r"\.")):
+            MiniVLM.from_pretrained(broken)
+    broken = _copy(root, "broken")
+    (broken / "vqa.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataFormatError, match="vqa.safetensors"):
+        MiniVLM.from_pretrained(broken)
+    with pytest.raises(DataFormatError, match="not found"):
+        MiniVLM.from_pretrained(root / "nowhere")
+
+
+def test_region_dim_mismatch_is_refused(env):
+    root, model, _ = env
+    broken = _copy(root, "wide")
+    config = read_json(broken / "config.json")
+    config["tasks"]["vqa"]["bert"]["region_dim"] = 2048  # e.g. a transformer trained on VinVL features
+    write_json(broken / "config.json", config)
+    with pytest.raises(MiniVLMError, match=r"2048-d.*16-d|16-d.*2048-d"):
+        MiniVLM.from_pretrained(broken)
+    wide = build_task_model("nlvr2", dataclasses.replace(BERT, region_dim=2048))
+    with pytest.raises(MiniVLMError, match="region"):
+        MiniVLM(model.detector, {"nlvr2": wide})
+    # weights that do not fit their config name the file
+    broken = _copy(root, "shape")
+    config = read_json(broken / "config.json")
+    config["tasks"]["retrieval"]["bert"]["intermediate_size"] = 48
+    write_json(broken / "config.json", config)
+    with pytest.raises(DataFormatError, match="retrieval.safetensors.*intermediate|ffn_in"):
+        MiniVLM.from_pretrained(broken)
+
+
+def test_assemble_from_detector_and_finetune_folders(env):
+    from minivlm.vision.tee import save_detector
+
+    root, model, paths = env
+    save_detector(model.detector, root / "det")
+    folders = {}
+    for task, m in model.tasks.items():
+        folder = root / f"ft_{task}"
+        save_weights(m.state_dict(), folder / "model.safetensors")  # what `minivlm finetune` leaves
+        write_task_config(folder, task, m.cfg)
+        shutil.copyfile(model.tokenizer.vocab_path, folder / "vocab.txt")
+        if task == "vqa":
+            write_lines(folder / "answers.txt", ANSWERS)
+        folders[task] = folder
+    assembled = MiniVLM.assemble(root / "det", folders)
+    assert_same(outputs(model, paths), outputs(assembled, paths))
+    with pytest.raises(MiniVLMError, match="holds a fine-tuned vqa model"):
+        MiniVLM.assemble(root / "det", {"nlvr2": folders["vqa"]})
+    wide = dataclasses.replace(BERT, region_dim=2048)
+    write_task_config(root / "ft_nlvr2", "nlvr2", wide)
+    with pytest.raises(MiniVLMError, match="2048"):
+        MiniVLM.assemble(root / "det", {"nlvr2": root / "ft_nlvr2"})
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from minivlm.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_commands_print_json(env, capsys):
+    root, model, paths = env
+    m = root / "model"
+    rc, out, _ = _cli(capsys, "caption", m, *paths[:2], "--json")
+    assert rc == 0 and [d["caption"] for d in json.loads(out)] == model.caption(paths[:2])
+    rc, out, _ = _cli(capsys, "vqa", m, paths[0], "what color is it?", "how many?", "--json", "--top", "3")
+    doc = json.loads(out)
+    assert rc == 0 and len(doc) == 2 and len(doc[0]["top"]) == 3
+    assert doc[0]["answer"] == model.answer(paths[0], "what color is it?")[0]
+    rc, out, _ = _cli(capsys, "nlvr2", m, paths[0], paths[1], "both images have a star", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["prediction"] == (doc["probability"] > 0.5)
+    rc, out, _ = _cli(capsys, "retrieve", m, "--images", root / "imgs", "--query", "a red circle", "--top", "2", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["n_images"] == 3 and [r["rank"] for r in doc["results"]] == [1, 2]
+    rc, out, _ = _cli(capsys, "vqa", m, paths[0], "what color is it?")
+    assert rc == 0 and out.startswith("what color is it?\t")
+
+
+def test_commands_fail_cleanly_on_bad_input(env, capsys):
+    root, _, paths = env
+    m = root / "model"
+    for argv in (("caption", m, paths[0], root / "bad.jpg"), ("vqa", m, root / "bad.jpg", "what?", "--json"),
+                 ("nlvr2", m, root / "missing.png", paths[0], "a statement")):
+        rc, out, err = _cli(capsys, *argv)
+        assert rc == 1 and "Traceback" not in err and out == ""
+        assert ("bad.jpg" in err or "missing.png" in err) and "error" in err
+    rc, _, err = _cli(capsys, "caption", root / "no_model", paths[0])
+    assert rc == 1 and "no_model" in err and "Traceback" not in err
+    rc, _, err = _cli(capsys, "retrieve", m, "--images", root / "nowhere", "--query", "x")
+    assert rc == 1 and "nowhere" in err
