@@ -309,3 +309,16 @@ def test_finetune_refuses_features_of_another_width(tiny_world, capsys):
                str(tiny_world / "out_wide"), "--steps", "1"])
     err = capsys.readouterr().err
     assert rc == 1 and "2048" in err and "16" in err and "Traceback" not in err
+
+
+def test_finetune_caption_through_the_caption_trainer(tiny_world):
+    from minivlm.eval.caption_metrics import read_caption_results
+    from minivlm.model import load_task_folder
+
+    rc, m = _finetune(tiny_world, "caption", "--max-eval", "2")
+    out = tiny_world / "out_caption"
+    assert rc == 0 and set(m["eval"]) == {"val", "test"}
+    assert {"CIDEr", "Bleu_4"} <= set(m["eval"]["val"]["model"]) and "CIDEr" in m["eval"]["val"]["baseline_most_common_caption"]
+    assert len(read_caption_results(out / "results_val.json")) == 2
+    info, model = load_task_folder(out)  # the task folder that `MiniVLM.assemble` takes
+    assert info.task == "caption" and model.cfg.hidden_size == TINY.hidden_size

@@ -448,8 +448,9 @@ def finetune_caption(setup: FinetuneSetup) -> dict:
         refs = {k: refs[k] for k in keys}
         entry: dict[str, Any] = {}
         for name, res in (("model", rows), ("baseline_most_common_caption", {k: common for k in keys})):
+            meteor = name == "model"  # METEOR (java) for the model's captions only: the baseline compares on CIDEr
             try:
-                entry[name] = score_captions(res, refs, meteor=False, spice=False)
+                entry[name] = score_captions(res, refs, meteor=meteor, spice=False)
             except JavaError:  # no java for the PTB tokenizer: score on a plain lower-cased split instead
                 entry[name] = {**score_captions(res, refs, tokenizer="simple", meteor=False, spice=False),
                                "tokenizer": "simple"}
