@@ -243,8 +243,7 @@ def tiny_world(tmp_path_factory):
         for split in w.splits("nlvr2"):
             for e in w.nlvr2(split):
                 for j, name in enumerate((e.left_image, e.right_image)):
-                    if name not in wr.done_keys():
-                        wr.add(name, store_regions(len(name) + j, names, j))
+                    wr.add(f"{split}/{name}", store_regions(len(name) + j, names, j))  # as `extract --images`
     torch.manual_seed(0)
     save_model_folder(root / "pre", PretrainModel(TINY), TINY)
     return root
@@ -285,8 +284,12 @@ def test_finetune_nlvr2_and_retrieval(tiny_world):
     from minivlm.eval.nlvr2 import read_nlvr2_results
     from minivlm.eval.retrieval import read_retrieval_results
 
+    from minivlm.data.world import World
+
     rc, m = _finetune(tiny_world, "nlvr2")
     assert rc == 0 and set(m["eval"]) == {"dev", "test1"} and m["eval"]["dev"]["chance"] == 50.0
+    # every example found its two images, though the store keys them by path ("train/train-0-0-img0.png")
+    assert m["n_train"] == len(World(tiny_world / "world").nlvr2("train"))
     assert len(read_nlvr2_results(tiny_world / "out_nlvr2" / "results_dev.json")) == m["eval"]["dev"]["n_examples"]
     rc, m = _finetune(tiny_world, "retrieval", "--negatives", "2")
     assert rc == 0 and list(m["eval"]) == ["test"]

@@ -1,9 +1,11 @@
 """What the four fine-tuning tasks share: finding an image's regions in a feature store, choosing splits,
 building the task transformer's config and initialising it from a pre-trained folder, and batching.
 
-Feature-store keys: COCO images are stored under their integer image id, NLVR2 images under their file
-name ("dev-850-0-img0.png"); `get_regions` also tries the other spelling of an id ("42" / 42) and the file
-name without its extension, so a store written by another tool (e.g. an Oscar TSV import) still works.
+Feature-store keys: COCO images are stored under their integer image id, NLVR2 images under their path
+relative to the image folder given to `minivlm extract` ("dev/dev-850-0-img0.png") or their file name.
+Lookups also try the other spelling of an id ("42" / 42), the file name without its extension and (with
+`KeyResolver`) the file name inside a relative path, so stores written by other tools (e.g. an Oscar TSV
+import) still work.
 """
 
 from __future__ import annotations
@@ -53,6 +55,28 @@ def find_key(store: RegionSource, key: Key) -> Key | None:
         if k in store:
             return k
     return None
+
+
+class KeyResolver:
+    """Finds an image's key in a store: as given, spelled the other way, or by file name when the store is
+    keyed by paths relative to an image folder (`minivlm extract --images nlvr2/images` keys the NLVR2
+    image "dev-850-0-img0.png" as "dev/dev-850-0-img0.png"; real NLVR2 train images sit one folder deeper)."""
+
+    def __init__(self, store: RegionSource):
+        self.store = store
+        self._by_name: dict[str, Key] | None = None
+
+    def __call__(self, key: Key) -> Key | None:
+        found = find_key(self.store, key)
+        if found is not None or not isinstance(key, str):
+            return found
+        if self._by_name is None:
+            self._by_name = {}
+            for k in (self.store.keys() if hasattr(self.store, "keys") else []):
+                if isinstance(k, str):
+                    self._by_name.setdefault(Path(k).name, k)
+                    self._by_name.setdefault(Path(k).stem, k)
+        return self._by_name.get(Path(key).name, self._by_name.get(Path(key).stem))
 
 
 def get_regions(store: RegionSource, key: Key) -> Regions:

@@ -201,8 +201,8 @@ def finetune_vqa(setup: FinetuneSetup) -> dict:
         scored = [q for q in qs if q.question_id in kept and q.answers]
         if not scored:
             return results, None, scored
-        acc = vqa_accuracy({r["question_id"]: r["answer"] for r in results if r["question_id"] in
-                            {q.question_id for q in scored}}, scored)
+        scored_ids = {q.question_id for q in scored}
+        acc = vqa_accuracy({r["question_id"]: r["answer"] for r in results if r["question_id"] in scored_ids}, scored)
         return results, acc, scored
 
     periodic = eval_splits[0] if eval_splits else None

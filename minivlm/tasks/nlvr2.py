@@ -28,7 +28,7 @@ from minivlm.fusion.heads import ClassifierHead, Pooler
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
-from minivlm.tasks.data import RegionSource, chunks, find_key, get_regions, model_device
+from minivlm.tasks.data import KeyResolver, RegionSource, chunks, get_regions, model_device
 from minivlm.text.tokenizer import Tokenizer
 
 
@@ -44,8 +44,9 @@ class NLVR2Pair:
 def make_pairs(examples: Sequence[NLVR2Example], store: RegionSource) -> tuple[list[NLVR2Pair], int]:
     """Pairs whose two images are in `store`; returns (pairs, number skipped for lack of features)."""
     out, missing = [], 0
+    resolve = KeyResolver(store)
     for e in examples:
-        left, right = find_key(store, e.left_image), find_key(store, e.right_image)
+        left, right = resolve(e.left_image), resolve(e.right_image)
         if left is None or right is None:
             missing += 1
             continue
