@@ -1,0 +1,181 @@
+"""`minivlm demo`: the whole paper on the synthetic world, from nothing to `report.html`.
+
+    make-data -> train-detector -> extract -> pretrain (MLM + ITM) -> finetune caption / vqa / nlvr2 /
+    retrieval -> one model folder -> evaluate -> report.html + metrics.json
+
+Each stage is the same `minivlm` command a user would type (run in-process through `cli.invoke`), writes
+into its own sub-folder, and leaves a `DONE.json` marker when complete. A rerun skips finished stages, and
+a stage that was interrupted resumes from its last checkpoint (every trainer and the feature store are
+resumable), so `minivlm demo` can be killed and restarted at any point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from minivlm.cli import invoke
+from minivlm.errors import MiniVLMError
+from minivlm.io import read_json, write_json
+
+TASKS = ("caption", "vqa", "nlvr2", "retrieval")
+
+
+@dataclass
+class DemoSize:
+    """How big each stage is. `default` fits ~15 minutes on a 2-core CPU; `quick` is CI-sized."""
+
+    images: int
+    unlabeled: int
+    nlvr2_pairs: int
+    detector_preset: str
+    detector_image_size: int
+    detector_epochs: int
+    detector_batch: int
+    detector_lr: float
+    bert_preset: str
+    pretrain_epochs: int
+    pretrain_batch: int
+    task_epochs: dict[str, int]
+    task_batch: int
+    scst_steps: int
+    report_images: int = 8
+
+
+SIZES: dict[str, DemoSize] = {
+    "quick": DemoSize(images=48, unlabeled=0, nlvr2_pairs=24, detector_preset="tee-demo", detector_image_size=192,
+                      detector_epochs=2, detector_batch=8, detector_lr=0.05, bert_preset="bert-demo",
+                      pretrain_epochs=1, pretrain_batch=16,
+                      task_epochs={"caption": 2, "vqa": 2, "nlvr2": 2, "retrieval": 1}, task_batch=16,
+                      scst_steps=0, report_images=4),
+    "default": DemoSize(images=800, unlabeled=0, nlvr2_pairs=300, detector_preset="tee-demo",
+                        detector_image_size=320, detector_epochs=12, detector_batch=16, detector_lr=0.08,
+                        bert_preset="bert-demo", pretrain_epochs=4, pretrain_batch=32,
+                        task_epochs={"caption": 8, "vqa": 8, "nlvr2": 8, "retrieval": 3}, task_batch=32,
+                        scst_steps=0),
+    # The paper's shapes (TEE-0 + MiniLM 12/384/1536) on the same world: the point is the architecture,
+    # not the scale; see the README for how long it takes here.
+    "paper": DemoSize(images=800, unlabeled=0, nlvr2_pairs=300, detector_preset="tee0", detector_image_size=320,
+                      detector_epochs=12, detector_batch=16, detector_lr=0.08, bert_preset="minilm",
+                      pretrain_epochs=4, pretrain_batch=32,
+                      task_epochs={"caption": 8, "vqa": 8, "nlvr2": 8, "retrieval": 3}, task_batch=32,
+                      scst_steps=0),
+}
+
+
+class Demo:
+    def __init__(self, out: Path, size: DemoSize, seed: int = 0, say: Callable[[str], None] = print):
+        self.out, self.size, self.seed, self.say = out, size, seed, say
+        self.world = out / "world"
+        self.detector = out / "detector"
+        self.features = out / "features"
+        self.nlvr2_features = out / "features_nlvr2"
+        self.pretrain = out / "pretrain"
+        self.model = out / "model"
+
+    # -- stage bookkeeping --------------------------------------------------------------------------
+    def stage(self, name: str, folder: Path, fn: Callable[[], dict | None]) -> dict:
+        marker = folder / "DONE.json"
+        if marker.is_file():
+            self.say(f"[demo] {name}: done already ({marker}), skipping")
+            return read_json(marker)
+        self.say(f"[demo] {name} ...")
+        t0 = time.time()
+        info = fn() or {}
+        info = {"stage": name, "seconds": round(time.time() - t0, 1), **info}
+        write_json(marker, info, indent=1)
+        self.say(f"[demo] {name}: finished in {info['seconds']:.0f} s")
+        return info
+
+    # -- stages -------------------------------------------------------------------------------------
+    def make_data(self) -> dict:
+        s = self.size
+        invoke("make-data", self.world, "--images", s.images, "--seed", self.seed, "--unlabeled", s.unlabeled,
+               "--nlvr2-pairs", s.nlvr2_pairs)
+        return read_json(self.world / "world.json")
+
+    def train_detector(self) -> dict:
+        s = self.size
+        invoke("train-detector", "--data", self.world, "--out", self.detector, "--preset", s.detector_preset,
+               "--image-size", s.detector_image_size, "--epochs", s.detector_epochs, "--batch-size",
+               s.detector_batch, "--lr", s.detector_lr, "--seed", self.seed, "--eval-split", "test")
+        return _maybe_json(self.detector / "metrics.json")
+
+    def extract(self) -> dict:
+        invoke("extract", "--detector", self.detector, "--data", self.world, "--out", self.features)
+        invoke("extract", "--detector", self.detector, "--images", self.world / "nlvr2" / "images",
+               "--out", self.nlvr2_features)
+        return {}
+
+    def pretrain_stage(self) -> dict:
+        s = self.size
+        invoke("pretrain", "--data", self.world, "--features", self.features, "--out", self.pretrain,
+               "--preset", s.bert_preset, "--epochs", s.pretrain_epochs, "--batch-size", s.pretrain_batch,
+               "--seed", self.seed, "--tags", "store")
+        return _maybe_json(self.pretrain / "metrics.json")
+
+    def finetune(self, task: str) -> dict:
+        s = self.size
+        args = ["--task", task, "--data", self.world, "--features", self.features, "--out", self.out / task,
+                "--pretrained", self.pretrain / "model", "--preset", s.bert_preset, "--epochs",
+                s.task_epochs[task], "--batch-size", s.task_batch, "--seed", self.seed]
+        if task == "nlvr2":
+            args += ["--nlvr2-features", self.nlvr2_features]
+        invoke("finetune", *args)
+        return read_json(self.out / task / "metrics.json")
+
+    def assemble(self) -> dict:
+        from minivlm.model import MiniVLM
+
+        model = MiniVLM.assemble(self.detector, {t: self.out / t for t in TASKS})
+        model.save_pretrained(self.model)
+        return {"tasks": list(TASKS)}
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "demo_config.json", {"seed": self.seed, **dataclasses.asdict(self.size)}, indent=1)
+        stages = {
+            "data": self.stage("make-data", self.world, self.make_data),
+            "detector": self.stage("train-detector", self.detector, self.train_detector),
+            "features": self.stage("extract", self.features, self.extract),
+            "pretrain": self.stage("pretrain", self.pretrain, self.pretrain_stage),
+        }
+        for task in TASKS:
+            stages[task] = self.stage(f"finetune {task}", self.out / task, lambda t=task: self.finetune(t))
+        stages["model"] = self.stage("model folder", self.model, self.assemble)
+        from minivlm.demo_report import write_report
+
+        metrics = self.stage("report", self.out / "report", lambda: write_report(self, stages))
+        return metrics
+
+
+def _maybe_json(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    parser.add_argument("--size", choices=list(SIZES), default="default",
+                        help="default: demo presets, ~15 min on 2 CPU cores; quick: toy size for CI; "
+                             "paper: TEE-0 + MiniLM shapes")
+    parser.add_argument("--quick", action="store_true", help="same as --size quick")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES["quick" if args.quick else args.size]
+    t0 = time.time()
+    Demo(args.out, size, args.seed).run()
+    print(f"[demo] all stages done in {time.time() - t0:.0f} s; open {args.out / 'report.html'}")
+    return 0
