@@ -118,7 +118,7 @@ class Demo:
         invoke("pretrain", "--data", self.world, "--features", self.features, "--out", self.pretrain,
                "--preset", s.bert_preset, "--epochs", s.pretrain_epochs, "--batch-size", s.pretrain_batch,
                "--seed", self.seed, "--tags", "store")
-        return _maybe_json(self.pretrain / "metrics.json")
+        return _maybe_json(self.pretrain / "result.json")
 
     def finetune(self, task: str) -> dict:
         s = self.size

@@ -24,14 +24,14 @@ if TYPE_CHECKING:
 def summary_metrics(stages: dict[str, dict]) -> dict[str, Any]:
     """The headline numbers of every stage, flat, with the baselines they must beat."""
     out: dict[str, Any] = {}
-    det = stages.get("detector", {})
+    det = stages.get("detector", {}).get("eval") or {}
     for key in ("map50", "map"):
         if key in det:
             out[f"detector_{key}"] = det[key]
-    pre = stages.get("pretrain", {})
-    for key, value in (pre.get("eval") or pre).items():
-        if isinstance(value, (int, float)) and ("acc" in key or "loss" in key):
-            out[f"pretrain_{key}"] = value
+    pre = stages.get("pretrain", {}).get("eval") or {}
+    for key in ("mlm_acc", "itm_acc"):
+        if key in pre:
+            out[f"pretrain_heldout_{key}"] = pre[key]
     for task in ("caption", "vqa", "nlvr2", "retrieval"):
         evals = (stages.get(task) or {}).get("eval") or {}
         split = "test" if "test" in evals else ("test1" if "test1" in evals else next(iter(evals), None))
@@ -39,11 +39,17 @@ def summary_metrics(stages: dict[str, dict]) -> dict[str, Any]:
             continue
         e = evals[split]
         if task == "caption":
-            for k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"):
-                if k in e:
-                    out[f"caption_{k}"] = e[k]
-            if e.get("SPICE") is None and e.get("SPICE_unavailable"):
-                out["caption_SPICE_unavailable"] = e["SPICE_unavailable"]
+            from minivlm.eval.caption_metrics import spice_unavailable_reason
+
+            model, base = e.get("model") or {}, e.get("baseline_most_common_caption") or {}
+            for k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+                if k in model:
+                    out[f"caption_{k}"] = model[k]
+            if "CIDEr" in base:
+                out["caption_baseline_most_common_caption_CIDEr"] = base["CIDEr"]
+            out["caption_SPICE"] = model.get("SPICE")
+            if model.get("SPICE") is None:
+                out["caption_SPICE_unavailable"] = spice_unavailable_reason() or model.get("SPICE_unavailable")
         elif task == "vqa":
             out["vqa_accuracy"] = e.get("accuracy")
             out["vqa_baseline_most_frequent"] = (e.get("baseline_most_frequent") or {}).get("accuracy")
@@ -69,12 +75,10 @@ def _curves(demo: "Demo", pics: Path) -> list[str]:
         log = [e for e in read_log(folder / "log.jsonl") if "loss" in e]
         if not log:
             continue
-        series = {"loss": [(e["step"], e["loss"]) for e in log]}
-        for key in ("mlm_acc", "itm_acc", "acc"):
-            if key in log[-1]:
-                series[key] = [(e["step"], e[key]) for e in log if key in e]
-        path = plot_curves(series, pics / f"curve_{name}.png", title=name, ylabel="loss / accuracy")
-        blocks.append(f'<img src="{esc(path.relative_to(demo.out))}" style="width:380px">')
+        losses = {k: [(e["step"], e[k]) for e in log if k in e] for k in log[-1] if k.endswith("loss")}
+        accs = {k: [(e["step"], e[k]) for e in log if k in e] for k in log[-1] if k.endswith("acc")}
+        path = plot_curves(losses, pics / f"curve_{name}.png", title=name, metrics=accs)
+        blocks.append(f'<img src="{esc(path.relative_to(demo.out))}" style="max-width:560px">')
     return blocks
 
 
@@ -97,7 +101,8 @@ def write_report(demo: "Demo", stages: dict[str, dict]) -> dict:
                     f"{demo.size.images} images; every picture below was produced from raw image files by "
                     f"the model folder {demo.model.name}/")
 
-    rows = [{"metric": k, "value": v} for k, v in metrics.items() if not isinstance(v, (dict, str))]
+    rows = [{"metric": k, "value": esc(v) if isinstance(v, str) else v} for k, v in metrics.items()
+            if not isinstance(v, dict) and not k.endswith("_split")]
     report.section("Metrics (held-out split)", table(rows))
 
     test = world.instances("test")

@@ -85,25 +85,27 @@ class Report:
         return Path(path)
 
 
-def plot_curves(series: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "",
-                ylabel: str = "loss") -> Path:
-    """One line per named series of (step, value) points, written as a PNG."""
+def plot_curves(losses: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "",
+                metrics: dict[str, list[tuple[int, float]]] | None = None) -> Path:
+    """Training curves as a PNG: losses on the left, accuracies (0..1 or %) on the right if given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=110)
-    for name, points in series.items():
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=name, linewidth=1.4)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    panels = [("loss", losses)] + ([("accuracy", metrics)] if metrics else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0), dpi=110, squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for name, points in series.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, label=name, linewidth=1.4, marker="." if len(xs) < 12 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

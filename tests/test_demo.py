@@ -1,0 +1,45 @@
+"""The main job at toy size (CI runs it as a test): every stage, the report, and resuming."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minivlm.demo import TASKS
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    r = subprocess.run([sys.executable, "-m", "minivlm.cli", "demo", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, r
+
+
+def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
+    out, _ = quick_demo
+    for stage in ("world", "detector", "features", "pretrain", *TASKS, "model", "report"):
+        assert (out / stage / "DONE.json").is_file(), stage
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("detector_map50", "pretrain_heldout_mlm_acc", "caption_CIDEr", "vqa_accuracy",
+                "nlvr2_accuracy", "retrieval_TR@1"):
+        assert isinstance(metrics[key], (int, float)), key
+    # SPICE is never a made-up number: either a score or the reason it is missing.
+    assert metrics["caption_SPICE"] is not None or "SPICE" in metrics["caption_SPICE_unavailable"]
+    html = (out / "report.html").read_text()
+    for section in ("Detections", "VQA", "NLVR2", "Image retrieval", "Training curves", "Cost"):
+        assert section in html
+    for src in [s.split('"')[0] for s in html.split('src="')[1:]]:
+        assert (out / src).is_file(), src
+    model = out / "model"
+    assert (model / "config.json").is_file() and list(model.glob("*.safetensors"))
+
+
+def test_rerun_skips_finished_stages(quick_demo):
+    out, _ = quick_demo
+    r = subprocess.run([sys.executable, "-m", "minivlm.cli", "demo", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("skipping") == 2 + 4 + len(TASKS) + 1
