@@ -42,4 +42,4 @@ def test_rerun_skips_finished_stages(quick_demo):
     r = subprocess.run([sys.executable, "-m", "minivlm.cli", "demo", "--quick", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.count("skipping") == 2 + 4 + len(TASKS) + 1
+    assert r.stdout.count("skipping") == 4 + len(TASKS) + 2  # data, detector, features, pretrain; tasks; model, report

@@ -167,7 +167,7 @@ def test_itm_pollution(tok):
             text_swaps += 1
             assert it.text == examples[it.text_image[1]].text and it.text != own.text and it.tags == own.tags
         else:
-            assert it.tags == examples[it.tags_image[1]].tags and it.tags != own.tags and it.text == own.text
+            assert it.tags == examples[it.tags_image[1]].tags and set(it.tags) - set(own.tags) and it.text == own.text
     assert abs(text_swaps / len(polluted) - 0.5) < 0.06
     batch = PretrainCollator(tok, TINY)(items[:32], g)
     assert batch.itm_labels.tolist() == [it.polluted for it in items[:32]]

@@ -125,7 +125,8 @@ class PretrainDataset(Dataset):
         if float(torch.rand((), generator=generator)) < self.task.itm_pollute_prob:
             other = None
             if ex.tags and float(torch.rand((), generator=generator)) >= self.task.pollute_caption_frac:
-                other = self._other(me, generator, lambda e: e.tags and e.tags != ex.tags)
+                # the other tags must name something this image lacks, or the "polluted" pair is true
+                other = self._other(me, generator, lambda e: bool(set(e.tags) - set(ex.tags)))
                 if other is not None:
                     tags, tags_image, polluted = other.tags, (other.source, other.image_key), 1
             if other is None:

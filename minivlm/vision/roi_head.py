@@ -123,7 +123,9 @@ class RoIHead(nn.Module):
         else:
             losses["attr"] = feat.sum() * 0.0
         with torch.no_grad():
-            losses["cls_acc"] = (cls_logits.argmax(1) == labels).float().mean()
+            hit = cls_logits.argmax(1) == labels
+            losses["cls_acc"] = hit.float().mean()
+            losses["fg_acc"] = hit[fg].float().mean() if fg.any() else hit.new_zeros((), dtype=torch.float)
         return losses
 
     @torch.no_grad()
