@@ -118,14 +118,20 @@ def build_corpus(world: World, split: str, store: RegionSource, tag_source: str 
 
 
 def pseudo_caption_corpus(captions_json: str | Path, store: RegionSource, tag_source: str = "store",
-                          max_regions: int = 50, source: int = 1) -> tuple[list[PretrainExample], int]:
-    """A teacher's pseudo-captions (COCO captions format) over images of `store`."""
+                          max_regions: int = 50, source: int = 1, tag_store: RegionSource | None = None
+                          ) -> tuple[list[PretrainExample], int]:
+    """A teacher's pseudo-captions (COCO captions format) over images of `store`. An image is found in
+    the store by its id, or else by its `file_name` (the key `extract --images DIR` gives, which is what
+    `minivlm distill` writes). Tags come from `tag_store` (e.g. a stronger tagger's store) or `store`."""
     caps = read_coco_captions(captions_json)
+    tag_store = tag_store if tag_store is not None else store
     examples, skipped = [], 0
     for iid, texts in caps.captions.items():
-        if iid not in store:
+        info = caps.images.get(iid)
+        key = iid if iid in store else (info.file_name if info is not None and info.file_name in store else None)
+        if key is None:
             skipped += len(texts)
             continue
-        tags = store_tags(store, iid, max_regions) if tag_source != "none" else []
-        examples += [PretrainExample(iid, source, t, tags, "pseudo") for t in texts]
+        tags = store_tags(tag_store, key, max_regions) if tag_source != "none" else []
+        examples += [PretrainExample(key, source, t, tags, "pseudo") for t in texts]
     return examples, skipped

@@ -232,6 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--no-vqa", action="store_true", help="leave VQA question+answer text out of the corpus")
     d.add_argument("--extra-captions", help="pseudo-captions (COCO captions JSON, e.g. from `minivlm distill`)")
     d.add_argument("--extra-features", help="feature store of the --extra-captions images")
+    d.add_argument("--extra-tag-store", help="store whose predicted tags to use for the --extra-captions images "
+                                             "(e.g. a stronger tagger's; default: --extra-features)")
     m = parser.add_argument_group("model")
     m.add_argument("--preset", default="minilm", choices=list(BERT_PRESETS), help="transformer shape (Table 2)")
     m.add_argument("--init-text", help="text-pretrained BERT/MiniLM folder to start from (default: random)")
@@ -290,8 +292,9 @@ def run(args: argparse.Namespace) -> int:
     if args.extra_captions:
         if not args.extra_features:
             raise MiniVLMError("--extra-captions needs --extra-features (the feature store of those images)")
-        extra, extra_skipped = pseudo_caption_corpus(args.extra_captions, FeatureStore(args.extra_features),
-                                                     "none" if args.tags == "none" else "store", cfg.max_regions)
+        extra, extra_skipped = pseudo_caption_corpus(
+            args.extra_captions, FeatureStore(args.extra_features), "none" if args.tags == "none" else "store",
+            cfg.max_regions, tag_store=FeatureStore(args.extra_tag_store) if args.extra_tag_store else None)
         stores.append(FeatureStore(args.extra_features))
         examples += extra
         say(f"[pretrain] {len(extra)} pseudo-captions from {args.extra_captions} ({extra_skipped} without features)")
