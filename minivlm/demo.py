@@ -69,6 +69,22 @@ SIZES: dict[str, DemoSize] = {
 }
 
 
+def stage(name: str, folder: Path, fn: Callable[[], dict | None], say: Callable[[str], None] = print,
+          prefix: str = "demo") -> dict:
+    """Runs `fn` unless `folder/DONE.json` says it already ran; records what it returned and its time."""
+    marker = folder / "DONE.json"
+    if marker.is_file():
+        say(f"[{prefix}] {name}: done already ({marker}), skipping")
+        return read_json(marker)
+    say(f"[{prefix}] {name} ...")
+    t0 = time.time()
+    info = fn() or {}
+    info = {"stage": name, "seconds": round(time.time() - t0, 1), **info}
+    write_json(marker, info, indent=1)
+    say(f"[{prefix}] {name}: finished in {info['seconds']:.0f} s")
+    return info
+
+
 class Demo:
     def __init__(self, out: Path, size: DemoSize, seed: int = 0, say: Callable[[str], None] = print):
         self.out, self.size, self.seed, self.say = out, size, seed, say
@@ -79,19 +95,8 @@ class Demo:
         self.pretrain = out / "pretrain"
         self.model = out / "model"
 
-    # -- stage bookkeeping --------------------------------------------------------------------------
     def stage(self, name: str, folder: Path, fn: Callable[[], dict | None]) -> dict:
-        marker = folder / "DONE.json"
-        if marker.is_file():
-            self.say(f"[demo] {name}: done already ({marker}), skipping")
-            return read_json(marker)
-        self.say(f"[demo] {name} ...")
-        t0 = time.time()
-        info = fn() or {}
-        info = {"stage": name, "seconds": round(time.time() - t0, 1), **info}
-        write_json(marker, info, indent=1)
-        self.say(f"[demo] {name}: finished in {info['seconds']:.0f} s")
-        return info
+        return stage(name, folder, fn, self.say)
 
     # -- stages -------------------------------------------------------------------------------------
     def make_data(self) -> dict:

@@ -1,0 +1,251 @@
+"""The paper's ablations in miniature, on the synthetic world (Tables 3 and 9, and the large-vs-small claim).
+
+    python benchmarks/ablation.py [--out runs/ablation] [--seeds 0 1] [--quick]
+
+Everything is scaled down to CPU minutes (see SIZES) and run through the same `minivlm` commands a user
+types. Every finished step leaves a DONE.json, so a killed run continues where it stopped.
+
+  Detectors    small   tee-demo trained on the world                               (TEE-0's role)
+               O       tee-demo trained first on a 3x larger, separately generated
+                       detection world, then fine-tuned on the world with --init   (+Objects365 before VG)
+               strong  tee-demo-large (TEE-1's shape) with the same two-step chain (TEE-3's role: tagger)
+  Table 3      baseline / +O / +O+H (strong tags in pre-training) / +O+H+DD (plus unlabeled images
+               pseudo-captioned by a larger teacher), each: pretrain -> finetune caption, VQA.
+  Table 9      tags none / small-TEE / strong-TEE  x  text-pretrained (MiniLM-L6 weights) / random init.
+  Large/small  strong extractor + bert-demo-large  vs  O extractor + bert-demo, trained the same way.
+
+Fine-tuning and inference always use the small extractor's own features and tags; the strong tagger and the
+teacher are used only offline, as in the paper. Prints tables and writes OUT/ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minivlm.cli import invoke  # noqa: E402
+from minivlm.demo import stage  # noqa: E402
+from minivlm.io import read_json, write_json  # noqa: E402
+
+
+@dataclass
+class Size:
+    images: int
+    detection_images: int  # the larger detection set used for the "+O" chain
+    unlabeled: int
+    detector_epochs: int
+    pretrain_epochs: int
+    caption_epochs: int
+    vqa_epochs: int
+    batch: int
+
+
+SIZES = {
+    "quick": Size(images=40, detection_images=60, unlabeled=12, detector_epochs=1, pretrain_epochs=1,
+                  caption_epochs=1, vqa_epochs=1, batch=16),
+    "default": Size(images=240, detection_images=720, unlabeled=240, detector_epochs=8, pretrain_epochs=4,
+                    caption_epochs=6, vqa_epochs=6, batch=32),
+}
+
+
+class Ablation:
+    def __init__(self, out: Path, size: Size, seeds: list[int]):
+        self.out, self.size, self.seeds = out, size, seeds
+        self.world, self.det_world = out / "world", out / "world_detection"
+
+    def step(self, name: str, folder: Path, fn) -> dict:
+        return stage(name, folder, fn, prefix="ablation")
+
+    # -- data and detectors -------------------------------------------------------------------------
+    def data(self) -> None:
+        s = self.size
+        self.step("world", self.world, lambda: invoke("make-data", self.world, "--images", s.images, "--seed", 0,
+                                                      "--unlabeled", s.unlabeled) and None)
+        self.step("detection world", self.det_world,
+                  lambda: invoke("make-data", self.det_world, "--images", s.detection_images, "--seed", 1000) and None)
+
+    def detector(self, name: str, preset: str, chain: bool) -> Path:
+        folder = self.out / f"det_{name}"
+        common = ["--preset", preset, "--epochs", self.size.detector_epochs, "--eval-split", "test"]
+        if chain:
+            pre = self.out / f"det_{name}_pre"
+            self.step(f"detector {name} (larger set first)", pre,
+                      lambda: invoke("train-detector", "--data", self.det_world, "--out", pre, *common) and None)
+            self.step(f"detector {name}", folder, lambda: _detector_metrics(
+                invoke("train-detector", "--data", self.world, "--out", folder, "--init", pre, *common), folder))
+        else:
+            self.step(f"detector {name}", folder, lambda: _detector_metrics(
+                invoke("train-detector", "--data", self.world, "--out", folder, *common), folder))
+        return folder
+
+    def features(self, det: Path, name: str, images: Path | None = None) -> Path:
+        store = self.out / f"features_{name}"
+        src = ["--images", images] if images else ["--data", self.world]
+        self.step(f"extract {name}", store, lambda: invoke("extract", "--detector", det, *src, "--out", store) and None)
+        return store
+
+    # -- one transformer run: pretrain -> caption + VQA -------------------------------------------------
+    def run(self, name: str, seed: int, features: Path, preset: str = "bert-demo", tags: str = "store",
+            tag_store: Path | None = None, init_text: Path | None = None, extra: list | None = None) -> dict:
+        root = self.out / "runs" / f"{name}-s{seed}"
+        pre = root / "pretrain"
+        args = ["--data", self.world, "--features", features, "--out", pre, "--preset", preset, "--epochs",
+                self.size.pretrain_epochs, "--batch-size", self.size.batch, "--seed", seed, "--tags", tags]
+        if tag_store:
+            args += ["--tag-store", tag_store]
+        if init_text:
+            args += ["--init-text", init_text]
+        self.step(f"{name} seed {seed}: pretrain", pre, lambda: invoke("pretrain", *args, *(extra or [])) and None)
+        result = {}
+        for task, epochs in (("caption", self.size.caption_epochs), ("vqa", self.size.vqa_epochs)):
+            ft = root / task
+            info = self.step(f"{name} seed {seed}: {task}", ft, lambda t=task, ft=ft, e=epochs: _task_metric(
+                invoke("finetune", "--task", t, "--data", self.world, "--features", features, "--out", ft,
+                       "--pretrained", pre / "model", "--preset", preset, "--epochs", e, "--batch-size",
+                       self.size.batch, "--seed", seed), ft, t))
+            result.update({k: v for k, v in info.items() if k in ("CIDEr", "vqa_acc", "params_m")})
+        return result
+
+    def repeat(self, name: str, **kw) -> dict:
+        runs = [self.run(name, seed, **kw) for seed in self.seeds]
+        return {"runs": runs, **{k: _mean_std([r[k] for r in runs]) for k in ("CIDEr", "vqa_acc")}}
+
+    # -- the tables -------------------------------------------------------------------------------------
+    def all(self) -> dict:
+        t0 = time.time()
+        self.data()
+        det_small = self.detector("small", "tee-demo", chain=False)
+        det_o = self.detector("O", "tee-demo", chain=True)
+        det_strong = self.detector("strong", "tee-demo-large", chain=True)
+        f_small, f_o, f_strong = (self.features(d, n) for d, n in
+                                  ((det_small, "small"), (det_o, "O"), (det_strong, "strong")))
+        detectors = {n: read_json(self.out / f"det_{n}" / "DONE.json").get("map50") for n in ("small", "O", "strong")}
+
+        # Large model (also the data-distillation teacher): strong extractor + larger transformer.
+        large = self.repeat("large", features=f_strong, preset="bert-demo-large")
+        teacher = self.out / "teacher"
+        first = self.out / "runs" / f"large-s{self.seeds[0]}"
+        self.step("teacher model folder", teacher, lambda: _assemble(det_strong, first / "caption", teacher))
+        pseudo = self.out / "pseudo_captions.json"
+        self.step("distill", self.out / "distill", lambda: invoke(
+            "distill", "--teacher", teacher, "--images", self.world / "unlabeled", "--out", pseudo) and None)
+        unl_o = self.features(det_o, "unlabeled_O", self.world / "unlabeled")
+        unl_strong = self.features(det_strong, "unlabeled_strong", self.world / "unlabeled")
+
+        table3 = {
+            "baseline": self.repeat("baseline", features=f_small),
+            "+O": self.repeat("O", features=f_o),
+            "+O+H": self.repeat("O_H", features=f_o, tag_store=f_strong),
+            "+O+H+DD": self.repeat("O_H_DD", features=f_o, tag_store=f_strong, extra=[
+                "--extra-captions", pseudo, "--extra-features", unl_o, "--extra-tag-store", unl_strong]),
+        }
+        from minivlm.text.tokenizer import minilm_checkpoint_path
+
+        table9 = {}
+        for init, init_text in (("text", minilm_checkpoint_path()), ("random", None)):
+            for tags, tag_args in (("no tag", {"tags": "none"}), ("small TEE", {}),
+                                   ("strong TEE", {"tag_store": f_strong})):
+                table9[f"{init} / {tags}"] = self.repeat(f"t9_{init}_{tags.split()[0]}", features=f_o,
+                                                         preset="minilm-l6", init_text=init_text, **tag_args)
+        small = table3["+O+H"]
+        comparison = _large_vs_small(large, small)
+        report = {"size": asdict(self.size), "seeds": self.seeds, "detector_map50": detectors, "table3": table3,
+                  "table9": table9, "large": large, "large_vs_small": comparison,
+                  "minutes": round((time.time() - t0) / 60, 1)}
+        write_json(self.out / "ablation.json", report, indent=1)
+        print(format_report(report))
+        return report
+
+
+def _detector_metrics(_: int, folder: Path) -> dict:
+    metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
+    return {"map50": (metrics.get("eval") or metrics).get("map50")}
+
+
+def _task_metric(_: int, folder: Path, task: str) -> dict:
+    m = read_json(folder / "metrics.json")
+    e = m["eval"].get("test") or next(iter(m["eval"].values()))
+    params = sum(v for v in [m.get("params_m")] if v)
+    if task == "caption":
+        return {"CIDEr": 100 * e["model"]["CIDEr"], "params_m": params or None}
+    return {"vqa_acc": e["accuracy"]}
+
+
+def _assemble(detector: Path, caption_folder: Path, out: Path) -> dict:
+    from minivlm.model import MiniVLM
+
+    MiniVLM.assemble(detector, {"caption": caption_folder}).save_pretrained(out)
+    return {}
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def _large_vs_small(large: dict, small: dict) -> dict:
+    from minivlm.config import get_bert
+    from minivlm.fusion.cost import fusion_cost
+    from minivlm.vision.cost import tee_cost_rows
+
+    # Counted as `minivlm cost` counts (Visual Genome-sized heads, 300 proposals), at the demo's canvas and
+    # the demo transformer's lengths (20 regions, 24 text tokens).
+    out = {}
+    for name, tee, bert in (("large", "tee-demo-large", "bert-demo-large"), ("small", "tee-demo", "bert-demo")):
+        total = next(r for r in tee_cost_rows(tee) if r.component == "total")
+        cfg = get_bert(bert)
+        params, macs = fusion_cost(cfg, cfg.max_regions, cfg.max_text_len)
+        out[name] = {"extractor": tee, "transformer": bert, "params_m": total.params_m + params / 1e6,
+                     "gflops": total.gflops + macs / 1e9}
+    out["retained_CIDEr_%"] = 100 * small["CIDEr"]["mean"] / max(1e-9, large["CIDEr"]["mean"])
+    out["retained_VQA_%"] = 100 * small["vqa_acc"]["mean"] / max(1e-9, large["vqa_acc"]["mean"])
+    out["params_%"] = 100 * out["small"]["params_m"] / out["large"]["params_m"]
+    out["flops_%"] = 100 * out["small"]["gflops"] / out["large"]["gflops"]
+    return out
+
+
+def _fmt(ms: dict) -> str:
+    return f"{ms['mean']:6.2f} ± {ms['std']:5.2f}"
+
+
+def format_report(r: dict) -> str:
+    lines = [f"detector mAP@0.5 (test): " + ", ".join(f"{k} {v:.3f}" for k, v in r["detector_map50"].items() if v is not None),
+             "", "Table 3 (structure), mean ± std over seeds " + str(r["seeds"]),
+             f"{'row':<12} {'CIDEr':>16} {'VQA acc':>16}"]
+    for name, row in r["table3"].items():
+        lines.append(f"{name:<12} {_fmt(row['CIDEr']):>16} {_fmt(row['vqa_acc']):>16}")
+    lines += ["", "Table 9 (structure): init / tags", f"{'row':<22} {'CIDEr':>16} {'VQA acc':>16}"]
+    for name, row in r["table9"].items():
+        lines.append(f"{name:<22} {_fmt(row['CIDEr']):>16} {_fmt(row['vqa_acc']):>16}")
+    c = r["large_vs_small"]
+    lines += ["", "Large vs small",
+              f"large {c['large']['extractor']} + {c['large']['transformer']}: {c['large']['params_m']:.1f} M params, "
+              f"{c['large']['gflops']:.2f} GFLOPs; CIDEr {_fmt(r['large']['CIDEr'])}, VQA {_fmt(r['large']['vqa_acc'])}",
+              f"small {c['small']['extractor']} + {c['small']['transformer']}: {c['small']['params_m']:.1f} M params, "
+              f"{c['small']['gflops']:.2f} GFLOPs",
+              f"small retains {c['retained_CIDEr_%']:.0f}% CIDEr and {c['retained_VQA_%']:.0f}% VQA accuracy with "
+              f"{c['params_%']:.0f}% of the parameters and {c['flops_%']:.0f}% of the FLOPs"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--quick", action="store_true", help="toy sizes (a smoke test of the whole benchmark)")
+    args = p.parse_args(argv)
+    if len(args.seeds) < 2 and not args.quick:
+        p.error("mean ± std needs at least 2 seeds")
+    Ablation(args.out, SIZES["quick" if args.quick else "default"], args.seeds).all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
