@@ -1,0 +1,114 @@
+"""`minivlm extract`: images -> top-K regions per image (boxes, 1024-d features, tags) in a feature store.
+
+The paper's setting: region features are extracted once, offline, and the transformer trains on them.
+Sources are the splits of a World (keys: COCO image ids) or a folder of images (keys: paths relative to
+the folder). Under torchrun every rank takes its own share of the images (each image exactly once) and
+writes its own shards; a rerun skips the images that complete shards already hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minivlm.data.feature_store import FeatureStoreWriter
+from minivlm.data.world import World
+from minivlm.errors import ImageError, MiniVLMError
+from minivlm.vision.tee import TEE, letterbox, load_detector, pad_to_canvas
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def world_sources(root: str | Path, splits: list[str] | None = None) -> list[tuple[int, Path]]:
+    """(image id, path) for every image of the given COCO splits (default: all), instances or captions."""
+    world = World(root)
+    splits = splits or world.splits()
+    if not splits:
+        raise MiniVLMError(f"{root}: no annotations/instances_*.json or captions_*.json found")
+    out: dict[int, Path] = {}
+    for split in splits:
+        has_inst = world.instances_path(split).is_file()
+        images = (world.instances(split) if has_inst else world.captions(split)).images
+        for iid in sorted(images):
+            out.setdefault(iid, world.image_path(split, images[iid]))
+    return list(out.items())
+
+
+def folder_sources(folder: str | Path) -> list[tuple[str, Path]]:
+    """(relative path, path) for every image file under `folder`, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MiniVLMError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MiniVLMError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [(p.relative_to(folder).as_posix(), p) for p in files]
+
+
+@torch.no_grad()
+def extract_to_store(model: TEE, sources: list[tuple[int | str, Path]], store: str | Path, batch_size: int = 8,
+                     max_regions: int | None = None, shard_size: int = 256, rank: int = 0, world_size: int = 1,
+                     dtype: str = "float16") -> dict:
+    """Writes this rank's share of `sources` into the store; unreadable images are skipped and listed.
+    Returns {"written", "skipped_done", "failed": [(key, reason)]}."""
+    model.eval()
+    device = next(model.parameters()).device
+    cfg = model.cfg
+    meta = {"class_names": model.class_names, "attribute_names": model.attribute_names,
+            "extractor": {"name": cfg.name, "backbone": cfg.backbone, "image_size": cfg.image_size,
+                          "max_regions": max_regions or cfg.max_regions}}
+    paths = dict(sources)
+    written, failed = 0, []
+    with FeatureStoreWriter(store, rank, world_size, shard_size=shard_size, meta=meta, dtype=dtype) as writer:
+        todo = writer.todo([k for k, _ in sources])
+        mine = len([k for i, (k, _) in enumerate(sources) if i % world_size == rank])
+        bar = tqdm(total=len(todo), desc=f"extract r{rank}", dynamic_ncols=True, disable=not todo)
+        for start in range(0, len(todo), batch_size):
+            keys, chunk = [], []
+            for key in todo[start:start + batch_size]:
+                try:
+                    chunk.append(letterbox(paths[key], cfg.image_size))
+                    keys.append(key)
+                except ImageError as err:
+                    failed.append((key, str(err)))
+            if chunk:
+                canvas = pad_to_canvas([c[0] for c in chunk], cfg.image_size).to(device)
+                dets = model.detect(canvas, [tuple(c[0].shape[1:]) for c in chunk], max_regions)
+                for key, det, (_, scale, size) in zip(keys, dets, chunk):
+                    written += writer.add(key, model.to_regions(det, scale, size))
+            bar.update(len(todo[start:start + batch_size]))
+        bar.close()
+    for key, reason in failed:
+        tqdm.write(f"[extract] skipped {key}: {reason}")
+    return {"written": written, "skipped_done": mine - len(todo), "failed": failed}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--detector", type=Path, required=True, help="detector folder (config.json + model.safetensors)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="dataset root laid out like minivlm.data.world.World")
+    src.add_argument("--images", type=Path, help="a folder of images (searched recursively)")
+    parser.add_argument("--split", nargs="+", default=None, help="World splits to extract (default: all)")
+    parser.add_argument("--out", type=Path, required=True, help="feature store folder")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-regions", type=int, default=None, help="top-K regions per image (default: config's)")
+    parser.add_argument("--shard-size", type=int, default=256, help="images per shard file")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                        help="stored feature precision")
+
+
+def run(args) -> int:
+    from minivlm.train.trainer import init_distributed
+
+    rank, world_size, device = init_distributed()
+    model = load_detector(args.detector, device)
+    sources = world_sources(args.data, args.split) if args.data else folder_sources(args.images)
+    summary = extract_to_store(model, sources, args.out, args.batch_size, args.max_regions, args.shard_size,
+                               rank, world_size, args.dtype)
+    print(f"[rank {rank}] {summary['written']} images written to {args.out}, {summary['skipped_done']} already "
+          f"there, {len(summary['failed'])} unreadable")
+    if world_size > 1:
+        torch.distributed.barrier()
+    return 0
