@@ -325,3 +325,16 @@ def test_finetune_caption_through_the_caption_trainer(tiny_world):
     assert len(read_caption_results(out / "results_val.json")) == 2
     info, model = load_task_folder(out)  # the task folder that `MiniVLM.assemble` takes
     assert info.task == "caption" and model.cfg.hidden_size == TINY.hidden_size
+
+
+def test_a_finetuned_folder_initialises_another_task(tiny_world):
+    from minivlm.io import load_weights
+    from minivlm.tasks.data import init_from_pretrained
+
+    torch.manual_seed(1)
+    model = NLVR2Model(TINY)
+    summary = init_from_pretrained(model, tiny_world / "out_vqa")  # the VQA model's transformer and pooler
+    vqa = load_weights(tiny_world / "out_vqa" / "model.safetensors")
+    assert summary.startswith("loaded") and "head." in summary  # NLVR2's head has another shape: left as is
+    assert torch.equal(model.bert.layers[1].ffn_in.weight, vqa["bert.layers.1.ffn_in.weight"])
+    assert torch.equal(model.pooler.dense.weight, vqa["pooler.dense.weight"])

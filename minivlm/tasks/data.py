@@ -168,6 +168,20 @@ def init_from_pretrained(model: torch.nn.Module, folder: str | Path | None) -> s
         return "no pre-trained folder: random initialisation"
     from minivlm.fusion.loading import load_text_weights
 
+    raw_path = Path(folder) / "model.safetensors"
+    if raw_path.is_file():
+        from minivlm.io import load_weights
+
+        raw = load_weights(raw_path)
+        if any(k.startswith("bert.layers.") for k in raw):  # a task folder: our own module names
+            own = model.state_dict()
+            picked = {k: v for k, v in raw.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+            if not any(k.startswith("bert.") for k in picked):
+                raise MiniVLMError(f"{folder}: no transformer tensor of this checkpoint fits the model")
+            model.load_state_dict(picked, strict=False)
+            left = sorted(k for k in own if k not in picked)
+            return (f"loaded {len(picked)} tensors from {folder} (same names and shapes)\n"
+                    f"{len(left)} left as initialised: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
     return load_text_weights(model, folder).summary()
 
 
