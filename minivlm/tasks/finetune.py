@@ -105,6 +105,7 @@ class Run:
         self.tokenizer: Tokenizer = get_tokenizer(str(vocab)) if vocab else get_tokenizer()
         self.out = Path(setup.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(setup.seed)  # before the task model is built: its random init is reproducible
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
@@ -114,7 +115,6 @@ class Run:
         return task_bert_config(self.setup.pretrained, self.setup.preset, store.feature_dim, self.tokenizer.vocab_size)
 
     def init(self, model: torch.nn.Module) -> None:
-        torch.manual_seed(self.setup.seed)
         summary = init_from_pretrained(model, self.setup.pretrained)
         self.say(summary.splitlines()[0] if summary else "")
         if self.rank == 0:
