@@ -37,8 +37,8 @@ from minivlm.tasks.data import TASKS, init_from_pretrained, pick_split, task_ber
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 
 # Per-task defaults at the synthetic world's scale (the paper's real-data recipes are far longer).
-DEFAULT_LR = {"caption": 1e-4, "vqa": 2e-4, "nlvr2": 1e-4, "retrieval": 1e-4}
-DEFAULT_EPOCHS = {"caption": 10, "vqa": 10, "nlvr2": 10, "retrieval": 5}
+DEFAULT_LR = {"caption": 1e-4, "vqa": 2e-4, "nlvr2": 2e-4, "retrieval": 3e-4}
+DEFAULT_EPOCHS = {"caption": 10, "vqa": 10, "nlvr2": 20, "retrieval": 20}
 
 
 @dataclass
@@ -72,7 +72,7 @@ class FinetuneSetup:
     amp: bool = True
     num_answers: int = VQATaskConfig.num_answers
     negatives: int = RetrievalTaskConfig.negatives_per_positive
-    hard_pool: int = 4
+    hard_pool: int = 1
     beam_size: int = 1
     scst_steps: int = 0  # caption: CIDEr-D optimisation steps after cross-entropy (0: none)
     progress: bool = True
@@ -496,8 +496,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="VQA answer set size, capped by the distinct training answers (paper: 3129)")
     m.add_argument("--negatives", type=int, default=RetrievalTaskConfig.negatives_per_positive,
                    help="retrieval: mismatched pairs per matched pair")
-    m.add_argument("--hard-pool", type=int, default=4,
-                   help="retrieval: candidates per negative, the most word-overlapping one is kept (1 = random)")
+    m.add_argument("--hard-pool", type=int, default=1,
+                   help="retrieval: candidates per negative, the most word-overlapping one is kept (default 1: "
+                        "random negatives, as OSCAR; from random weights they train faster)")
     m.add_argument("--beam-size", type=int, default=1, help="caption: beam size at evaluation")
     m.add_argument("--scst-steps", type=int, default=0, help="caption: CIDEr-D optimisation (SCST) steps after "
                                                              "cross-entropy (default 0: none)")
