@@ -56,7 +56,7 @@ class RetrievalDataset(Dataset):
     """Item i: caption i with its image, followed by its negatives, as (regions, text, label) triples."""
 
     def __init__(self, pairs: Sequence[tuple[Key, str]], store: RegionSource | None, negatives_per_positive: int = 1,
-                 hard_pool: int = 4, image_negative_frac: float = 0.5):
+                 hard_pool: int = 1, image_negative_frac: float = 0.5):
         self.pairs = list(pairs)
         self.store = store
         self.k, self.hard_pool, self.image_negative_frac = negatives_per_positive, max(1, hard_pool), image_negative_frac
