@@ -50,8 +50,8 @@ class Size:
 SIZES = {
     "quick": Size(images=40, detection_images=60, unlabeled=12, detector_epochs=1, pretrain_epochs=1,
                   caption_epochs=1, vqa_epochs=1, batch=16),
-    "default": Size(images=240, detection_images=720, unlabeled=240, detector_epochs=8, pretrain_epochs=4,
-                    caption_epochs=6, vqa_epochs=6, batch=32),
+    "default": Size(images=200, detection_images=400, unlabeled=200, detector_epochs=6, pretrain_epochs=3,
+                    caption_epochs=4, vqa_epochs=4, batch=32),
 }
 
 
@@ -59,6 +59,7 @@ class Ablation:
     def __init__(self, out: Path, size: Size, seeds: list[int]):
         self.out, self.size, self.seeds = out, size, seeds
         self.world, self.det_world = out / "world", out / "world_detection"
+        self.partial: dict[str, dict] = {}
 
     def step(self, name: str, folder: Path, fn) -> dict:
         return stage(name, folder, fn, prefix="ablation")
@@ -115,7 +116,10 @@ class Ablation:
 
     def repeat(self, name: str, **kw) -> dict:
         runs = [self.run(name, seed, **kw) for seed in self.seeds]
-        return {"runs": runs, **{k: _mean_std([r[k] for r in runs]) for k in ("CIDEr", "vqa_acc")}}
+        row = {"runs": runs, **{k: _mean_std([r[k] for r in runs]) for k in ("CIDEr", "vqa_acc")}}
+        self.partial[name] = row  # rows so far, in case the whole table is cut short
+        write_json(self.out / "ablation_partial.json", self.partial, indent=1)
+        return row
 
     # -- the tables -------------------------------------------------------------------------------------
     def all(self) -> dict:
