@@ -245,6 +245,7 @@ class PretrainTaskConfig:
     random_token_frac: float = 0.1  # 10% random token, 10% unchanged
     itm_pollute_prob: float = 0.5  # replace the tags (or the caption) with another image's
     pollute_caption_frac: float = 0.5  # of the polluted pairs, how many pollute the caption (else tags)
+    itm_weight: float = 1.0  # loss = MLM + itm_weight * ITM (OSCAR: 1); small CPU runs learn ITM faster at ~5
 
 
 @dataclass

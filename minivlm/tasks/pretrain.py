@@ -157,9 +157,9 @@ class PretrainCollator:
 
 
 class PretrainModel(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, itm_weight: float = 1.0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.itm_weight = cfg, itm_weight
         self.bert = MultimodalBert(cfg)
         self.mlm = MLMHead(cfg)
         self.itm = ITMHead(cfg)
@@ -184,7 +184,7 @@ class PretrainModel(nn.Module):
         s = self.scores(batch)
         n_mlm, n_itm = s["mlm_count"].clamp(min=1), s["itm_count"]
         mlm_loss, itm_loss = s["mlm_loss_sum"] / n_mlm, s["itm_loss_sum"] / n_itm
-        return {"loss": mlm_loss + itm_loss, "mlm_loss": mlm_loss.detach(), "itm_loss": itm_loss.detach(),
+        return {"loss": mlm_loss + self.itm_weight * itm_loss, "mlm_loss": mlm_loss.detach(), "itm_loss": itm_loss.detach(),
                 "mlm_acc": s["mlm_correct"] / n_mlm, "itm_acc": s["itm_correct"] / n_itm}
 
 
@@ -238,6 +238,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--preset", default="minilm", choices=list(BERT_PRESETS), help="transformer shape (Table 2)")
     m.add_argument("--init-text", help="text-pretrained BERT/MiniLM folder to start from (default: random)")
     m.add_argument("--dropout", type=float, help="override the preset's dropout")
+    m.add_argument("--itm-weight", type=float, default=1.0,
+                   help="loss = MLM + w * ITM (OSCAR: 1). From scratch at small batch sizes MLM dominates the "
+                        "shared gradient and ITM stays at chance for hundreds of steps; ~5 lets it rise early")
     t = parser.add_argument_group("training")
     t.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoint/, model/)")
     t.add_argument("--epochs", type=int, default=1)
@@ -302,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         raise MiniVLMError(f"{args.features}: none of the {train_split} images has features in this store")
     say(f"[pretrain] {train_split}: {len(examples)} examples, tags={args.tags}"
         + (f" ({skipped} skipped: image not in the feature store)" if skipped else ""))
-    task = PretrainTaskConfig()
+    task = PretrainTaskConfig(itm_weight=args.itm_weight)
     train_set = PretrainDataset(examples, stores, task)
     collator = PretrainCollator(tokenizer, cfg, task)
 
@@ -316,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"[pretrain] held-out {val_split}: {min(len(val_examples), args.eval_examples)} examples")
 
     torch.manual_seed(args.seed)
-    model = PretrainModel(cfg)
+    model = PretrainModel(cfg, task.itm_weight)
     out = Path(args.out)
     if args.init_text:
         report = load_text_weights(model, args.init_text)
