@@ -74,7 +74,8 @@ class Ablation:
 
     def detector(self, name: str, preset: str, chain: bool) -> Path:
         folder = self.out / f"det_{name}"
-        common = ["--preset", preset, "--epochs", self.size.detector_epochs, "--eval-split", "test"]
+        common = ["--preset", preset, "--epochs", self.size.detector_epochs, "--eval-split", "test",
+                  "--image-size", 256, "--optimizer", "adamw", "--lr", 0.002, "--weight-decay", 1e-4]  # as the demo
         if chain:
             pre = self.out / f"det_{name}_pre"
             self.step(f"detector {name} (larger set first)", pre,
