@@ -219,6 +219,10 @@ def test_model_losses_and_eval(world, tok):
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and 0 <= out["mlm_acc"] <= 1 and 0 <= out["itm_acc"] <= 1
     assert model.bert.layers[0].query.weight.grad is not None and model.itm.classifier.weight.grad is not None
+    model.itm_weight = 5.0  # --itm-weight: loss = MLM + w * ITM
+    weighted = model(batches[0])
+    assert torch.allclose(weighted["loss"], weighted["mlm_loss"] + 5.0 * weighted["itm_loss"])
+    model.itm_weight = 1.0
     # an untrained model: MLM loss near ln(vocab), ITM near ln 2
     result = evaluate(model, batches)
     assert abs(result["mlm_loss"] - torch.log(torch.tensor(30522.0))) < 1.0
