@@ -99,7 +99,8 @@ class Ablation:
         root = self.out / "runs" / f"{name}-s{seed}"
         pre = root / "pretrain"
         args = ["--data", self.world, "--features", features, "--out", pre, "--preset", preset, "--epochs",
-                self.size.pretrain_epochs, "--batch-size", self.size.batch, "--seed", seed, "--tags", tags]
+                self.size.pretrain_epochs, "--batch-size", self.size.batch, "--seed", seed, "--tags", tags,
+                "--itm-weight", 5]  # as the demo
         if tag_store:
             args += ["--tag-store", tag_store]
         if init_text:
