@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from minivlm.cli import invoke
-from minivlm.errors import MiniVLMError
 from minivlm.io import read_json, write_json
 
 TASKS = ("caption", "vqa", "nlvr2", "retrieval")

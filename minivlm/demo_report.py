@@ -11,9 +11,8 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 
-from minivlm.io import read_json, write_json
+from minivlm.io import write_json
 from minivlm.report import Report, card, esc, grid, plot_curves, strip, table
 from minivlm.train.trainer import read_log
 

@@ -28,15 +28,6 @@ CAPTIONS = ["a red cube", "two green balls", "a sleeping dog", "the blue car"]
 TAGS = [["cube", "table"], ["ball", "box"], ["dog", "grass"], ["car", "street"]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are tiny: on a shared, busy CPU, waking a second OpenMP thread for every op costs far
-    # more than the op itself (a 64-wide linear layer took 9 ms with 2 threads, 0.05 ms with 1).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:

@@ -26,13 +26,6 @@ TEE_CFG = dataclasses.replace(get_tee("tee-demo"), image_size=128, fpn_channels=
 ANSWERS = ["yes", "no", "red", "two"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def build_model() -> MiniVLM:
     from minivlm.vision.tee import TEE

@@ -11,12 +11,11 @@ import torch.nn.functional as F
 
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
-from minivlm.fusion.inputs import build_batch
 from minivlm.regions import Regions
 from minivlm.tasks.nlvr2 import NLVR2Collator, NLVR2Model, NLVR2Pair
 from minivlm.tasks.retrieval import (MISMATCHED, RetrievalCollator, RetrievalDataset, RetrievalModel, _norm,
                                      chance_recall, score_all_pairs, score_pairs)
-from minivlm.tasks.vqa import (VQABatch, VQACollator, VQAExample, VQAModel, baseline_results, build_answer_vocab,
+from minivlm.tasks.vqa import (VQACollator, VQAExample, VQAModel, baseline_results, build_answer_vocab,
                                soft_targets, target_tensor, vqa_loss)
 from minivlm.text.tokenizer import get_tokenizer
 
@@ -45,14 +44,6 @@ def store_regions(seed: int, names: list[str], label: int) -> Regions:
 def tok():
     return get_tokenizer()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared machine: thread hand-offs cost more than the arithmetic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def q(qid: int, answers: list[str], qtype: str = "what") -> VQAQuestion:
