@@ -21,7 +21,6 @@ teacher are used only offline, as in the paper. Prints tables and writes OUT/abl
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -222,7 +221,7 @@ def _fmt(ms: dict) -> str:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"detector mAP@0.5 (test): " + ", ".join(f"{k} {v:.3f}" for k, v in r["detector_map50"].items() if v is not None),
+    lines = ["detector mAP@0.5 (test): " + ", ".join(f"{k} {v:.3f}" for k, v in r["detector_map50"].items() if v is not None),
              "", "Table 3 (structure), mean ± std over seeds " + str(r["seeds"]),
              f"{'row':<12} {'CIDEr':>16} {'VQA acc':>16}"]
     for name, row in r["table3"].items():
