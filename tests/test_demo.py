@@ -43,3 +43,24 @@ def test_rerun_skips_finished_stages(quick_demo):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("skipping") == 4 + len(TASKS) + 2  # data, detector, features, pretrain; tasks; model, report
+
+
+def test_model_folder_runs_on_real_photos_it_never_saw(quick_demo, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    photos = []
+    for name in ("astronaut", "chelsea", "camera"):  # RGB 512x512, RGB 451x300, grayscale 512x512
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).save(path)
+        photos.append(str(path))
+    model = quick_demo[0] / "model"
+    r = subprocess.run([sys.executable, "-m", "minivlm.cli", "caption", str(model), *photos, "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout)
+    assert len(out) == 3 and all(isinstance(o["caption"], str) and o["caption"].strip() for o in out)
+    r = subprocess.run([sys.executable, "-m", "minivlm.cli", "vqa", str(model), photos[1], "what color is the cat?",
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads(r.stdout)
