@@ -29,6 +29,9 @@ def effdet_config(cfg: TEEConfig):
     c.image_size = (cfg.image_size, cfg.image_size)
     c.pad_type = ""  # PyTorch-style symmetric padding (effdet's `efficientdet_dX`, not the TF port)
     c.redundant_bias = False
+    # effdet keeps TF's BN momentum (0.99, i.e. PyTorch 0.01): running statistics then trail a detector
+    # trained from scratch by hundreds of steps and eval-mode outputs lag far behind. PyTorch's 0.1 keeps up.
+    c.norm_kwargs = dict(eps=1e-3, momentum=0.1)
     return c
 
 
