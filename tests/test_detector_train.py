@@ -22,14 +22,6 @@ from minivlm.vision.train import DetectionCollate, DetectionDataset, evaluate_de
 SIZE = 64  # tiny canvas: TEE-0's architecture, seconds per run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared; one thread avoids OpenMP spinning against other processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def world_root(tmp_path_factory):
