@@ -136,7 +136,7 @@ TEE_PRESETS: dict[str, TEEConfig] = {
     ),
     # TEE-0's architecture at the synthetic world's scale: small images, small vocabularies, few regions.
     "tee-demo": TEEConfig(
-        name="tee-demo", backbone="efficientnet_b0", fpn_channels=64, fpn_layers=3, image_size=320,
+        name="tee-demo", backbone="efficientnet_b0", fpn_channels=64, fpn_layers=3, image_size=256,
         rpn_pre_nms_topk=600, rpn_post_nms_topk=100, max_regions=20, num_classes=12, num_attributes=17,
     ),
     # The stronger tagger / larger extractor of the ablations: TEE-1's shape (B1, 88 channels, 4 BiFPN
