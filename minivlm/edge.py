@@ -1,0 +1,448 @@
+"""Torch-free inference: `EdgeMiniVLM(folder)` runs the ONNX graphs of `minivlm export` with onnxruntime.
+
+    model = EdgeMiniVLM("runs/edge")                  # int8=True picks the *.int8.onnx graphs
+    model.caption(["photo.jpg"])                      # greedy, key/value-cached
+    model.answer(["photo.jpg"], ["what color is the star?"])
+
+Needs only numpy, onnxruntime, tokenizers and Pillow; nothing here imports torch, directly or through
+another minivlm module (the test suite checks `sys.modules`). So the image loading and letterboxing of
+`minivlm.data.images` / `minivlm.vision.tee`, the input layout of `minivlm.fusion.inputs` /
+`minivlm.tasks.caption.build_prefix` and the greedy search of `minivlm.tasks.decode` are restated here in
+numpy, step for step; tests/test_export.py holds them to the PyTorch originals.
+
+    minivlm edge-caption OUT IMG [IMG ...] [--int8] [--json]
+    minivlm edge-vqa OUT IMG "question" ["question" ...] [--int8] [--top K] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import PIL
+from PIL import Image, ImageOps
+
+from minivlm.errors import DataFormatError, ImageError, MiniVLMError
+from minivlm.text.tokenizer import Tokenizer
+
+EDGE_FORMAT = "minivlm-edge"  # = minivlm.export.EDGE_FORMAT (that module imports torch)
+MAX_PIXELS = 100_000_000  # = minivlm.data.images.MAX_PIXELS
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)[:, None, None]
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
+TEXT_SEGMENT, TAG_SEGMENT = 0, 1
+DEFAULT_MAX_LEN = 20
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def load_image(src: str | Path | Image.Image) -> Image.Image:
+    """An upright RGB image, exactly as `minivlm.data.images.load_image` makes it."""
+    if isinstance(src, Image.Image):
+        return _to_rgb(src, "<PIL image>")
+    path = Path(src)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_size(im, path)
+                im.load()
+                return _to_rgb(im, path)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{path}: image too large ({err})") from None
+    except PIL.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file PIL can identify") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageError(f"{path}: cannot decode image ({err})") from None
+
+
+def _check_size(im: Image.Image, name: Any) -> None:
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{name}: image too large ({w}x{h} > {MAX_PIXELS} pixels)")
+
+
+def _to_rgb(im: Image.Image, name: Any) -> Image.Image:
+    # Transparency on white, 16/32-bit grey scaled (not clipped) to 8 bits: see minivlm.data.images.
+    _check_size(im, name)
+    try:
+        im = ImageOps.exif_transpose(im) or im
+    except Exception:
+        pass
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        im = _grey_to_8bit(im)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    try:
+        if im.mode == "La":
+            im = im.convert("LA")
+        if im.mode in ("RGBA", "LA", "PA", "RGBa"):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return im.convert("RGB") if im.mode != "RGB" else im.copy()
+    except ValueError as err:
+        raise ImageError(f"{name}: cannot convert mode {im.mode} to RGB ({err})") from None
+
+
+def _grey_to_8bit(im: Image.Image) -> Image.Image:
+    a = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16"):
+        a = a / 257.0
+    elif im.mode == "I" and a.min() >= 0 and a.max() <= 65535:
+        a = a if a.max() <= 255 else a / 257.0
+    elif im.mode == "F" and a.min() >= 0 and a.max() <= 1:
+        a = a * 255.0
+    else:
+        a = np.nan_to_num(a)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def image_to_array(img: Image.Image, size: int) -> tuple[np.ndarray, float]:
+    """`minivlm.data.images.image_to_tensor(img, size, stride=1)` in numpy: longest side to `size`,
+    ImageNet-normalised, [3, h, w] float32, and the scale from original to resized pixels."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    x = (np.asarray(img, dtype=np.float32) / 255.0).transpose(2, 0, 1)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD, scale
+
+
+def letterbox(image: str | Path | Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int], float, tuple[int, int]]:
+    """The detector's input for one image: canvas [1, 3, size, size] (top-left aligned, zero = mean
+    colour padding), the resized (h, w), the scale, and the original (w, h)."""
+    pil = load_image(image)
+    x, scale = image_to_array(pil, size)
+    canvas = np.zeros((1, 3, size, size), dtype=np.float32)
+    canvas[0, :, : x.shape[1], : x.shape[2]] = x
+    return canvas, (x.shape[1], x.shape[2]), scale, pil.size
+
+
+# ---------------------------------------------------------------------------------------------- regions
+
+
+@dataclass
+class EdgeRegions:
+    """`minivlm.regions.Regions` in numpy: boxes in original pixels, features, tags."""
+
+    boxes: np.ndarray  # [K, 4] float32
+    features: np.ndarray  # [K, D] float32
+    scores: np.ndarray  # [K] float32
+    labels: np.ndarray  # [K] int64
+    image_size: tuple[int, int]  # (w, h)
+    tags: list[str] = field(default_factory=list)
+    attributes: np.ndarray | None = None
+    attribute_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def box_encoding(self) -> np.ndarray:
+        w, h = self.image_size
+        b = np.clip(self.boxes.astype(np.float32) / np.array([w, h, w, h], dtype=np.float32), 0.0, 1.0)
+        return np.concatenate([b, b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], axis=1)
+
+    def order(self, k: int) -> np.ndarray:
+        """Indices of the k highest scores (the detector's output is already sorted: a prefix)."""
+        return np.argsort(-self.scores, kind="stable")[:k]
+
+
+def collate_regions(regions: Sequence[EdgeRegions], dim: int, max_regions: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`minivlm.fusion.inputs.collate_regions`: top regions of each image, padded to the batch's most.
+    An all-empty batch gets one masked region: the graphs take no zero-length axis, and a masked key
+    adds exactly nothing to attention (its weight underflows to 0)."""
+    picks = [r.order(max_regions) for r in regions]
+    n = max(1, max(len(p) for p in picks))
+    feats = np.zeros((len(regions), n, dim), dtype=np.float32)
+    boxes = np.zeros((len(regions), n, 6), dtype=np.float32)
+    mask = np.zeros((len(regions), n), dtype=bool)
+    for i, (r, p) in enumerate(zip(regions, picks)):
+        if r.features.ndim != 2 or (len(r) and r.features.shape[1] != dim):
+            raise MiniVLMError(f"region features of example {i} have shape {r.features.shape}; expected [K, {dim}]")
+        feats[i, : len(p)] = r.features[p]
+        boxes[i, : len(p)] = r.box_encoding()[p]
+        mask[i, : len(p)] = True
+    return feats, boxes, mask
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, min_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    t = max(min_len, max((len(r) for r in rows), default=0))
+    ids = np.full((len(rows), t), pad, dtype=np.int64)
+    valid = np.zeros((len(rows), t), dtype=bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        valid[i, : len(r)] = True
+    return ids, valid
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise MiniVLMError("onnxruntime is not installed (pip install onnxruntime)") from err
+    return onnxruntime
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataFormatError(path, "file not found (run `minivlm export` again)")
+    text = path.read_text(encoding="utf-8")
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+class EdgeMiniVLM:
+    """The exported detector + caption / VQA transformers on onnxruntime (CPU). `threads` sets
+    onnxruntime's intra-op threads (default: its own choice)."""
+
+    def __init__(self, folder: str | Path, int8: bool = False, threads: int | None = None, batch_size: int = 16):
+        self.folder = folder = Path(folder)
+        if not folder.is_dir():
+            raise DataFormatError(folder, "edge model folder not found (write one with `minivlm export MODEL OUT`)")
+        path = folder / "edge.json"
+        if not path.is_file():
+            raise DataFormatError(path, "not found: not a `minivlm export` folder, or the export did not finish")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataFormatError(path, f"not valid JSON ({err})") from None
+        if not isinstance(config, dict) or config.get("format") != EDGE_FORMAT:
+            raise DataFormatError(path, f"not an edge model folder (\"format\" must be {EDGE_FORMAT!r})")
+        self.config, self.int8, self.batch_size = config, int8, batch_size
+        if int8 and not config.get("int8"):
+            raise MiniVLMError(f"{folder}: has no int8 graphs; export with `minivlm export MODEL OUT --int8`")
+        files = config["files"]
+        self.tokenizer = Tokenizer(folder / files["vocab"])
+        self.tag_names = _read_lines(folder / files["tags"])
+        self.attribute_names = _read_lines(folder / files["attributes"])
+        self.answers = _read_lines(folder / files["answers"]) if "answers" in files else []
+        self.ids = config["special_ids"]
+        self.det = config["detector"]
+        self.tasks = config["tasks"]
+
+        ort = _ort()
+        self._options = ort.SessionOptions()
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._options.inter_op_num_threads = 1
+        if threads:
+            self._options.intra_op_num_threads = threads
+        self._sessions: dict[str, Any] = {}
+        for graph in self._graphs():  # every file first: a broken folder fails before any work
+            if not (folder / graph).is_file():
+                raise DataFormatError(folder / graph, "graph file missing from the edge folder (listed in edge.json)")
+
+    def _graphs(self) -> list[str]:
+        names = [self.det["graph"]] + [g for t in self.tasks.values() for k, g in t.items() if k in ("graph", "prefix", "step")]
+        return [self._pick(g) for g in names]
+
+    def _pick(self, graph: str) -> str:
+        return self.config.get("int8", {}).get(graph, graph) if self.int8 else graph
+
+    def session(self, graph: str):
+        """The onnxruntime session of a graph named in edge.json (its int8 copy when int8 is set), opened once."""
+        name = self._pick(graph)
+        if name not in self._sessions:
+            ort = _ort()
+            self._sessions[name] = ort.InferenceSession(str(self.folder / name), self._options,
+                                                        providers=["CPUExecutionProvider"])
+        return self._sessions[name]
+
+    def task(self, name: str) -> dict:
+        if name not in self.tasks:
+            raise MiniVLMError(f"this edge folder has no {name} graph (tasks present: {', '.join(self.tasks) or 'none'})")
+        return self.tasks[name]
+
+    # -- images -> regions -------------------------------------------------------------------------
+
+    def regions(self, images: Sequence[Any] | Any) -> list[EdgeRegions]:
+        images = _as_list(images)
+        out: list[EdgeRegions | None] = [im if isinstance(im, EdgeRegions) else None for im in images]
+        todo = [i for i, r in enumerate(out) if r is None]
+        pil = [load_image(images[i]) for i in todo]  # every image is checked before any work is done
+        sess = self.session(self.det["graph"])
+        for i, im in zip(todo, pil):
+            canvas, (h, w), scale, (ow, oh) = letterbox(im, self.det["image_size"])
+            boxes, scores, labels, attrs, feats = sess.run(
+                None, {"canvas": canvas, "image_hw": np.array([h, w], dtype=np.float32)})
+            boxes = boxes.astype(np.float32) / np.float32(scale)
+            boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, ow)
+            boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, oh)
+            out[i] = EdgeRegions(boxes, feats.astype(np.float32), scores.astype(np.float32), labels.astype(np.int64),
+                                 (ow, oh), [self.tag_names[j] for j in labels.tolist()], attrs.astype(np.int64),
+                                 [self.attribute_names[j] for j in attrs.tolist()])
+        return out  # type: ignore[return-value]
+
+    # -- captioning ----------------------------------------------------------------------------------
+
+    def caption(self, images: Sequence[Any] | Any, max_len: int | None = None, min_len: int = 0) -> list[str]:
+        return [self.tokenizer.decode(s) for s in self.caption_ids(images, max_len, min_len)]
+
+    def caption_ids(self, images: Sequence[Any] | Any, max_len: int | None = None, min_len: int = 0) -> list[list[int]]:
+        """Greedy caption token ids per image (no [CLS] / [SEP]), as `CaptionModel.generate`."""
+        cfg = self.task("caption")
+        if max_len is None:
+            max_len = min(DEFAULT_MAX_LEN, cfg["max_text_len"] - 1)
+        if not 1 <= max_len <= cfg["max_text_len"] - 1:
+            raise MiniVLMError(f"max_len {max_len} must be in [1, {cfg['max_text_len'] - 1}]")
+        regions = self.regions(images)
+        out: list[list[int]] = []
+        for start in range(0, len(regions), self.batch_size):
+            out += self._greedy(regions[start:start + self.batch_size], cfg, max_len, min_len)
+        return out
+
+    def _prefix(self, regions: Sequence[EdgeRegions], cfg: dict) -> dict[str, np.ndarray]:
+        """`build_prefix` with predicted tags: each image's tag names over its top regions, once each."""
+        seqs = []
+        for r in regions:
+            tags = list(dict.fromkeys(r.tags[i] for i in r.order(cfg["max_regions"]) if r.tags[i]))
+            ids = self.tokenizer.encode(" ".join(tags), max(0, cfg["max_tag_len"] - 1)) if tags else []
+            seqs.append(ids + [self.ids["sep"]] if ids else [])
+        tag_ids, tag_mask = pad_rows(seqs, self.ids["pad"])  # >= 1 column: a masked pad adds nothing
+        feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
+        g = tag_ids.shape[1]
+        pos = np.broadcast_to(cfg["max_text_len"] + np.arange(g, dtype=np.int64), tag_ids.shape).copy()
+        return {"input_ids": tag_ids, "position_ids": pos, "region_feats": feats, "region_boxes": boxes,
+                "attention_mask": np.concatenate([tag_mask, rmask], axis=1)}
+
+    def _greedy(self, regions: Sequence[EdgeRegions], cfg: dict, max_len: int, min_len: int) -> list[list[int]]:
+        ids = self.ids
+        prefix = self._prefix(regions, cfg)
+        valid = prefix["attention_mask"]
+        past = self.session(cfg["prefix"]).run(None, prefix)
+        step = self.session(cfg["step"])
+        names = [f"past.{i}.{kv}" for i in range(cfg["num_layers"]) for kv in ("key", "value")]
+        n = len(regions)
+        last = np.full(n, ids["cls"], dtype=np.int64)
+        done = np.zeros(n, dtype=bool)
+        new = np.array([[True, False], [True, True]])  # the token sees itself; the [MASK] sees both
+        generated = []
+        for t in range(1, max_len + 1):
+            before = np.concatenate([valid, np.ones((n, t - 1), dtype=bool)], axis=1)
+            mask = np.concatenate([np.broadcast_to(before[:, None, :], (n, 2, before.shape[1])),
+                                   np.broadcast_to(new, (n, 2, 2))], axis=2)
+            feeds = {"input_ids": np.stack([last, np.full(n, ids["mask"], dtype=np.int64)], axis=1),
+                     "position_ids": np.broadcast_to(np.array([t - 1, t], dtype=np.int64), (n, 2)).copy(),
+                     "attention_mask": np.ascontiguousarray(mask), **dict(zip(names, past))}
+            logits, *past = step.run(None, feeds)
+            banned = [ids["pad"], ids["cls"], ids["mask"]] + ([ids["sep"]] if t <= min_len else [])
+            logits[:, banned] = -np.inf
+            nxt = np.where(done, ids["pad"], logits.argmax(-1)).astype(np.int64)
+            generated.append(nxt)
+            last = nxt
+            done |= nxt == ids["sep"]
+            if done.all():
+                break
+        out = []
+        for row in np.stack(generated, axis=1).tolist():
+            seq = []
+            for tok in row:
+                if tok == ids["sep"]:
+                    break
+                if tok != ids["pad"]:
+                    seq.append(tok)
+            out.append(seq)
+        return out
+
+    # -- VQA -------------------------------------------------------------------------------------------
+
+    def _vqa_inputs(self, regions: Sequence[EdgeRegions], questions: Sequence[str], cfg: dict) -> dict[str, np.ndarray]:
+        """`build_batch(tokenizer, questions, None, regions, cfg)`: [CLS] question [SEP] tags [SEP] + regions."""
+        tok, seqs, segs = self.tokenizer, [], []
+        for r, q in zip(regions, questions):
+            text = tok.encode(q or "", max(0, cfg["max_text_len"] - 2))
+            tags = tok.encode(" ".join(t for t in r.tags if t), max(0, cfg["max_tag_len"] - 1))
+            ids = [self.ids["cls"], *text, self.ids["sep"]]
+            seg = [TEXT_SEGMENT] * len(ids)
+            if tags:
+                ids += [*tags, self.ids["sep"]]
+                seg += [TAG_SEGMENT] * (len(tags) + 1)
+            seqs.append(ids)
+            segs.append(seg)
+        input_ids, text_mask = pad_rows(seqs, self.ids["pad"])
+        types, _ = pad_rows(segs, 0)
+        pos = np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int64), input_ids.shape).copy()
+        feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
+        return {"input_ids": input_ids, "token_type_ids": types, "position_ids": pos, "region_feats": feats,
+                "region_boxes": boxes, "attention_mask": np.concatenate([text_mask, rmask], axis=1)}
+
+    def answer_logits(self, images: Sequence[Any] | Any, questions: Sequence[str] | str) -> np.ndarray:
+        """[N, num_answers] logits, one row per question (one image per question, or one for all)."""
+        cfg = self.task("vqa")
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        regions = self.regions(images)
+        if len(regions) == 1:
+            regions = regions * len(questions)
+        if len(regions) != len(questions):
+            raise MiniVLMError(f"{len(regions)} images for {len(questions)} questions: give one, or one per question")
+        sess = self.session(cfg["graph"])
+        out = [sess.run(None, self._vqa_inputs(regions[s:s + self.batch_size], questions[s:s + self.batch_size], cfg))[0]
+               for s in range(0, len(questions), self.batch_size)]
+        return np.concatenate(out, axis=0) if out else np.zeros((0, cfg["num_answers"]), dtype=np.float32)
+
+    def answer_scores(self, images: Sequence[Any] | Any, questions: Sequence[str] | str,
+                      top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """The `top_k` answers with sigmoid confidences (ranked by logit, so saturated confidences keep
+        their order)."""
+        logits = self.answer_logits(images, questions).astype(np.float32)
+        conf = 1.0 / (1.0 + np.exp(-logits))
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+        return [[(self.answers[int(i)], float(c[i])) for i in row] for row, c in zip(order, conf)]
+
+    def answer(self, images: Sequence[Any] | Any, questions: Sequence[str] | str) -> list[str]:
+        return [s[0][0] for s in self.answer_scores(images, questions, top_k=1)]
+
+
+def _as_list(images: Any) -> list:
+    return [images] if isinstance(images, (str, Path, Image.Image, EdgeRegions)) else list(images)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("model", help="edge folder written by `minivlm export`")
+    if name == "edge-caption":
+        parser.add_argument("images", nargs="+", help="image files")
+    elif name == "edge-vqa":
+        parser.add_argument("image", help="image file")
+        parser.add_argument("questions", nargs="+", help="one or more questions about the image")
+        parser.add_argument("--top", type=int, default=1, help="answers to show per question")
+    else:
+        raise ValueError(f"minivlm.edge serves edge-caption and edge-vqa, not {name!r}")
+    parser.add_argument("--int8", action="store_true", help="run the int8 graphs (export --int8)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = EdgeMiniVLM(args.model, int8=args.int8, threads=args.threads)
+    if args.command == "edge-caption":
+        caps = model.caption([str(p) for p in args.images])
+        doc: Any = [{"image": str(p), "caption": c} for p, c in zip(args.images, caps)]
+        lines = [f"{p}: {c}" for p, c in zip(args.images, caps)]
+    else:
+        scores = model.answer_scores([args.image], args.questions, top_k=max(1, args.top))
+        doc = [{"question": q, "answers": [{"answer": a, "score": s} for a, s in best]}
+               for q, best in zip(args.questions, scores)]
+        lines = [f"{q} -> " + ", ".join(f"{a} ({s:.2f})" for a, s in best) for q, best in zip(args.questions, scores)]
+    print(json.dumps(doc, indent=1, ensure_ascii=False) if args.json else "\n".join(lines))
+    return 0
+

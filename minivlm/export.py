@@ -1,0 +1,317 @@
+"""`minivlm export MODEL OUT [--int8]`: a model folder -> ONNX graphs that `minivlm.edge` runs without PyTorch.
+
+    OUT/edge.json              format, versions, graph files, the shapes and ids the runtime needs
+    OUT/detector.onnx          canvas [1, 3, S, S] + resized (h, w) -> boxes, scores, labels, attributes, features
+    OUT/caption_prefix.onnx    tags + regions -> per-layer keys/values (the cached prefix)
+    OUT/caption_step.onnx      [previous token, [MASK]] + past keys/values -> next-token logits + present keys/values
+    OUT/vqa.onnx               question + tags + regions -> answer logits
+    OUT/*.int8.onnx            with --int8: dynamically quantised copies (int8 weights, activations quantised per call)
+    OUT/vocab.txt tags.txt attributes.txt answers.txt
+
+The detector is ONE graph, NMS and RoIAlign included (ONNX NonMaxSuppression from opset 11, RoiAlign with
+half-pixel "aligned" coordinates from opset 16; we export at opset 17 for LayerNormalization). What differs
+from `TEE.detect` is only how it is written, not what it computes: one image per call (the runtime loops;
+images never interact in eval mode), the resized size is an input rather than a Python constant, and the
+RoIs are pooled on every FPN level and each one picks its own level's result (eq. 1), because the eager
+code's loop over the levels present is data-dependent Python that a trace would freeze. Image decoding,
+letterboxing and the mapping of boxes back to original pixels stay outside the graph (numpy in
+`minivlm.edge`), as in `TEE.extract`.
+
+The caption graphs mirror `CachedSteps` in `minivlm.tasks.caption`: the prefix (tags at positions
+max_text_len.., then regions) is encoded once; every step feeds two tokens [w_{t-1}, [MASK]] with an explicit
+[N, 2, Kv] attention mask, reads the logits at the [MASK] and returns the keys/values without the [MASK]'s.
+NLVR2 and retrieval transformers are not exported (the edge path serves captioning and VQA).
+
+We use PyTorch's TorchScript-based exporter (`dynamo=False`): it needs no onnxscript and handles
+torchvision's nms / roi_align through their registered ONNX symbolics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import nms, remove_small_boxes, roi_align
+
+from minivlm import __version__
+from minivlm.errors import DataFormatError, MiniVLMError
+from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT
+from minivlm.io import atomic_path, write_json
+from minivlm.model import MiniVLM, write_lines
+from minivlm.vision.roi_head import assign_levels
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+EDGE_FORMAT = "minivlm-edge"
+EDGE_VERSION = 1
+# Only the matrix products are quantised: they hold almost all the weights and time of the transformer and
+# the box head; int8 convolutions (ConvInteger) run slower than fp32 ones in onnxruntime on CPU.
+INT8_OPS = ["MatMul", "Gemm"]
+
+
+# ---------------------------------------------------------------------------------------------- graphs
+
+
+class DetectorGraph(nn.Module):
+    """`TEE.detect` for one image, written so that a trace keeps every data-dependent step in the graph."""
+
+    def __init__(self, tee: nn.Module):
+        super().__init__()
+        self.tee = tee
+
+    def forward(self, canvas: torch.Tensor, image_hw: torch.Tensor):
+        tee, cfg = self.tee, self.tee.cfg
+        h, w = image_hw[0], image_hw[1]
+        feats = tee.features(canvas)
+        logits, deltas = tee.rpn.head(feats)
+        boxes, scores = [], []
+        for lg, dl, an in zip(logits, deltas, tee.rpn.anchors(feats)):  # anchors: constants of the canvas size
+            top, idx = lg[0].topk(min(cfg.rpn_pre_nms_topk, lg.shape[1]))
+            boxes.append(tee.rpn.coder.decode(an[idx], dl[0, idx]))
+            scores.append(top)
+        boxes, scores = _clip(torch.cat(boxes), h, w), torch.cat(scores)
+        keep = remove_small_boxes(boxes, cfg.rpn_min_size)
+        boxes, scores = boxes[keep], scores[keep]
+        proposals = boxes[nms(boxes, scores, cfg.rpn_nms_iou)[: cfg.rpn_post_nms_topk]]
+
+        head = tee.roi_head
+        feat, cls_logits, box_deltas = head.box_head(self._pool(feats, proposals))
+        probs = cls_logits.softmax(1)[:, 1:]
+        scores, labels = probs.max(1)
+        attrs = head.attribute_head(feat, labels + 1)[:, 1:].argmax(1)
+        boxes = _clip(head.coder.decode(proposals, box_deltas), h, w)
+        keep = torch.where(scores > cfg.region_score_thresh)[0]
+        keep = keep[nms(boxes[keep], scores[keep], cfg.region_nms_iou)][: cfg.max_regions]
+        return boxes[keep], scores[keep], labels[keep], attrs[keep], feat[keep]
+
+    def _pool(self, feats: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """RoIAlign of each box on its FPN eq. 1 level: every level is pooled, each box keeps its own."""
+        cfg, head = self.tee.cfg, self.tee.roi_head
+        levels = assign_levels(boxes, cfg.min_level, head.roi_max_level, cfg.canonical_box_size, cfg.canonical_level)
+        rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1)
+        out = None
+        for level in range(cfg.min_level, head.roi_max_level + 1):
+            pooled = roi_align(feats[level - cfg.min_level], rois, cfg.roi_size, spatial_scale=1.0 / 2**level,
+                               sampling_ratio=cfg.roi_sampling_ratio, aligned=True)
+            out = pooled if out is None else torch.where((levels == level)[:, None, None, None], pooled, out)
+        return out
+
+
+def _clip(boxes: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # `clip_boxes` with the size as tensors, so it stays an input of the graph
+    x = torch.minimum(boxes[:, 0::2].clamp(min=0), w)
+    y = torch.minimum(boxes[:, 1::2].clamp(min=0), h)
+    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+
+
+class CaptionPrefixGraph(nn.Module):
+    """`CaptionModel.encode_prefix`: tag tokens (segment 1) + regions -> keys/values of every layer."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.bert = model.bert
+
+    def forward(self, input_ids, position_ids, region_feats, region_boxes, attention_mask):
+        out = self.bert(input_ids=input_ids, token_type_ids=torch.full_like(input_ids, TAG_SEGMENT),
+                        position_ids=position_ids, region_feats=region_feats, region_boxes=region_boxes,
+                        attention_mask=attention_mask, use_cache=True)
+        return tuple(t for kv in out.past_key_values for t in kv)
+
+
+class CaptionStepGraph(nn.Module):
+    """One `CachedSteps` call: [w_{t-1}, [MASK]] -> logits at the [MASK], cache without the [MASK]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.bert, self.mlm = model.bert, model.mlm
+
+    def forward(self, input_ids, position_ids, attention_mask, *past):
+        cache = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        out = self.bert(input_ids=input_ids, token_type_ids=torch.full_like(input_ids, TEXT_SEGMENT),
+                        position_ids=position_ids, attention_mask=attention_mask, past_key_values=cache,
+                        use_cache=True)
+        present = tuple(t[:, :, :-1] for kv in out.past_key_values for t in kv)
+        return (self.mlm(out.hidden_states[:, 1]), *present)
+
+
+class VQAGraph(nn.Module):
+    """`VQAModel.logits` on the tensors of a `FusionBatch`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, token_type_ids, position_ids, region_feats, region_boxes, attention_mask):
+        m = self.model
+        hidden = m.bert(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                        region_feats=region_feats, region_boxes=region_boxes,
+                        attention_mask=attention_mask).hidden_states
+        return m.head(m.pooler(hidden))
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict[str, dict[int, str]]) -> None:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints in shapes: the sizes we mean to fix
+        torch.onnx.export(module.eval(), args, str(tmp), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+
+
+def _kv_names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def export_detector(model: MiniVLM, out: Path) -> dict:
+    cfg = model.detector.cfg
+    s = cfg.image_size
+    canvas = torch.randn(1, 3, s, s)
+    hw = torch.tensor([float(s), float(s * 3 // 4)])
+    _export(DetectorGraph(model.detector), (canvas, hw), out / "detector.onnx", ["canvas", "image_hw"],
+            ["boxes", "scores", "labels", "attributes", "features"], {})
+    return {"graph": "detector.onnx", "image_size": s, "region_dim": cfg.region_dim, "max_regions": cfg.max_regions}
+
+
+def _bert_info(cfg) -> dict:
+    return {"num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.hidden_size // cfg.num_heads,
+            "region_dim": cfg.region_dim, "max_regions": cfg.max_regions, "max_text_len": cfg.max_text_len,
+            "max_tag_len": cfg.max_tag_len, "vocab_size": cfg.vocab_size}
+
+
+def export_caption(model: nn.Module, out: Path) -> dict:
+    cfg = model.cfg
+    layers, b, g, r = cfg.num_layers, 2, 3, 4
+    ids = torch.randint(1000, 2000, (b, g))
+    pos = cfg.max_text_len + torch.arange(g).expand(b, g)
+    feats, boxes = torch.randn(b, r, cfg.region_dim), torch.rand(b, r, 6)
+    mask = torch.ones(b, g + r, dtype=torch.bool)
+    mask[1, -1] = False
+    past_names = _kv_names("past", layers)
+    present_names = _kv_names("present", layers)
+    kv_axes = {0: "batch", 2: "cached"}
+    _export(CaptionPrefixGraph(model), (ids, pos, feats, boxes, mask), out / "caption_prefix.onnx",
+            ["input_ids", "position_ids", "region_feats", "region_boxes", "attention_mask"], present_names,
+            {"input_ids": {0: "batch", 1: "tags"}, "position_ids": {0: "batch", 1: "tags"},
+             "region_feats": {0: "batch", 1: "regions"}, "region_boxes": {0: "batch", 1: "regions"},
+             "attention_mask": {0: "batch", 1: "prefix"}, **{n: kv_axes for n in present_names}})
+
+    with torch.no_grad():
+        past = CaptionPrefixGraph(model)(ids, pos, feats, boxes, mask)
+    step_ids = torch.tensor([[model.ids.cls, model.ids.mask]] * b)
+    step_pos = torch.tensor([[0, 1]] * b)
+    step_mask = torch.ones(b, 2, g + r + 2, dtype=torch.bool)
+    step_mask[:, 0, -1] = False
+    _export(CaptionStepGraph(model), (step_ids, step_pos, step_mask, *past), out / "caption_step.onnx",
+            ["input_ids", "position_ids", "attention_mask", *past_names], ["logits", *present_names],
+            {"input_ids": {0: "batch"}, "position_ids": {0: "batch"}, "attention_mask": {0: "batch", 2: "keys"},
+             "logits": {0: "batch"}, **{n: kv_axes for n in past_names},
+             **{n: {0: "batch", 2: "cached_out"} for n in present_names}})
+    return {"prefix": "caption_prefix.onnx", "step": "caption_step.onnx", **_bert_info(cfg)}
+
+
+def export_vqa(model: nn.Module, out: Path) -> dict:
+    cfg = model.cfg
+    b, t, r = 2, 7, 4
+    ids = torch.randint(1000, 2000, (b, t))
+    types = torch.zeros(b, t, dtype=torch.long)
+    types[:, 4:] = TAG_SEGMENT
+    pos = torch.arange(t).expand(b, t)
+    feats, boxes = torch.randn(b, r, cfg.region_dim), torch.rand(b, r, 6)
+    mask = torch.ones(b, t + r, dtype=torch.bool)
+    mask[1, t - 1] = False
+    text_axes = {0: "batch", 1: "tokens"}
+    _export(VQAGraph(model), (ids, types, pos, feats, boxes, mask), out / "vqa.onnx",
+            ["input_ids", "token_type_ids", "position_ids", "region_feats", "region_boxes", "attention_mask"],
+            ["logits"], {"input_ids": text_axes, "token_type_ids": text_axes, "position_ids": text_axes,
+                         "region_feats": {0: "batch", 1: "regions"}, "region_boxes": {0: "batch", 1: "regions"},
+                         "attention_mask": {0: "batch", 1: "keys"}, "logits": {0: "batch"}})
+    return {"graph": "vqa.onnx", "num_answers": model.num_answers, **_bert_info(cfg)}
+
+
+def quantize(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation of the graph's matrix products (weights int8 per channel, activations
+    quantised on the fly): onnxruntime's quantiser, no calibration data needed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with atomic_path(dst) as tmp:
+        quantize_dynamic(str(src), str(tmp), op_types_to_quantize=INT8_OPS, per_channel=True,
+                         weight_type=QuantType.QInt8)
+
+
+def int8_name(graph: str) -> str:
+    return graph.removesuffix(".onnx") + ".int8.onnx"
+
+
+def export_model(model_folder: str | Path, out: str | Path, int8: bool = False, detector_int8: bool = True) -> Path:
+    """Exports a model folder's detector and its caption / VQA transformers; returns OUT."""
+    model_folder, out = Path(model_folder), Path(out)
+    if not model_folder.is_dir():
+        raise DataFormatError(model_folder, "model folder not found")
+    model = MiniVLM.from_pretrained(model_folder).eval()
+    edge_tasks = [t for t in ("caption", "vqa") if t in model.tasks]
+    if not edge_tasks:
+        raise MiniVLMError(f"{model_folder}: has no caption or VQA transformer to export "
+                           f"(tasks present: {', '.join(model.tasks) or 'none'})")
+    out.mkdir(parents=True, exist_ok=True)
+    tok = model.tokenizer
+    config: dict = {
+        "format": EDGE_FORMAT, "version": EDGE_VERSION, "opset": OPSET,
+        "versions": {"minivlm": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "source": str(model_folder.resolve()),
+        "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id,
+                        "mask": tok.mask_id},
+        "files": {"vocab": "vocab.txt", "tags": "tags.txt", "attributes": "attributes.txt"},
+    }
+    with torch.no_grad():
+        config["detector"] = export_detector(model, out)
+        tasks = {}
+        if "caption" in model.tasks:
+            tasks["caption"] = export_caption(model.tasks["caption"], out)
+        if "vqa" in model.tasks:
+            tasks["vqa"] = export_vqa(model.tasks["vqa"], out)
+    config["tasks"] = tasks
+    if int8:
+        graphs = [tasks["caption"]["prefix"], tasks["caption"]["step"]] if "caption" in tasks else []
+        graphs += [tasks["vqa"]["graph"]] if "vqa" in tasks else []
+        graphs += [config["detector"]["graph"]] if detector_int8 else []
+        for g in graphs:
+            quantize(out / g, out / int8_name(g))
+        config["int8"] = {g: int8_name(g) for g in graphs}
+
+    with atomic_path(out / "vocab.txt") as tmp:
+        shutil.copyfile(tok.vocab_path, tmp)
+    write_lines(out / "tags.txt", model.detector.class_names)
+    write_lines(out / "attributes.txt", model.detector.attribute_names)
+    if "vqa" in tasks:
+        write_lines(out / "answers.txt", model.answers)
+        config["files"]["answers"] = "answers.txt"
+    write_json(out / "edge.json", config, indent=1)  # last: a folder with edge.json is complete
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model folder (MiniVLM.save_pretrained / the demo's model/)")
+    parser.add_argument("out", help="output folder for the ONNX graphs (run them with minivlm.edge.EdgeMiniVLM)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write dynamically int8-quantised graphs (*.int8.onnx)")
+    parser.add_argument("--no-detector-int8", action="store_true",
+                        help="with --int8: keep the detector in fp32 (quantise only the transformers)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_model(args.model, args.out, int8=args.int8, detector_int8=not args.no_detector_int8)
+    files = sorted(p.name for p in out.iterdir() if p.suffix == ".onnx")
+    print(f"exported {', '.join(files)} to {out}")
+    return 0
