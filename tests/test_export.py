@@ -1,0 +1,204 @@
+"""The edge path: `minivlm export` writes ONNX graphs, `minivlm.edge.EdgeMiniVLM` runs them with onnxruntime
+and no PyTorch, and gives the PyTorch model's regions, captions (token for token) and answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minivlm.config import BertConfig, get_tee
+from minivlm.errors import DataFormatError, MiniVLMError
+from minivlm.model import MiniVLM, build_task_model
+from minivlm.regions import Regions
+from minivlm.text.tokenizer import get_tokenizer
+
+BERT = BertConfig("tiny", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2, vocab_size=30522,
+                  dropout=0.0, region_dim=16, max_regions=4, max_text_len=10, max_tag_len=6)
+TEE_CFG = dataclasses.replace(get_tee("tee-demo"), image_size=128, fpn_channels=16, fpn_layers=1, rpn_pre_nms_topk=100,
+                              rpn_post_nms_topk=20, max_regions=6, region_dim=16, num_classes=3, num_attributes=2)
+ANSWERS = ["yes", "no", "red", "two", "blue"]
+QUESTIONS = ["what color is it?", "is there a star?", "how many?", "what shape is on the left?"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from minivlm.cli import main
+    from minivlm.vision.tee import TEE
+
+    root = tmp_path_factory.mktemp("edge")
+    torch.manual_seed(0)
+    detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"])
+    for p in detector.roi_head.parameters():  # visible score gaps, so regions do not hinge on rounding
+        p.data.normal_(0, 0.2) if p.dim() > 1 else None
+    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None) for t in ("caption", "vqa")}
+    for m in tasks.values():  # larger than BERT's init: different inputs give visibly different outputs
+        for p in m.parameters():
+            p.data.normal_(0, 0.3) if p.dim() > 1 else None
+    model = MiniVLM(detector, tasks, get_tokenizer(), ANSWERS).eval()
+    model.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(120, 90), (64, 100), (100, 100), (37, 150)]):
+        paths.append(root / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    assert main(["export", str(root / "model"), str(root / "edge"), "--int8"]) == 0
+    return root, model, paths
+
+
+@pytest.fixture(scope="module")
+def edge(env):
+    from minivlm.edge import EdgeMiniVLM
+
+    return EdgeMiniVLM(env[0] / "edge", threads=1, batch_size=3)  # batches of 3: one full, one partial
+
+
+def test_preprocessing_matches_torch_exactly(tmp_path):
+    from minivlm import edge
+    from minivlm.data.images import image_to_tensor, load_image
+    from minivlm.vision.tee import letterbox, pad_to_canvas
+
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 255, (40, 70, 4), dtype=np.uint8), "RGBA")
+    grey16 = Image.fromarray(rng.integers(0, 65535, (50, 30), dtype=np.uint16))
+    pal = Image.fromarray(rng.integers(0, 255, (33, 33), dtype=np.uint8), "L").convert("P")
+    pal.info["transparency"] = 3
+    images = [rgba, grey16, pal, Image.fromarray(rng.integers(0, 255, (91, 13, 3), dtype=np.uint8))]
+    for i, im in enumerate(images):
+        im.save(tmp_path / f"{i}.png")
+        for src in (im, tmp_path / f"{i}.png"):
+            a, b = load_image(src), edge.load_image(src)
+            assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+            t, scale = image_to_tensor(a, 128, stride=1)
+            x, s = edge.image_to_array(b, 128)
+            assert s == scale and np.array_equal(t.numpy(), x)
+            canvas, hw, s, size = edge.letterbox(src, 128)
+            lt, ls, lsize = letterbox(src, 128)
+            assert np.array_equal(pad_to_canvas([lt], 128).numpy(), canvas)
+            assert (s, size, hw) == (ls, lsize, tuple(lt.shape[1:]))
+
+
+def test_export_folder_lists_every_graph(env):
+    root = env[0]
+    config = json.loads((root / "edge" / "edge.json").read_text())
+    assert config["format"] == "minivlm-edge" and set(config["tasks"]) == {"caption", "vqa"}
+    names = sorted(p.name for p in (root / "edge").iterdir())
+    assert names == ["answers.txt", "attributes.txt", "caption_prefix.int8.onnx", "caption_prefix.onnx",
+                     "caption_step.int8.onnx", "caption_step.onnx", "detector.int8.onnx", "detector.onnx",
+                     "edge.json", "tags.txt", "vocab.txt", "vqa.int8.onnx", "vqa.onnx"]
+
+
+def test_detector_matches_pytorch(env, edge):
+    _, model, paths = env
+    for t, e in zip(model.regions(paths), edge.regions(paths)):
+        assert len(t) == len(e) > 0 and e.image_size == t.image_size
+        assert t.tags == e.tags and t.attribute_names == e.attribute_names
+        np.testing.assert_array_equal(t.labels.numpy(), e.labels)
+        np.testing.assert_allclose(t.boxes.numpy(), e.boxes, atol=1e-3)
+        np.testing.assert_allclose(t.scores.numpy(), e.scores, atol=1e-5)
+        np.testing.assert_allclose(t.features.numpy(), e.features, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_captions_identical_token_for_token(env, edge):
+    from minivlm.tasks.caption import build_prefix
+
+    _, model, paths = env
+    cap = model.tasks["caption"]
+    prefix = build_prefix(model.tokenizer, model.regions(paths), cap.cfg)
+    for max_len in (None, 4):
+        want = cap.generate(prefix, max_len=max_len)
+        assert edge.caption_ids(paths, max_len=max_len) == want
+        assert any(want) and len({tuple(w) for w in want}) > 1  # the test would catch a constant output
+    assert edge.caption(paths) == model.caption(paths)
+    assert edge.caption_ids(paths[:1], max_len=5, min_len=5) == cap.generate(prefix.select(torch.tensor([0])),
+                                                                             max_len=5, min_len=5)
+
+
+def test_images_without_regions_or_tags(env, edge):
+    """Empty region sets take the padded-prefix path of the runtime; PyTorch drops those inputs instead."""
+    from minivlm.edge import EdgeRegions
+
+    _, model, paths = env
+    full = model.regions(paths[:1])[0]
+    empty = Regions(torch.zeros(0, 4), torch.zeros(0, 16), torch.zeros(0), torch.zeros(0, dtype=torch.long), (50, 40))
+    untagged = dataclasses.replace(full, tags=[""] * len(full))
+
+    def to_edge(r: Regions) -> EdgeRegions:
+        return EdgeRegions(r.boxes.numpy(), r.features.numpy(), r.scores.numpy(), r.labels.numpy(), r.image_size,
+                           list(r.tags))
+
+    for batch in ([empty, full], [empty], [untagged, full], [untagged]):
+        ours = [to_edge(r) for r in batch]
+        assert edge.caption(ours) == model.caption(batch)
+        assert edge.answer(ours, QUESTIONS[: len(batch)]) == model.answer(batch, QUESTIONS[: len(batch)])
+
+
+def test_vqa_answers_and_scores_match(env, edge):
+    _, model, paths = env
+    want = model.answer_scores(paths, QUESTIONS, top_k=3)
+    got = edge.answer_scores(paths, QUESTIONS, top_k=3)
+    assert [[a for a, _ in row] for row in got] == [[a for a, _ in row] for row in want]
+    np.testing.assert_allclose([[s for _, s in row] for row in got], [[s for _, s in row] for row in want], atol=1e-5)
+    assert edge.answer(paths[0], QUESTIONS) == model.answer(paths[0], QUESTIONS)  # one image, several questions
+
+
+def test_int8_graphs_run(env):
+    from minivlm.edge import EdgeMiniVLM
+
+    root, model, paths = env
+    q8 = EdgeMiniVLM(root / "edge", int8=True, threads=1)
+    caps = q8.caption(paths)
+    assert len(caps) == len(paths) and all(isinstance(c, str) and c for c in caps)
+    assert all(a in ANSWERS for a in q8.answer(paths, QUESTIONS))
+    assert [len(r) for r in q8.regions(paths)] == [len(r) for r in model.regions(paths)]
+
+
+def test_runtime_and_commands_never_import_torch(env):
+    root, _, paths = env
+    code = f"""
+import sys
+from minivlm.edge import EdgeMiniVLM
+from minivlm.cli import main
+m = EdgeMiniVLM({str(root / 'edge')!r}, threads=1)
+assert m.caption([{str(paths[0])!r}]) and m.answer({str(paths[0])!r}, "is it red?")
+assert main(["edge-caption", {str(root / 'edge')!r}, {str(paths[1])!r}, "--int8", "--threads", "1"]) == 0
+assert main(["edge-vqa", {str(root / 'edge')!r}, {str(paths[1])!r}, "is it red?", "--json", "--top", "2"]) == 0
+bad = [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision"))]
+assert not bad, bad
+print("no torch")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("no torch")
+    doc = json.loads(res.stdout[res.stdout.index("\n[") + 1:res.stdout.rindex("]") + 1])  # after the caption line
+    assert doc[0]["question"] == "is it red?" and len(doc[0]["answers"]) == 2
+
+
+def test_clear_errors(env, tmp_path, capsys):
+    from minivlm.cli import main
+    from minivlm.edge import EdgeMiniVLM
+    from minivlm.export import export_model
+
+    root = env[0]
+    with pytest.raises(DataFormatError, match="edge model folder not found"):
+        EdgeMiniVLM(tmp_path / "nowhere")
+    with pytest.raises(DataFormatError, match="edge.json"):
+        EdgeMiniVLM(root)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in (root / "edge").iterdir():
+        if p.name != "caption_step.onnx":
+            (broken / p.name).symlink_to(p)
+    with pytest.raises(DataFormatError, match="caption_step.onnx"):
+        EdgeMiniVLM(broken)
+    with pytest.raises(MiniVLMError, match="model folder not found"):
+        export_model(tmp_path / "nowhere", tmp_path / "out")
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
+    assert "model folder not found" in capsys.readouterr().err
