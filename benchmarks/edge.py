@@ -21,7 +21,6 @@ All three run on `--threads` CPU threads (torch.set_num_threads and onnxruntime'
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import statistics
@@ -124,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edge", type=Path, default=None, help="export folder (default: a temporary one)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "edge.json")
     args = p.parse_args(argv)
-    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantiser advises pre-processing at WARNING
     torch.set_num_threads(args.threads)
     env = {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
            "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

@@ -46,8 +46,6 @@ from minivlm.io import atomic_path, write_json
 from minivlm.model import MiniVLM, write_lines
 from minivlm.vision.roi_head import assign_levels
 
-log = logging.getLogger(__name__)
-
 OPSET = 17
 EDGE_FORMAT = "minivlm-edge"
 EDGE_VERSION = 1
@@ -242,9 +240,15 @@ def quantize(src: Path, dst: Path) -> None:
     quantised on the fly): onnxruntime's quantiser, no calibration data needed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with atomic_path(dst) as tmp:
-        quantize_dynamic(str(src), str(tmp), op_types_to_quantize=INT8_OPS, per_channel=True,
-                         weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # the quantiser advises shape pre-processing (static quantisation's)
+    try:
+        with atomic_path(dst) as tmp:
+            quantize_dynamic(str(src), str(tmp), op_types_to_quantize=INT8_OPS, per_channel=True,
+                             weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
 
 
 def int8_name(graph: str) -> str:
