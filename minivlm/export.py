@@ -159,7 +159,10 @@ class VQAGraph(nn.Module):
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
             dynamic: dict[str, dict[int, str]]) -> None:
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    # Traced with autograd on: `fusion.transformer.linear` swaps to a `W @ x.T` form for few-row CPU
+    # inference, and a trace of the (few-row) example would freeze that form into every graph, where
+    # onnxruntime runs it slower and its int8 quantiser cannot use MatMulInteger (3x slower steps here).
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints in shapes: the sizes we mean to fix
         torch.onnx.export(module.eval(), args, str(tmp), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)

@@ -94,6 +94,17 @@ def test_export_folder_lists_every_graph(env):
                      "edge.json", "tags.txt", "vocab.txt", "vqa.int8.onnx", "vqa.onnx"]
 
 
+def test_transformer_weights_are_the_right_hand_matmul_operand(env):
+    """x @ W everywhere (what onnxruntime's int8 MatMulInteger quantises), whatever eager form the trace saw."""
+    import onnx
+
+    for name in ("caption_prefix.onnx", "caption_step.onnx", "vqa.onnx"):
+        graph = onnx.load(str(env[0] / "edge" / name)).graph
+        weights = {t.name for t in graph.initializer}
+        matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
+        assert matmuls and all(n.input[0] not in weights for n in matmuls), name
+
+
 def test_detector_matches_pytorch(env, edge):
     _, model, paths = env
     for t, e in zip(model.regions(paths), edge.regions(paths)):
