@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import nms, roi_align
+from torchvision.ops import roi_align
 
 from minivlm.config import BUTDConfig
 from minivlm.vision.anchors import BoxCoder, clip_boxes, level_anchors
 from minivlm.vision.roi_head import AttributeHead
+from minivlm.vision.rpn import nms_top
 
 STRIDE = 16
 ANCHOR_SIZES = (64, 128, 256, 512)  # 4 scales x 3 ratios = 12 anchors at stride 16
@@ -59,7 +60,7 @@ class BUTD(nn.Module):
         deltas = deltas[0].view(-1, 4, h, w).permute(2, 3, 0, 1).reshape(-1, 4)
         top = scores.topk(min(6000, scores.numel())).indices
         boxes = clip_boxes(self.coder.decode(anchors[top], deltas[top]), *image.shape[-2:])
-        boxes = boxes[nms(boxes, scores[top], 0.7)[: self.cfg.num_proposals]]
+        boxes = boxes[nms_top(boxes, scores[top], 0.7, self.cfg.num_proposals)]  # as TEE's RPN
         rois = torch.cat([boxes.new_zeros(boxes.shape[0], 1), boxes], dim=1)
         pooled = roi_align(feat, rois, self.cfg.roi_size, spatial_scale=1.0 / STRIDE, sampling_ratio=2, aligned=True)
         region, cls_logits, _ = self.box_head(pooled)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, nms, roi_align
+from torchvision.ops import box_iou, roi_align
 
 from minivlm.config import TEEConfig
 from minivlm.vision.anchors import BoxCoder, clip_boxes
-from minivlm.vision.rpn import _subsample
+from minivlm.vision.rpn import _subsample, nms_top
 
 ROI_MAX_LEVEL = 5  # Lin et al. pool RoIs from P2-P5; P6 serves only the RPN's largest anchors
 
@@ -151,7 +151,7 @@ class RoIHead(nn.Module):
             boxes = clip_boxes(self.coder.decode(props, deltas[sl].float()), h, w)
             sc = scores[sl]
             keep = torch.where(sc > cfg.region_score_thresh)[0]
-            keep = keep[nms(boxes[keep], sc[keep], cfg.region_nms_iou)][:max_regions]  # sorted by score
+            keep = keep[nms_top(boxes[keep], sc[keep], cfg.region_nms_iou, max_regions)]  # sorted by score
             out.append(dict(boxes=boxes[keep], scores=sc[keep], labels=labels[sl][keep],
                             features=feat[sl][keep].float(), attributes=attrs[sl][keep], class_probs=probs[sl][keep]))
         return out

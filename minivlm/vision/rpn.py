@@ -79,7 +79,7 @@ class RPN(nn.Module):
             scores = torch.cat(scores)
             keep = remove_small_boxes(boxes, cfg.rpn_min_size)
             boxes, scores = boxes[keep], scores[keep]
-            keep = nms(boxes, scores, cfg.rpn_nms_iou)[: cfg.rpn_post_nms_topk]  # one NMS, all levels
+            keep = nms_top(boxes, scores, cfg.rpn_nms_iou, cfg.rpn_post_nms_topk)  # one NMS, all levels
             out.append(boxes[keep])
         return out
 
@@ -111,6 +111,24 @@ class RPN(nn.Module):
         obj = F.binary_cross_entropy_with_logits(logits[sampled].float(), labels[sampled], reduction="sum") / n
         box = F.smooth_l1_loss(deltas[pos].float(), targets[pos], beta=1 / 9, reduction="sum") / n
         return {"rpn_obj": obj, "rpn_box": box}
+
+
+def nms_top(boxes: Tensor, scores: Tensor, iou: float, k: int) -> Tensor:
+    """The first `k` survivors of greedy NMS (indices, best first), without running NMS over every box.
+
+    Greedy NMS decides about a box from the higher-scoring survivors alone, so NMS over the best-scoring
+    m boxes keeps exactly the survivors that full NMS keeps among them. Once a prefix yields k survivors
+    they are the answer; otherwise the prefix grows (up to all boxes). NMS is quadratic: on TEE-0's
+    ~7,400 candidates at 600 px, full NMS took ~100 ms of a ~600 ms image, the first 4 x 300 ~ 3 ms."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    n = order.numel()
+    m = min(n, 4 * k)
+    while True:
+        sel = order[:m]
+        keep = nms(boxes[sel], scores[sel], iou)
+        if keep.numel() >= k or m == n:
+            return sel[keep[:k]]
+        m = min(n, 4 * m)
 
 
 def _subsample(labels: Tensor, batch: int, pos_fraction: float) -> Tensor:
