@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository instead of this script's folder first on the path: a benchmark named like a standard
+# module (profile.py) would otherwise shadow it for everything that imports it (torch._dynamo -> cProfile).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from minivlm.data.world import World  # noqa: E402
 from minivlm.edge import EdgeMiniVLM  # noqa: E402
