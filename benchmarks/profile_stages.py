@@ -1,6 +1,6 @@
 """Where one image's time goes: image file -> caption through MiniVLM's own code, stage by stage.
 
-    python benchmarks/profile.py [--threads 2] [--warmup 1] [--repeats 5] [--out benchmarks/results/profile.json]
+    python benchmarks/profile_stages.py [--threads 2] [--warmup 1] [--repeats 5] [--out benchmarks/results/profile.json]
 
 The stages are the calls `MiniVLM.caption` makes (TEE-0 on a 600x600 canvas with 300 proposals and 50
 regions, VG's 1600 classes; MiniLM greedy, exactly 20 tokens, KV cache), timed one after another:
@@ -19,7 +19,6 @@ each stage's share of the summed medians.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -27,17 +26,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# This file's name shadows the standard library's `profile`, which torch imports (through cProfile): take
-# this folder off the import path and load the sibling latency.py by its file name instead.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/latency.py: spinning threads on a shared CPU
 
 import torch  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("latency", HERE / "latency.py")
-latency = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(latency)
+import latency  # noqa: E402  (benchmarks/latency.py, this script's folder is on the path)
+
 TEE_SIZE, TOKENS, build_minivlm, make_image = latency.TEE_SIZE, latency.TOKENS, latency.build_minivlm, latency.make_image
 
 from minivlm.data.images import load_image  # noqa: E402
