@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -172,13 +171,19 @@ def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int)
             for k, v in times.items()}
 
 
-def rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    """The process's resident high-water mark. VmHWM, not getrusage's ru_maxrss: a child keeps the ru_maxrss
+    of the parent it was forked from (here 5.5 GB after the batch-32 run), while exec starts a fresh VmHWM."""
+    return _status_mb("VmHWM")
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -288,7 +293,7 @@ def run_probe(name: str, image: Path, batch: int) -> dict:
 def probe_memory(image: Path, threads: int, batches: list[int]) -> dict:
     """Peak memory per model, each in a fresh subprocess (PyTorch's allocator keeps freed memory and
     tracemalloc does not see it, so only the OS's high-water mark of a process running just that model is
-    honest). `peak_rss_mb` is ru_maxrss: everything resident at the worst moment, the Python + PyTorch
+    honest). `peak_rss_mb` is VmHWM: everything resident at the worst moment, the Python + PyTorch
     runtime included; `model_and_run_mb` subtracts the RSS measured after the imports, before the model
     was built (weights + activations + workspace + the libraries loaded lazily)."""
     out = {}
