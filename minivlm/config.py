@@ -176,6 +176,9 @@ class BertConfig:
     max_regions: int = 50  # the paper's cost setting: 50 regions ...
     max_text_len: int = 35  # ... and 35 text tokens
     max_tag_len: int = 20
+    # A detected region names a tag when its class score reaches this (VinVL keeps regions at >= 0.2;
+    # tags are meant to be the objects that are there, so they take a stricter cut).
+    tag_min_score: float = 0.3
     paper_params_m: float | None = None
     paper_gflops: float | None = None
 

@@ -42,6 +42,7 @@ class DemoSize:
     task_batch: int
     scst_steps: int
     report_images: int = 8
+    retrieval_eval_images: int = 50  # x 5 captions each: 12,500 pairs, each a full transformer pass
 
 
 SIZES: dict[str, DemoSize] = {
@@ -130,8 +131,13 @@ class Demo:
         args = ["--task", task, "--data", self.world, "--features", self.features, "--out", self.out / task,
                 "--pretrained", self.pretrain / "model", "--preset", s.bert_preset, "--epochs",
                 s.task_epochs[task], "--batch-size", s.task_batch, "--seed", self.seed]
+        # One held-out split per task (the report reads the test split); retrieval scores every image x
+        # caption pair with a full transformer pass, so its test set is capped at `retrieval_eval_images`.
+        args += ["--eval-split", "test1" if task == "nlvr2" else "test"]
         if task == "nlvr2":
             args += ["--nlvr2-features", self.nlvr2_features]
+        if task == "retrieval":
+            args += ["--max-eval", s.retrieval_eval_images]
         invoke("finetune", *args)
         return read_json(self.out / task / "metrics.json")
 

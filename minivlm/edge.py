@@ -161,6 +161,11 @@ class EdgeRegions:
         """Indices of the k highest scores (the detector's output is already sorted: a prefix)."""
         return np.argsort(-self.scores, kind="stable")[:k]
 
+    def object_tags(self, max_regions: int, min_score: float) -> list[str]:
+        """`minivlm.regions.Regions.object_tags`: confident class names among the top regions, once each."""
+        return list(dict.fromkeys(self.tags[i] for i in self.order(max_regions)
+                                  if self.tags[i] and self.scores[i] >= min_score))
+
 
 def collate_regions(regions: Sequence[EdgeRegions], dim: int, max_regions: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -312,7 +317,7 @@ class EdgeMiniVLM:
         """`build_prefix` with predicted tags: each image's tag names over its top regions, once each."""
         seqs = []
         for r in regions:
-            tags = list(dict.fromkeys(r.tags[i] for i in r.order(cfg["max_regions"]) if r.tags[i]))
+            tags = r.object_tags(cfg["max_regions"], cfg["tag_min_score"])
             ids = self.tokenizer.encode(" ".join(tags), max(0, cfg["max_tag_len"] - 1)) if tags else []
             seqs.append(ids + [self.ids["sep"]] if ids else [])
         tag_ids, tag_mask = pad_rows(seqs, self.ids["pad"])  # >= 1 column: a masked pad adds nothing
@@ -368,7 +373,8 @@ class EdgeMiniVLM:
         tok, seqs, segs = self.tokenizer, [], []
         for r, q in zip(regions, questions):
             text = tok.encode(q or "", max(0, cfg["max_text_len"] - 2))
-            tags = tok.encode(" ".join(t for t in r.tags if t), max(0, cfg["max_tag_len"] - 1))
+            tags = tok.encode(" ".join(r.object_tags(cfg["max_regions"], cfg["tag_min_score"])),
+                              max(0, cfg["max_tag_len"] - 1))
             ids = [self.ids["cls"], *text, self.ids["sep"]]
             seg = [TEXT_SEGMENT] * len(ids)
             if tags:

@@ -32,6 +32,19 @@ class Regions:
         b = b.clamp(0.0, 1.0)
         return torch.cat([b, b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], dim=1)
 
+    def object_tags(self, max_regions: int, min_score: float = 0.0) -> list[str]:
+        """OSCAR's object tags: the class names of the confident regions among the top `max_regions`,
+        highest score first, each name once. Low-scoring regions still enter the transformer as region
+        tokens, but naming them would list nearly every class for every image."""
+        if not self.tags:
+            return []
+        order = torch.argsort(self.scores, descending=True)[:max_regions].tolist()
+        seen: dict[str, None] = {}
+        for i in order:
+            if self.tags[i] and float(self.scores[i]) >= min_score:
+                seen.setdefault(self.tags[i], None)
+        return list(seen)
+
     def top(self, k: int) -> "Regions":
         """The k highest-scoring regions (already sorted stores return a prefix)."""
         order = torch.argsort(self.scores, descending=True)[:k]

@@ -18,7 +18,7 @@ from minivlm.fusion.transformer import MultimodalBert, prefix_causal_mask
 from minivlm.io import save_weights, write_json
 from minivlm.regions import Regions
 from minivlm.tasks.caption import (IGNORE, CachedSteps, CaptionDataset, CaptionModel, FullSteps, ScstObjective, build_prefix,
-                                   mask_captions, predict_captions, train_caption, unique_tags)
+                                   mask_captions, predict_captions, train_caption)
 from minivlm.tasks.decode import SpecialIds, greedy_search
 from minivlm.text.tokenizer import Tokenizer
 
@@ -92,12 +92,13 @@ def mixed_prefix(tok, cfg):
 def test_tags_are_deduplicated_in_score_order(tok):
     r = regions(4, 0, ["dog", "cat", "dog", "tree"])
     r.scores = torch.tensor([0.5, 0.9, 0.8, 0.1])
-    assert unique_tags(r, 10) == ["cat", "dog", "tree"]
-    assert unique_tags(r, 2) == ["cat", "dog"]  # only the regions the transformer sees
+    assert r.object_tags(10) == ["cat", "dog", "tree"]
+    assert r.object_tags(2) == ["cat", "dog"]  # only the regions the transformer sees
+    assert r.object_tags(10, min_score=0.5) == ["cat", "dog"]  # unsure regions name no tag
     cfg = tiny_cfg(tok)
     prefix = build_prefix(tok, [r, regions(2, 1)], cfg)
-    assert tok.decode(prefix.tag_ids[0][prefix.tag_mask[0]].tolist()) == "cat dog tree"
-    assert prefix.tag_ids[0, 3] == tok.sep_id and not prefix.tag_mask[1].any()
+    assert tok.decode(prefix.tag_ids[0][prefix.tag_mask[0]].tolist()) == "cat dog"  # tree: below tag_min_score
+    assert prefix.tag_ids[0, 2] == tok.sep_id and not prefix.tag_mask[1].any()
     assert not build_prefix(tok, [r], cfg, tags="none").tag_mask.any()
 
 

@@ -36,6 +36,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
 from minivlm.errors import DataFormatError, MiniVLMError
+from minivlm.eval.results import rows_to_dict
 from minivlm.io import read_json
 
 # pycocoevalcap is a namespace package (no __init__.py): its folder comes from __path__, not __file__.
@@ -211,16 +212,7 @@ def spice_score(gts: Mapping[Hashable, list[str]], res: Mapping[Hashable, list[s
 # ---------------------------------------------------------------- the COCO caption metrics
 
 def _as_result_dict(results: Sequence[Mapping[str, Any]] | Mapping[Hashable, str]) -> dict[Hashable, str]:
-    if isinstance(results, Mapping):
-        out = dict(results)
-    else:
-        out = {}
-        for i, r in enumerate(results):
-            if not isinstance(r, Mapping) or "image_id" not in r or "caption" not in r:
-                raise ValueError(f"result {i}: expected an object with \"image_id\" and \"caption\"")
-            if r["image_id"] in out:
-                raise ValueError(f"result {i}: image_id {r['image_id']!r} appears twice (one caption per image)")
-            out[r["image_id"]] = r["caption"]
+    out = rows_to_dict(results, "image_id", "caption")
     for iid, cap in out.items():
         if not isinstance(cap, str):
             raise ValueError(f"image_id {iid!r}: caption must be a string, got {type(cap).__name__}")

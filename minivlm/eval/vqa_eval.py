@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from minivlm.errors import DataFormatError
+from minivlm.eval.results import rows_to_dict
 from minivlm.io import read_json
 
 # The official contractions table, including its oddities (capitalised keys can never match a lower-cased
@@ -119,16 +120,7 @@ def vqa_accuracy(results: Sequence[Mapping[str, Any]] | Mapping[Any, str], quest
     an answer and every answer a question, as the official `loadRes` demands.
 
     Returns {"overall", "perQuestionType", "perAnswerType", "n_questions", "per_question"}, in percent."""
-    if isinstance(results, Mapping):
-        answers = dict(results)
-    else:
-        answers = {}
-        for i, r in enumerate(results):
-            if not isinstance(r, Mapping) or "question_id" not in r or "answer" not in r:
-                raise ValueError(f"result {i}: expected an object with \"question_id\" and \"answer\"")
-            if r["question_id"] in answers:
-                raise ValueError(f"result {i}: question_id {r['question_id']} appears twice")
-            answers[r["question_id"]] = r["answer"]
+    answers = rows_to_dict(results, "question_id", "answer")
     by_id = {_field(q, "question_id"): q for q in questions}
     if not by_id:
         raise ValueError("no questions to score")

@@ -142,7 +142,8 @@ def build_batch(tokenizer: Tokenizer, texts: Sequence[str], tags_list: Sequence[
     if len(texts) != len(regions_list):
         raise ValueError(f"{len(texts)} texts but {len(regions_list)} region sets")
     if tags_list is None:
-        tags_list = [r.tags if r is not None else [] for r in regions_list]
+        tags_list = [r.object_tags(max_regions or cfg.max_regions, cfg.tag_min_score) if r is not None else []
+                     for r in regions_list]
     if len(tags_list) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(tags_list)} tag lists")
     max_text_len = max_text_len or cfg.max_text_len

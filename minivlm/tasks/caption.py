@@ -66,18 +66,6 @@ RegionsFn = Callable[[Hashable], Regions]
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def unique_tags(regions: Regions | None, max_regions: int) -> list[str]:
-    """The detector's class names over the regions the transformer sees, highest score first, each once."""
-    if regions is None or len(regions) == 0 or not regions.tags:
-        return []
-    order = torch.argsort(regions.scores, descending=True)[:max_regions].tolist()
-    seen: dict[str, None] = {}
-    for i in order:
-        if regions.tags[i]:
-            seen.setdefault(regions.tags[i], None)
-    return list(seen)
-
-
 @dataclass
 class CaptionPrefix:
     """What a caption is conditioned on: tag tokens and regions, padded per batch."""
@@ -114,7 +102,8 @@ def build_prefix(tokenizer: Tokenizer, regions_list: Sequence[Regions | None], c
     if tags not in TAG_CHOICES:
         raise MiniVLMError(f"tags must be one of {TAG_CHOICES}, got {tags!r}")
     if tags_list is None:
-        tags_list = [unique_tags(r, cfg.max_regions) if tags == "predicted" else [] for r in regions_list]
+        tags_list = [r.object_tags(cfg.max_regions, cfg.tag_min_score) if tags == "predicted" and r is not None else []
+                     for r in regions_list]
     if len(tags_list) != len(regions_list):
         raise ValueError(f"{len(regions_list)} region sets but {len(tags_list)} tag lists")
     seqs = []

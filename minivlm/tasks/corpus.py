@@ -53,11 +53,8 @@ def unique(names: list[str]) -> list[str]:
     return list(seen)
 
 
-def store_tags(store: RegionSource, key: int | str, max_regions: int) -> list[str]:
-    if key not in store:
-        return []
-    regions = store[key]
-    return unique((regions.top(max_regions) if len(regions) > max_regions else regions).tags)
+def store_tags(store: RegionSource, key: int | str, max_regions: int, min_score: float = 0.0) -> list[str]:
+    return store[key].object_tags(max_regions, min_score) if key in store else []
 
 
 def gt_tags(world: World, split: str) -> dict[int, list[str]]:
@@ -85,7 +82,8 @@ def split_texts(world: World, split: str, use_captions: bool = True, use_vqa: bo
 
 
 def build_corpus(world: World, split: str, store: RegionSource, tag_source: str = "gt",
-                 tag_store: RegionSource | None = None, max_regions: int = 50, use_captions: bool = True,
+                 tag_store: RegionSource | None = None, max_regions: int = 50, tag_min_score: float = 0.0,
+                 use_captions: bool = True,
                  use_vqa: bool = True) -> tuple[list[PretrainExample], int]:
     """Examples of one split whose image is in `store`; returns (examples, number skipped for lack of
     features)."""
@@ -109,7 +107,7 @@ def build_corpus(world: World, split: str, store: RegionSource, tag_source: str 
             tags = truth.get(iid, [])
         elif tag_source == "store":
             if iid not in tag_cache:
-                tag_cache[iid] = store_tags(tag_store, iid, max_regions)
+                tag_cache[iid] = store_tags(tag_store, iid, max_regions, tag_min_score)
             tags = tag_cache[iid]
         else:
             tags = []
@@ -118,7 +116,8 @@ def build_corpus(world: World, split: str, store: RegionSource, tag_source: str 
 
 
 def pseudo_caption_corpus(captions_json: str | Path, store: RegionSource, tag_source: str = "store",
-                          max_regions: int = 50, source: int = 1, tag_store: RegionSource | None = None
+                          max_regions: int = 50, source: int = 1, tag_store: RegionSource | None = None,
+                          tag_min_score: float = 0.0
                           ) -> tuple[list[PretrainExample], int]:
     """A teacher's pseudo-captions (COCO captions format) over images of `store`. An image is found in
     the store by its id, or else by its `file_name` (the key `extract --images DIR` gives, which is what
@@ -132,6 +131,6 @@ def pseudo_caption_corpus(captions_json: str | Path, store: RegionSource, tag_so
         if key is None:
             skipped += len(texts)
             continue
-        tags = store_tags(tag_store, key, max_regions) if tag_source != "none" else []
+        tags = store_tags(tag_store, key, max_regions, tag_min_score) if tag_source != "none" else []
         examples += [PretrainExample(key, source, t, tags, "pseudo") for t in texts]
     return examples, skipped

@@ -35,6 +35,7 @@ from minivlm.errors import MiniVLMError
 from minivlm.io import atomic_path, write_json, write_text
 from minivlm.tasks.data import TASKS, init_from_pretrained, pick_split, task_bert_config
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
+from minivlm.train.trainer import Trainer, add_trainer_arguments, distributed_env, read_log
 
 # Per-task defaults at the synthetic world's scale (the paper's real-data recipes are far longer).
 DEFAULT_LR = {"caption": 1e-4, "vqa": 2e-4, "nlvr2": 2e-4, "retrieval": 3e-4}
@@ -95,7 +96,6 @@ class Run:
         from minivlm.data.feature_store import FeatureStore
         from minivlm.data.world import World
         from minivlm.fusion.loading import vocab_of
-        from minivlm.train.trainer import distributed_env
 
         self.setup = setup
         self.rank = distributed_env()[0]
@@ -130,7 +130,6 @@ class Run:
         write_task_config(self.out, self.setup.task, cfg, pretrained=str(self.setup.pretrained or ""), **extra)
 
     def fit(self, model, dataset, collate, eval_fn: Callable | None) -> dict:
-        from minivlm.train.trainer import Trainer
 
         cfg = self.setup.train_config(len(dataset))
         torch.manual_seed(self.setup.seed)
@@ -140,7 +139,6 @@ class Run:
                  f"{cfg.epochs} epoch(s){f', at most {cfg.max_steps} steps' if cfg.max_steps else ''}")
         last = trainer.fit(dataset, collate, eval_fn)
         if "loss" not in last:  # a rerun of a finished run trains no step: report the logged end of training
-            from minivlm.train.trainer import read_log
 
             last = next((e for e in reversed(read_log(self.out / "log.jsonl")) if "loss" in e), last)
         return {k: v for k, v in last.items() if k != "eval"}
@@ -504,21 +502,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "cross-entropy (default 0: none)")
     t = parser.add_argument_group("training")
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--epochs", type=int, help=f"default per task: {DEFAULT_EPOCHS}")
-    t.add_argument("--steps", type=int, help="stop after this many optimizer steps")
-    t.add_argument("--lr", type=float, help=f"AdamW peak learning rate, linear decay (default per task: {DEFAULT_LR})")
-    t.add_argument("--batch-size", type=int, default=32, help="global batch (retrieval: positives; each brings "
-                                                              "--negatives mismatched pairs)")
+    # None: the per-task defaults DEFAULT_EPOCHS / DEFAULT_LR
+    add_trainer_arguments(t, lr=None, batch_help="global batch (retrieval: positives; each brings --negatives "
+                                                 "mismatched pairs)")
     t.add_argument("--eval-batch-size", type=int, default=128)
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--ckpt-every", type=int, default=200)
-    t.add_argument("--eval-every", type=int, help="steps between evaluations on a held-out subset")
-    t.add_argument("--eval-examples", type=int, default=500, help="examples per periodic evaluation")
-    t.add_argument("--workers", type=int, default=0)
-    t.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
 
 
 def setup_from_args(args: argparse.Namespace) -> FinetuneSetup:
@@ -526,14 +513,14 @@ def setup_from_args(args: argparse.Namespace) -> FinetuneSetup:
     if pretrained is not None and not (pretrained / "config.json").is_file():
         raise MiniVLMError(f"{pretrained}: not a pre-trained model folder (no config.json); for `minivlm pretrain "
                            "--out OUT` the folder is OUT/model")
-    for name in ("epochs", "steps", "batch_size", "eval_batch_size", "num_answers"):
+    for name in ("epochs", "max_steps", "batch_size", "eval_batch_size", "num_answers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise MiniVLMError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
     return FinetuneSetup(
         task=args.task, data=Path(args.data), features=Path(args.features), out=Path(args.out), pretrained=pretrained,
         preset=args.preset, nlvr2_features=Path(args.nlvr2_features) if args.nlvr2_features else None,
-        train_split=args.train_split, eval_splits=args.eval_splits, epochs=args.epochs, steps=args.steps, lr=args.lr,
+        train_split=args.train_split, eval_splits=args.eval_splits, epochs=args.epochs, steps=args.max_steps, lr=args.lr,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
         eval_every=args.eval_every, eval_examples=args.eval_examples, max_train=args.max_train,

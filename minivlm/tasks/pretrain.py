@@ -41,6 +41,7 @@ from minivlm.io import write_json, write_text
 from minivlm.regions import Regions
 from minivlm.tasks.corpus import TAG_SOURCES, PretrainExample, RegionSource, build_corpus, pseudo_caption_corpus
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
+from minivlm.train.trainer import Trainer, add_trainer_arguments, distributed_env
 
 IGNORE = -100
 
@@ -243,19 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "shared gradient and ITM stays at chance for hundreds of steps; ~5 lets it rise early")
     t = parser.add_argument_group("training")
     t.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoint/, model/)")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--batch-size", type=int, default=32, help="global batch (paper: 2048)")
-    t.add_argument("--lr", type=float, default=4e-4, help="AdamW peak learning rate, linear decay (paper: 4e-4)")
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--ckpt-every", type=int, default=200)
-    t.add_argument("--eval-every", type=int, help="steps between held-out evaluations (always at the end)")
-    t.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored per evaluation")
-    t.add_argument("--workers", type=int, default=0)
-    t.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    add_trainer_arguments(t, lr=4e-4, epochs=1, batch_help="global batch (paper: 2048)", eval_examples=1000)
 
 
 def _auto_split(world, prefix: str) -> str | None:
@@ -267,7 +256,6 @@ def _auto_split(world, prefix: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from minivlm.data.feature_store import FeatureStore
     from minivlm.data.world import World
-    from minivlm.train.trainer import Trainer, distributed_env
 
     rank = distributed_env()[0]
     say = tqdm.write if rank == 0 else (lambda *_: None)
@@ -289,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.vocab_size = tokenizer.vocab_size
 
     corpus_args = dict(tag_source=args.tags, tag_store=tag_store, max_regions=cfg.max_regions,
+                       tag_min_score=cfg.tag_min_score,
                        use_captions=not args.no_captions, use_vqa=not args.no_vqa)
     examples, skipped = build_corpus(world, train_split, store, **corpus_args)
     stores: list[RegionSource] = [store]
@@ -297,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
             raise MiniVLMError("--extra-captions needs --extra-features (the feature store of those images)")
         extra, extra_skipped = pseudo_caption_corpus(
             args.extra_captions, FeatureStore(args.extra_features), "none" if args.tags == "none" else "store",
-            cfg.max_regions, tag_store=FeatureStore(args.extra_tag_store) if args.extra_tag_store else None)
+            cfg.max_regions, tag_store=FeatureStore(args.extra_tag_store) if args.extra_tag_store else None,
+            tag_min_score=cfg.tag_min_score)
         stores.append(FeatureStore(args.extra_features))
         examples += extra
         say(f"[pretrain] {len(extra)} pseudo-captions from {args.extra_captions} ({extra_skipped} without features)")

@@ -182,7 +182,8 @@ class PairEncoder:
     def __post_init__(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
         caps = tok.encode_batch([t or "" for t in self.texts], max(0, cfg.max_text_len - 2)) if self.texts else []
-        tags = [tok.encode(tags_to_text(r.tags), max(0, cfg.max_tag_len - 1)) for r in self.regions]
+        tags = [tok.encode(tags_to_text(r.object_tags(cfg.max_regions, cfg.tag_min_score)), max(0, cfg.max_tag_len - 1))
+                for r in self.regions]
         self.cap_ids, self.cap_len = _pad(caps, tok.pad_id)
         self.tag_ids, self.tag_len = _pad(tags, tok.pad_id)
         self.feats, self.boxes, self.rmask = collate_regions(list(self.regions), cfg.region_dim, cfg.max_regions)
