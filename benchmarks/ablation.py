@@ -6,13 +6,17 @@ Everything is scaled down to CPU minutes (see SIZES) and run through the same `m
 types. Every finished step leaves a DONE.json, so a killed run continues where it stopped.
 
   Detectors    small   tee-demo trained on the world                               (TEE-0's role)
-               O       tee-demo trained first on a 3x larger, separately generated
+               O       tee-demo trained first on a 2x larger, separately generated
                        detection world, then fine-tuned on the world with --init   (+Objects365 before VG)
                strong  tee-demo-large (TEE-1's shape) with the same two-step chain (TEE-3's role: tagger)
+  Transformer  minilm-l3: MiniLM's width (384/1536/12 heads), 3 layers; "text" rows start from the first
+               three layers of the real MiniLM-L6 checkpoint (the paper's MiniLM init, ref. [59]).
   Table 3      baseline / +O / +O+H (strong tags in pre-training) / +O+H+DD (plus unlabeled images
-               pseudo-captioned by a larger teacher), each: pretrain -> finetune caption, VQA.
-  Table 9      tags none / small-TEE / strong-TEE  x  text-pretrained (MiniLM-L6 weights) / random init.
-  Large/small  strong extractor + bert-demo-large  vs  O extractor + bert-demo, trained the same way.
+               pseudo-captioned by a larger teacher), each: pretrain -> finetune caption, VQA; text init.
+  Table 9      tags none / small-TEE / strong-TEE  x  text-pretrained / random init, on the O extractor's
+               features (the text rows with tags are Table 3's +O and +O+H runs, not run twice).
+  Large/small  strong extractor + bert-demo-large (6/512/2048)  vs  O extractor + minilm-l3, both from
+               random weights, pre-trained with the strong tags, fine-tuned the same way.
 
 Fine-tuning and inference always use the small extractor's own features and tags; the strong tagger and the
 teacher are used only offline, as in the paper. Prints tables and writes OUT/ablation.json.
@@ -39,7 +43,7 @@ class Size:
     images: int
     detection_images: int  # the larger detection set used for the "+O" chain
     unlabeled: int
-    detector_epochs: int
+    detector_epochs: int  # from scratch; each step of a two-step chain gets half
     pretrain_epochs: int
     caption_epochs: int
     vqa_epochs: int
@@ -49,8 +53,9 @@ class Size:
 SIZES = {
     "quick": Size(images=40, detection_images=60, unlabeled=12, detector_epochs=1, pretrain_epochs=1,
                   caption_epochs=1, vqa_epochs=1, batch=16),
-    "default": Size(images=200, detection_images=400, unlabeled=200, detector_epochs=6, pretrain_epochs=3,
-                    caption_epochs=4, vqa_epochs=4, batch=32),
+    # ~35 minutes on 2 idle cores: 5 detectors at 192 px, then 16 transformer runs of ~220 steps each.
+    "default": Size(images=200, detection_images=400, unlabeled=200, detector_epochs=5, pretrain_epochs=2,
+                    caption_epochs=3, vqa_epochs=3, batch=32),
 }
 
 
@@ -73,17 +78,19 @@ class Ablation:
 
     def detector(self, name: str, preset: str, chain: bool) -> Path:
         folder = self.out / f"det_{name}"
-        common = ["--preset", preset, "--epochs", self.size.detector_epochs, "--eval-split", "test",
-                  "--image-size", 256, "--optimizer", "adamw", "--lr", 0.002, "--weight-decay", 1e-4]  # as the demo
+        common = ["--preset", preset, "--eval-split", "test", "--image-size", 192, "--optimizer", "adamw",
+                  "--lr", 0.002, "--weight-decay", 1e-4]  # the demo's recipe at a smaller canvas
+        epochs = self.size.detector_epochs
         if chain:
-            pre = self.out / f"det_{name}_pre"
-            self.step(f"detector {name} (larger set first)", pre,
-                      lambda: invoke("train-detector", "--data", self.det_world, "--out", pre, *common) and None)
-            self.step(f"detector {name}", folder, lambda: _detector_metrics(
-                invoke("train-detector", "--data", self.world, "--out", folder, "--init", pre, *common), folder))
+            pre, half = self.out / f"det_{name}_pre", max(1, epochs // 2)
+            self.step(f"detector {name} (larger set first)", pre, lambda: invoke(
+                "train-detector", "--data", self.det_world, "--out", pre, "--epochs", half, *common) and None)
+            self.step(f"detector {name}", folder, lambda: _detector_metrics(invoke(
+                "train-detector", "--data", self.world, "--out", folder, "--init", pre, "--epochs", half, *common),
+                folder))
         else:
             self.step(f"detector {name}", folder, lambda: _detector_metrics(
-                invoke("train-detector", "--data", self.world, "--out", folder, *common), folder))
+                invoke("train-detector", "--data", self.world, "--out", folder, "--epochs", epochs, *common), folder))
         return folder
 
     def features(self, det: Path, name: str, images: Path | None = None) -> Path:
@@ -93,7 +100,7 @@ class Ablation:
         return store
 
     # -- one transformer run: pretrain -> caption + VQA -------------------------------------------------
-    def run(self, name: str, seed: int, features: Path, preset: str = "bert-demo", tags: str = "store",
+    def run(self, name: str, seed: int, features: Path, preset: str = "minilm-l3", tags: str = "store",
             tag_store: Path | None = None, init_text: Path | None = None, extra: list | None = None) -> dict:
         root = self.out / "runs" / f"{name}-s{seed}"
         pre = root / "pretrain"
@@ -133,8 +140,11 @@ class Ablation:
                                   ((det_small, "small"), (det_o, "O"), (det_strong, "strong")))
         detectors = {n: read_json(self.out / f"det_{n}" / "DONE.json").get("map50") for n in ("small", "O", "strong")}
 
+        from minivlm.text.tokenizer import minilm_checkpoint_path
+
+        text = minilm_checkpoint_path()
         # Large model (also the data-distillation teacher): strong extractor + larger transformer.
-        large = self.repeat("large", features=f_strong, preset="bert-demo-large")
+        large = self.repeat("large", features=f_strong, preset="bert-demo-large", tag_store=f_strong)
         teacher = self.out / "teacher"
         first = self.out / "runs" / f"large-s{self.seeds[0]}"
         self.step("teacher model folder", teacher, lambda: _assemble(det_strong, first / "caption", teacher))
@@ -145,21 +155,21 @@ class Ablation:
         unl_strong = self.features(det_strong, "unlabeled_strong", self.world / "unlabeled")
 
         table3 = {
-            "baseline": self.repeat("baseline", features=f_small),
-            "+O": self.repeat("O", features=f_o),
-            "+O+H": self.repeat("O_H", features=f_o, tag_store=f_strong),
-            "+O+H+DD": self.repeat("O_H_DD", features=f_o, tag_store=f_strong, extra=[
+            "baseline": self.repeat("baseline", features=f_small, init_text=text),
+            "+O": self.repeat("O", features=f_o, init_text=text),
+            "+O+H": self.repeat("O_H", features=f_o, tag_store=f_strong, init_text=text),
+            "+O+H+DD": self.repeat("O_H_DD", features=f_o, tag_store=f_strong, init_text=text, extra=[
                 "--extra-captions", pseudo, "--extra-features", unl_o, "--extra-tag-store", unl_strong]),
         }
-        from minivlm.text.tokenizer import minilm_checkpoint_path
-
-        table9 = {}
-        for init, init_text in (("text", minilm_checkpoint_path()), ("random", None)):
-            for tags, tag_args in (("no tag", {"tags": "none"}), ("small TEE", {}),
-                                   ("strong TEE", {"tag_store": f_strong})):
-                table9[f"{init} / {tags}"] = self.repeat(f"t9_{init}_{tags.split()[0]}", features=f_o,
-                                                         preset="minilm-l6", init_text=init_text, **tag_args)
-        small = table3["+O+H"]
+        table9 = {
+            "text / no tag": self.repeat("t9_text_none", features=f_o, tags="none", init_text=text),
+            "text / small TEE": table3["+O"],
+            "text / strong TEE": table3["+O+H"],
+            "random / no tag": self.repeat("t9_random_none", features=f_o, tags="none"),
+            "random / small TEE": self.repeat("t9_random_small", features=f_o),
+            "random / strong TEE": self.repeat("t9_random_strong", features=f_o, tag_store=f_strong),
+        }
+        small = table9["random / strong TEE"]  # trained as `large` is: random weights, strong tags
         comparison = _large_vs_small(large, small)
         report = {"size": asdict(self.size), "seeds": self.seeds, "detector_map50": detectors, "table3": table3,
                   "table9": table9, "large": large, "large_vs_small": comparison,
@@ -203,7 +213,7 @@ def _large_vs_small(large: dict, small: dict) -> dict:
     # Counted as `minivlm cost` counts (Visual Genome-sized heads, 300 proposals), at the demo's canvas and
     # the demo transformer's lengths (20 regions, 24 text tokens).
     out = {}
-    for name, tee, bert in (("large", "tee-demo-large", "bert-demo-large"), ("small", "tee-demo", "bert-demo")):
+    for name, tee, bert in (("large", "tee-demo-large", "bert-demo-large"), ("small", "tee-demo", "minilm-l3")):
         total = next(r for r in tee_cost_rows(tee) if r.component == "total")
         cfg = get_bert(bert)
         params, macs = fusion_cost(cfg, cfg.max_regions, cfg.max_text_len)

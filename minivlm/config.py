@@ -196,6 +196,8 @@ BERT_PRESETS: dict[str, BertConfig] = {
     # text-initialised rows of Table 9 can load every layer; and a wider, deeper "large" transformer for
     # the large-vs-small comparison at CPU scale (BERT-base itself is one flag away).
     "minilm-l6": BertConfig("minilm-l6", 6, 384, 1536, 12, max_regions=20, max_text_len=24, max_tag_len=12),
+    # Its first three layers: MiniLM's width at a CPU ablation's budget (`--init-text` loads layers 0-2).
+    "minilm-l3": BertConfig("minilm-l3", 3, 384, 1536, 12, max_regions=20, max_text_len=24, max_tag_len=12),
     "bert-demo-large": BertConfig("bert-demo-large", 6, 512, 2048, 8, max_regions=20, max_text_len=24,
                                   max_tag_len=12),
 }

@@ -5,8 +5,8 @@
     model.answer(["photo.jpg"], ["what color is the star?"])
 
 Needs only numpy, onnxruntime, tokenizers and Pillow; nothing here imports torch, directly or through
-another minivlm module (the test suite checks `sys.modules`). So the image loading and letterboxing of
-`minivlm.data.images` / `minivlm.vision.tee`, the input layout of `minivlm.fusion.inputs` /
+another minivlm module (the test suite checks `sys.modules`). Images are opened by the torch-free
+`minivlm.data.images`; the letterboxing of `minivlm.vision.tee`, the input layout of `minivlm.fusion.inputs` /
 `minivlm.tasks.caption.build_prefix` and the greedy search of `minivlm.tasks.decode` are restated here in
 numpy, step for step; tests/test_export.py holds them to the PyTorch originals.
 
@@ -18,109 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import PIL
-from PIL import Image, ImageOps
+from PIL import Image
 
-from minivlm.errors import DataFormatError, ImageError, MiniVLMError
+from minivlm.data.images import image_to_array, load_image
+from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.text.tokenizer import Tokenizer
 
 EDGE_FORMAT = "minivlm-edge"  # = minivlm.export.EDGE_FORMAT (that module imports torch)
-MAX_PIXELS = 100_000_000  # = minivlm.data.images.MAX_PIXELS
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)[:, None, None]
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
 TEXT_SEGMENT, TAG_SEGMENT = 0, 1
 DEFAULT_MAX_LEN = 20
 
 
 # ---------------------------------------------------------------------------------------------- images
-
-
-def load_image(src: str | Path | Image.Image) -> Image.Image:
-    """An upright RGB image, exactly as `minivlm.data.images.load_image` makes it."""
-    if isinstance(src, Image.Image):
-        return _to_rgb(src, "<PIL image>")
-    path = Path(src)
-    if not path.is_file():
-        raise ImageError(f"{path}: image file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                _check_size(im, path)
-                im.load()
-                return _to_rgb(im, path)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path}: image too large ({err})") from None
-    except PIL.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file PIL can identify") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ImageError(f"{path}: cannot decode image ({err})") from None
-
-
-def _check_size(im: Image.Image, name: Any) -> None:
-    w, h = im.size
-    if w <= 0 or h <= 0:
-        raise ImageError(f"{name}: empty image ({w}x{h})")
-    if w * h > MAX_PIXELS:
-        raise ImageError(f"{name}: image too large ({w}x{h} > {MAX_PIXELS} pixels)")
-
-
-def _to_rgb(im: Image.Image, name: Any) -> Image.Image:
-    # Transparency on white, 16/32-bit grey scaled (not clipped) to 8 bits: see minivlm.data.images.
-    _check_size(im, name)
-    try:
-        im = ImageOps.exif_transpose(im) or im
-    except Exception:
-        pass
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        im = _grey_to_8bit(im)
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    try:
-        if im.mode == "La":
-            im = im.convert("LA")
-        if im.mode in ("RGBA", "LA", "PA", "RGBa"):
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return im.convert("RGB") if im.mode != "RGB" else im.copy()
-    except ValueError as err:
-        raise ImageError(f"{name}: cannot convert mode {im.mode} to RGB ({err})") from None
-
-
-def _grey_to_8bit(im: Image.Image) -> Image.Image:
-    a = np.asarray(im).astype(np.float64)
-    if im.mode.startswith("I;16"):
-        a = a / 257.0
-    elif im.mode == "I" and a.min() >= 0 and a.max() <= 65535:
-        a = a if a.max() <= 255 else a / 257.0
-    elif im.mode == "F" and a.min() >= 0 and a.max() <= 1:
-        a = a * 255.0
-    else:
-        a = np.nan_to_num(a)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-
-
-def image_to_array(img: Image.Image, size: int) -> tuple[np.ndarray, float]:
-    """`minivlm.data.images.image_to_tensor(img, size, stride=1)` in numpy: longest side to `size`,
-    ImageNet-normalised, [3, h, w] float32, and the scale from original to resized pixels."""
-    w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    x = (np.asarray(img, dtype=np.float32) / 255.0).transpose(2, 0, 1)
-    return (x - IMAGENET_MEAN) / IMAGENET_STD, scale
 
 
 def letterbox(image: str | Path | Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int], float, tuple[int, int]]:

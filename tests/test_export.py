@@ -59,9 +59,9 @@ def edge(env):
     return EdgeMiniVLM(env[0] / "edge", threads=1, batch_size=3)  # batches of 3: one full, one partial
 
 
-def test_preprocessing_matches_torch_exactly(tmp_path):
+def test_letterbox_matches_torch_exactly(tmp_path):
+    # Both paths open images with minivlm.data.images; the numpy canvas must equal the torch one.
     from minivlm import edge
-    from minivlm.data.images import image_to_tensor, load_image
     from minivlm.vision.tee import letterbox, pad_to_canvas
 
     rng = np.random.default_rng(1)
@@ -73,11 +73,6 @@ def test_preprocessing_matches_torch_exactly(tmp_path):
     for i, im in enumerate(images):
         im.save(tmp_path / f"{i}.png")
         for src in (im, tmp_path / f"{i}.png"):
-            a, b = load_image(src), edge.load_image(src)
-            assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
-            t, scale = image_to_tensor(a, 128, stride=1)
-            x, s = edge.image_to_array(b, 128)
-            assert s == scale and np.array_equal(t.numpy(), x)
             canvas, hw, s, size = edge.letterbox(src, 128)
             lt, ls, lsize = letterbox(src, 128)
             assert np.array_equal(pad_to_canvas([lt], 128).numpy(), canvas)

@@ -1,8 +1,9 @@
 """The one place images are opened and turned into model input.
 
 `load_image` takes any file PIL reads (any size, any mode, EXIF-rotated, 16-bit) and returns an upright
-RGB image, or raises `ImageError` naming the file and the reason. `image_to_tensor` resizes and pads it
-for TEE-X.
+RGB image, or raises `ImageError` naming the file and the reason. `image_to_array` resizes and normalises
+it in numpy and `image_to_tensor` pads that for TEE-X. Nothing here imports torch at import time, so the
+torch-free ONNX Runtime path (`minivlm.edge`) opens images with this very code.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import math
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import PIL
-import torch
 from PIL import Image, ImageOps
 
 from minivlm.errors import ImageError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_PIXELS = 100_000_000  # beyond this a "photo" is a decompression bomb or a scan we should not decode
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)[:, None, None]
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
 
 # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; load_image turns the warning into an
 # error, so every image above MAX_PIXELS is refused from its header, before any decoding.
@@ -111,15 +116,23 @@ def image_to_tensor(img: Image.Image | str | Path, size: int, stride: int = 64) 
     Returns (tensor [3, H, W] float32, scale). Boxes predicted on the resized image map back to the
     original image by `orig = resized / scale` (the padding is bottom/right, so no offset).
     """
-    img = load_image(img)
+    import torch
+
+    x, scale = image_to_array(load_image(img), size)
+    nh, nw = x.shape[1:]
+    ph, pw = math.ceil(nh / stride) * stride, math.ceil(nw / stride) * stride
+    out = torch.zeros(3, ph, pw, dtype=torch.float32)
+    out[:, :nh, :nw] = torch.from_numpy(x)
+    return out, scale
+
+
+def image_to_array(img: Image.Image, size: int) -> tuple[np.ndarray, float]:
+    """An RGB image with its longest side resized to `size` (aspect kept, bilinear), ImageNet-normalised:
+    ([3, h, w] float32, scale from original to resized pixels). No padding."""
     w, h = img.size
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    ph, pw = math.ceil(nh / stride) * stride, math.ceil(nw / stride) * stride
-    out = torch.zeros(3, ph, pw, dtype=torch.float32)
-    out[:, :nh, :nw] = x
-    return out, scale
+    x = (np.asarray(img, dtype=np.float32) / 255.0).transpose(2, 0, 1)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD, scale
