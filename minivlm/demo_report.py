@@ -71,6 +71,8 @@ def _curves(demo: "Demo", pics: Path) -> list[str]:
     blocks = []
     for name, folder in [("detector", demo.detector), ("pretrain", demo.pretrain),
                          *[(t, demo.out / t) for t in ("caption", "vqa", "nlvr2", "retrieval")]]:
+        if (folder / "ce" / "log.jsonl").is_file():  # captioning logs its cross-entropy stage apart from SCST
+            folder = folder / "ce"
         log = [e for e in read_log(folder / "log.jsonl") if "loss" in e]
         if not log:
             continue
@@ -187,14 +189,18 @@ def _copy(path: Path, pics: Path, out: Path) -> str:
 def _cost_table(model, image_path: Path) -> str:
     from minivlm.cost import all_rows, count_macs, count_params
     from minivlm.data.images import load_image
+    from minivlm.fusion.cost import fusion_cost
 
     image = load_image(image_path)
     det = model.detector
     rows = [{"model": f"used: {det.cfg.name}", "component": "extractor", "params_m": count_params(det) / 1e6,
              "gflops": count_macs(lambda: det.extract([image])) / 1e9, "setting": f"{det.cfg.image_size}px canvas"}]
     for task, m in model.tasks.items():
-        rows.append({"model": f"used: {task}", "component": "transformer + head",
-                     "params_m": count_params(m) / 1e6, "gflops": None, "setting": ""})
+        cfg = m.cfg
+        _, macs = fusion_cost(cfg, cfg.max_regions, cfg.max_text_len)
+        rows.append({"model": f"used: {task} ({cfg.name})", "component": "transformer + head",
+                     "params_m": count_params(m) / 1e6, "gflops": macs / 1e9,
+                     "setting": f"one pass, {cfg.max_regions} regions + {cfg.max_text_len} tokens"})
     for r in all_rows():
         if r.component in ("total", "transformer"):
             rows.append({"model": r.model, "component": r.component, "params_m": r.params_m, "gflops": r.gflops,
