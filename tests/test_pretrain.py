@@ -260,3 +260,34 @@ def test_pretrain_command_learns_resumes_and_saves(world, tmp_path, capsys):
     val, _ = build_corpus(World(root), "val", store, tag_source="gt")
     batches = fixed_batches(PretrainDataset(val, [store]), PretrainCollator(get_tokenizer(), cfg), 8, 16, seed=1234)
     assert abs(evaluate(model, batches)["mlm_acc"] - result["eval"]["mlm_acc"]) < 1e-6
+
+
+def test_pretrain_on_the_fly_from_image_files(tmp_path):
+    # `--detector` instead of `--features`: regions come from running the detector on the world's images,
+    # and they are the very regions `minivlm extract` would have stored.
+    import dataclasses
+
+    from minivlm.config import get_tee
+    from minivlm.data.synthetic import generate_world
+    from minivlm.vision.extract import OnTheFlyRegions, world_sources
+    from minivlm.vision.tee import TEE, save_detector
+
+    generate_world(tmp_path / "w", images=12, seed=0, workers=1)
+    w = World(tmp_path / "w")
+    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=128, fpn_channels=16, fpn_layers=1,
+                              rpn_pre_nms_topk=100, rpn_post_nms_topk=20, max_regions=6, region_dim=16)
+    torch.manual_seed(0)
+    detector = TEE(cfg, w.class_names(), w.attribute_names())
+    save_detector(detector, tmp_path / "det")
+    out = tmp_path / "run"
+    assert cli_main(["pretrain", "--data", str(tmp_path / "w"), "--detector", str(tmp_path / "det"), "--out", str(out),
+                     "--preset", "bert-demo", "--tags", "store", "--batch-size", "4", "--max-steps", "2",
+                     "--eval-examples", "4"]) == 0
+    assert [e["step"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e][-1] == 2
+    assert read_bert_config(out / "model").region_dim == 16
+    iid, path = world_sources(tmp_path / "w")[0]
+    fly = OnTheFlyRegions(detector, world_sources(tmp_path / "w"))
+    assert iid in fly and -1 not in fly
+    direct = detector.extract([path])[0]
+    assert torch.equal(fly[iid].boxes, direct.boxes) and fly[iid].tags == direct.tags
+    assert torch.allclose(fly[iid].features.float(), direct.features, atol=1e-2)

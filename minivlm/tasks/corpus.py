@@ -18,22 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from minivlm.data.readers import read_coco_captions
 from minivlm.data.world import World
 from minivlm.errors import MiniVLMError
-from minivlm.regions import Regions
+from minivlm.tasks.data import RegionSource
 
 TAG_SOURCES = ("gt", "store", "none")
-
-
-class RegionSource(Protocol):
-    """A feature store (or anything keyed by image id that returns Regions)."""
-
-    def __contains__(self, key: object) -> bool: ...
-
-    def __getitem__(self, key) -> Regions: ...
 
 
 @dataclass

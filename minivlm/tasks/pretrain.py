@@ -221,7 +221,10 @@ def evaluate(model: PretrainModel, batches: Sequence[FusionBatch]) -> dict[str, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = parser.add_argument_group("data")
     d.add_argument("--data", required=True, help="dataset root (COCO-style annotations/, vqa/)")
-    d.add_argument("--features", required=True, help="feature store of the dataset's images (`minivlm extract`)")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", help="feature store of the dataset's images (`minivlm extract`)")
+    src.add_argument("--detector", help="a detector folder (`minivlm train-detector`): extract regions on the "
+                                        "fly from the image files instead of reading a feature store")
     d.add_argument("--val-features", help="feature store of the validation images (default: --features)")
     d.add_argument("--train-split", help="default: the dataset's train* split")
     d.add_argument("--val-split", help="default: the dataset's val* split; 'none' to skip held-out evaluation")
@@ -264,7 +267,14 @@ def run(args: argparse.Namespace) -> int:
     if train_split is None:
         raise MiniVLMError(f"{world.root}: no train* split found (annotations/captions_train*.json or vqa/)")
     val_split = None if args.val_split == "none" else (args.val_split or _auto_split(world, "val"))
-    store = FeatureStore(args.features)
+    if args.detector:
+        from minivlm.vision.extract import OnTheFlyRegions, world_sources
+        from minivlm.vision.tee import load_detector
+
+        store = OnTheFlyRegions(load_detector(args.detector), world_sources(args.data))
+        say(f"[pretrain] regions extracted on the fly by {args.detector} (kept in memory once computed)")
+    else:
+        store = FeatureStore(args.features)
     tag_store = FeatureStore(args.tag_store) if args.tag_store else None
 
     cfg = get_bert(args.preset)
@@ -292,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         examples += extra
         say(f"[pretrain] {len(extra)} pseudo-captions from {args.extra_captions} ({extra_skipped} without features)")
     if not examples:
-        raise MiniVLMError(f"{args.features}: none of the {train_split} images has features in this store")
+        raise MiniVLMError(f"{args.features or args.detector}: none of the {train_split} images has regions there")
     say(f"[pretrain] {train_split}: {len(examples)} examples, tags={args.tags}"
         + (f" ({skipped} skipped: image not in the feature store)" if skipped else ""))
     task = PretrainTaskConfig(itm_weight=args.itm_weight)

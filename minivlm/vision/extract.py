@@ -1,6 +1,8 @@
 """`minivlm extract`: images -> top-K regions per image (boxes, 1024-d features, tags) in a feature store.
 
 The paper's setting: region features are extracted once, offline, and the transformer trains on them.
+`OnTheFlyRegions` is the other way: the detector runs when an image's regions are first asked for
+(`minivlm pretrain --detector`), for when storing features is not worth it.
 Sources are the splits of a World (keys: COCO image ids) or a folder of images (keys: paths relative to
 the folder). Under torchrun every rank takes its own share of the images (each image exactly once) and
 writes its own shards; a rerun skips the images that complete shards already hold.
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 from minivlm.data.feature_store import FeatureStoreWriter
 from minivlm.data.world import World
 from minivlm.errors import ImageError, MiniVLMError
+from minivlm.regions import Regions
 from minivlm.vision.tee import TEE, letterbox, load_detector, pad_to_canvas
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -83,6 +86,39 @@ def extract_to_store(model: TEE, sources: list[tuple[int | str, Path]], store: s
     for key, reason in failed:
         tqdm.write(f"[extract] skipped {key}: {reason}")
     return {"written": written, "skipped_done": mine - len(todo), "failed": failed}
+
+
+class OnTheFlyRegions:
+    """A region source (like a `FeatureStore`) that runs the detector on the image file when its regions are
+    first read, and keeps them: pre-training revisits every image every epoch, and a demo-sized image's
+    regions are ~40 kB in float16. Keys are those of `world_sources` / `folder_sources`."""
+
+    def __init__(self, detector: TEE, sources: list[tuple[int | str, Path]], max_regions: int | None = None):
+        self.detector = detector.eval()
+        self.paths = dict(sources)
+        self.max_regions = max_regions
+        self.feature_dim = detector.cfg.region_dim
+        self.root = f"on-the-fly {detector.cfg.name}"
+        self._cache: dict[int | str, Regions] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def keys(self) -> list[int | str]:
+        return list(self.paths)
+
+    def __getitem__(self, key: int | str) -> Regions:
+        if key not in self._cache:
+            if key not in self.paths:
+                raise KeyError(key)
+            with torch.no_grad():
+                r = self.detector.extract([self.paths[key]], max_regions=self.max_regions)[0]
+            r.features = r.features.half()  # as a feature store keeps them
+            self._cache[key] = r
+        return self._cache[key]
 
 
 def add_arguments(parser) -> None:
