@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -171,6 +172,12 @@ def test_itm_pollution(tok):
     assert abs(text_swaps / len(polluted) - 0.5) < 0.06
     batch = PretrainCollator(tok, TINY)(items[:32], g)
     assert batch.itm_labels.tolist() == [it.polluted for it in items[:32]]
+    # A question names what it asks about, present or not: VQA text is MLM-only unless asked otherwise.
+    questions = [dataclasses.replace(e, kind="vqa") for e in examples]
+    ds_q = PretrainDataset(questions, [regions])
+    assert {ds_q.item(i % n_images, g).polluted for i in range(200)} == {IGNORE}
+    ds_q = PretrainDataset(questions, [regions], PretrainTaskConfig(itm_on_questions=True))
+    assert {ds_q.item(i % n_images, g).polluted for i in range(200)} == {0, 1}
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -226,7 +233,9 @@ def test_model_losses_and_eval(world, tok):
     # an untrained model: MLM loss near ln(vocab), ITM near ln 2
     result = evaluate(model, batches)
     assert abs(result["mlm_loss"] - torch.log(torch.tensor(30522.0))) < 1.0
-    assert abs(result["itm_loss"] - 0.693) < 0.2 and result["itm_pairs"] == 20
+    judged = sum(int((b.itm_labels != IGNORE).sum()) for b in batches)
+    assert abs(result["itm_loss"] - 0.693) < 0.2 and result["itm_pairs"] == judged
+    assert 0 < judged < 20  # the val corpus's VQA question + answer texts are not judged in ITM
 
 
 def test_pretrain_command_learns_resumes_and_saves(world, tmp_path, capsys):
@@ -265,7 +274,6 @@ def test_pretrain_command_learns_resumes_and_saves(world, tmp_path, capsys):
 def test_pretrain_on_the_fly_from_image_files(tmp_path):
     # `--detector` instead of `--features`: regions come from running the detector on the world's images,
     # and they are the very regions `minivlm extract` would have stored.
-    import dataclasses
 
     from minivlm.config import get_tee
     from minivlm.data.synthetic import generate_world

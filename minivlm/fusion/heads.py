@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivlm.config import BertConfig
-from minivlm.fusion.transformer import init_bert_weights
+from minivlm.fusion.transformer import init_bert_weights, linear
 
 
 class MLMHead(nn.Module):
@@ -29,7 +29,8 @@ class MLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., vocab] logits."""
-        return self.decoder(self.LayerNorm(F.gelu(self.dense(hidden))))
+        # `linear`: a decoding step reads this 30522-word layer for one row; see fusion.transformer.linear.
+        return linear(self.decoder, self.LayerNorm(F.gelu(linear(self.dense, hidden))))
 
 
 class Pooler(nn.Module):

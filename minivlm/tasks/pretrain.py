@@ -87,7 +87,7 @@ class PretrainItem:
     regions: Regions
     text: str
     tags: list[str]
-    polluted: int  # ITM label: 1 when the text or the tags come from another image
+    polluted: int  # ITM label: 1 when the text or the tags come from another image, IGNORE: no ITM
     image: tuple[int, int | str]  # (store, key) of the regions
     text_image: tuple[int, int | str]  # the image the text describes
     tags_image: tuple[int, int | str]  # the image the tags belong to
@@ -123,7 +123,9 @@ class PretrainDataset(Dataset):
         ex = self.examples[i]
         me = (ex.source, ex.image_key)
         text, tags, text_image, tags_image, polluted = ex.text, ex.tags, me, me, 0
-        if float(torch.rand((), generator=generator)) < self.task.itm_pollute_prob:
+        if ex.kind == "vqa" and not self.task.itm_on_questions:
+            polluted = IGNORE
+        elif float(torch.rand((), generator=generator)) < self.task.itm_pollute_prob:
             other = None
             if ex.tags and float(torch.rand((), generator=generator)) >= self.task.pollute_caption_frac:
                 # the other tags must name something this image lacks, or the "polluted" pair is true
@@ -172,18 +174,20 @@ class PretrainModel(nn.Module):
         chosen = batch.mlm_labels != IGNORE
         logits, labels = self.mlm(text[chosen]), batch.mlm_labels[chosen]
         itm_logits = self.itm(hidden)
+        judged = batch.itm_labels != IGNORE
         return {
             "mlm_loss_sum": F.cross_entropy(logits.float(), labels, reduction="sum"),
             "mlm_correct": (logits.argmax(-1) == labels).sum(),
             "mlm_count": chosen.sum(),
-            "itm_loss_sum": F.cross_entropy(itm_logits.float(), batch.itm_labels, reduction="sum"),
-            "itm_correct": (itm_logits.argmax(-1) == batch.itm_labels).sum(),
-            "itm_count": torch.tensor(len(batch), device=hidden.device),
+            "itm_loss_sum": F.cross_entropy(itm_logits.float(), batch.itm_labels, reduction="sum",
+                                            ignore_index=IGNORE),
+            "itm_correct": (itm_logits.argmax(-1) == batch.itm_labels)[judged].sum(),
+            "itm_count": judged.sum(),
         }
 
     def forward(self, batch: FusionBatch) -> dict[str, torch.Tensor]:
         s = self.scores(batch)
-        n_mlm, n_itm = s["mlm_count"].clamp(min=1), s["itm_count"]
+        n_mlm, n_itm = s["mlm_count"].clamp(min=1), s["itm_count"].clamp(min=1)
         mlm_loss, itm_loss = s["mlm_loss_sum"] / n_mlm, s["itm_loss_sum"] / n_itm
         return {"loss": mlm_loss + self.itm_weight * itm_loss, "mlm_loss": mlm_loss.detach(), "itm_loss": itm_loss.detach(),
                 "mlm_acc": s["mlm_correct"] / n_mlm, "itm_acc": s["itm_correct"] / n_itm}
@@ -242,6 +246,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--preset", default="minilm", choices=list(BERT_PRESETS), help="transformer shape (Table 2)")
     m.add_argument("--init-text", help="text-pretrained BERT/MiniLM folder to start from (default: random)")
     m.add_argument("--dropout", type=float, help="override the preset's dropout")
+    m.add_argument("--itm-on-questions", action="store_true",
+                   help="also judge (and pollute) VQA question + answer text in ITM (default: MLM only)")
     m.add_argument("--itm-weight", type=float, default=1.0,
                    help="loss = MLM + w * ITM (OSCAR: 1). From scratch at small batch sizes MLM dominates the "
                         "shared gradient and ITM stays at chance for hundreds of steps; ~5 lets it rise early")
@@ -305,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         raise MiniVLMError(f"{args.features or args.detector}: none of the {train_split} images has regions there")
     say(f"[pretrain] {train_split}: {len(examples)} examples, tags={args.tags}"
         + (f" ({skipped} skipped: image not in the feature store)" if skipped else ""))
-    task = PretrainTaskConfig(itm_weight=args.itm_weight)
+    task = PretrainTaskConfig(itm_weight=args.itm_weight, itm_on_questions=args.itm_on_questions)
     train_set = PretrainDataset(examples, stores, task)
     collator = PretrainCollator(tokenizer, cfg, task)
 
