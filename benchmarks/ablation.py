@@ -43,7 +43,8 @@ class Size:
     images: int
     detection_images: int  # the larger detection set used for the "+O" chain
     unlabeled: int
-    detector_epochs: int  # from scratch; each step of a two-step chain gets half
+    detector_epochs: int  # from scratch on the world
+    chain_epochs: int  # each step of a two-step chain (larger detection world first, then the world)
     pretrain_epochs: int
     caption_epochs: int
     vqa_epochs: int
@@ -51,11 +52,12 @@ class Size:
 
 
 SIZES = {
-    "quick": Size(images=40, detection_images=60, unlabeled=12, detector_epochs=1, pretrain_epochs=1,
-                  caption_epochs=1, vqa_epochs=1, batch=16),
-    # ~35 minutes on 2 idle cores: 5 detectors at 192 px, then 16 transformer runs of ~220 steps each.
-    "default": Size(images=200, detection_images=400, unlabeled=200, detector_epochs=5, pretrain_epochs=2,
-                    caption_epochs=3, vqa_epochs=3, batch=32),
+    "quick": Size(images=40, detection_images=60, unlabeled=12, detector_epochs=1, chain_epochs=1,
+                  pretrain_epochs=1, caption_epochs=1, vqa_epochs=1, batch=16),
+    # ~40 minutes on 2 idle cores: 5 detectors at 192 px (~250-320 steps each: fewer leave TEE untrained),
+    # then 18 transformer runs of ~200 steps each.
+    "default": Size(images=200, detection_images=400, unlabeled=200, detector_epochs=14, chain_epochs=5,
+                    pretrain_epochs=2, caption_epochs=3, vqa_epochs=3, batch=32),
 }
 
 
@@ -82,7 +84,7 @@ class Ablation:
                   "--lr", 0.002, "--weight-decay", 1e-4]  # the demo's recipe at a smaller canvas
         epochs = self.size.detector_epochs
         if chain:
-            pre, half = self.out / f"det_{name}_pre", max(1, epochs // 2)
+            pre, half = self.out / f"det_{name}_pre", self.size.chain_epochs
             self.step(f"detector {name} (larger set first)", pre, lambda: invoke(
                 "train-detector", "--data", self.det_world, "--out", pre, "--epochs", half, *common) and None)
             self.step(f"detector {name}", folder, lambda: _detector_metrics(invoke(

@@ -43,7 +43,7 @@ class DemoSize:
     scst_steps: int
     caption_mask_prob: float = 0.4  # paper 0.15; more predicted tokens per step on a CPU budget
     report_images: int = 8
-    retrieval_eval_images: int = 50  # x 5 captions each: 12,500 pairs, each a full transformer pass
+    retrieval_eval_images: int = 40  # x 5 captions each: 8,000 pairs, each a full transformer pass
 
 
 SIZES: dict[str, DemoSize] = {
@@ -56,7 +56,7 @@ SIZES: dict[str, DemoSize] = {
     "default": DemoSize(images=800, unlabeled=0, nlvr2_pairs=300, detector_preset="tee-demo",
                         detector_image_size=256, detector_epochs=5, detector_lr=0.002,
                         bert_preset="bert-demo", pretrain_epochs=4, pretrain_batch=32,
-                        task_epochs={"caption": 6, "vqa": 5, "nlvr2": 8, "retrieval": 2}, task_batch=32,
+                        task_epochs={"caption": 4, "vqa": 4, "nlvr2": 6, "retrieval": 2}, task_batch=32,
                         scst_steps=0),
     # The paper's shapes (TEE-0 + MiniLM 12/384/1536) on the same world: the point is the architecture,
     # not the scale; see the README for how long it takes here.
