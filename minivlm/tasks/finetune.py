@@ -505,7 +505,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "predictions per step train faster on a CPU budget)")
     m.add_argument("--scst-steps", type=int, default=0, help="caption: CIDEr-D optimisation (SCST) steps after "
                                                              "cross-entropy (default 0: none)")
-    t = parser.add_argument_group("training")
+    t = parser.add_argument_group("training", f"--epochs and --lr default per task: {DEFAULT_EPOCHS}, {DEFAULT_LR}")
     t.add_argument("--out", required=True, help="output folder")
     # None: the per-task defaults DEFAULT_EPOCHS / DEFAULT_LR
     add_trainer_arguments(t, lr=None, batch_help="global batch (retrieval: positives; each brings --negatives "
