@@ -225,6 +225,38 @@ def test_sequence_logprobs_reproduce_the_decoder(tok, trained, image_regions):
     assert torch.equal(valid, (tokens != tok.pad_id))
 
 
+def test_every_token_objective_is_the_decoders_likelihood(tok, trained, image_regions):
+    """The every-token loss is the mean negative log-likelihood the decoder gives the reference caption
+    (so its optimum is the decoder's), over every token up to [SEP] and nothing after."""
+    model = trained[0]
+    ds = CaptionDataset(list(enumerate(CAPTIONS)), image_regions, tok, model.cfg,
+                        CaptionTaskConfig(objective="every-token"))
+    batch = ds.collate([ds[i] for i in range(4)])
+    assert torch.equal(batch.input_ids[:, 0], torch.full((4,), tok.cls_id))  # clean: nothing masked
+    assert tok.mask_id not in batch.input_ids
+    with torch.no_grad():
+        loss = model(batch)["loss"]
+        logp, valid = model.sequence_logprobs(batch.prefix, batch.input_ids[:, 1:])
+    assert valid.sum(1).tolist() == [len(tok.encode(c)) + 1 for c in CAPTIONS]  # the words and [SEP]
+    assert torch.allclose(loss, -logp.sum() / valid.sum(), atol=1e-5)
+    with pytest.raises(MiniVLMError, match="objective"):
+        CaptionDataset([], image_regions, tok, model.cfg, CaptionTaskConfig(objective="nope"))
+
+
+def test_every_token_objective_trains_the_decoder(tok, image_regions):
+    model = new_model(tok, seed=1).train()
+    ds = CaptionDataset(list(enumerate(CAPTIONS)), image_regions, tok, model.cfg,
+                        CaptionTaskConfig(objective="every-token"))
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(40):
+        out = model(ds.collate([ds[i] for i in range(4)]))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert float(out["acc"]) == 1.0
+    assert model.caption(tok, [image_regions[i] for i in range(4)]) == CAPTIONS
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 

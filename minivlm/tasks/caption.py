@@ -13,6 +13,9 @@ Training: each caption word piece (and the closing [SEP], so the model learns to
 [MASK] with probability `mask_prob` (at least one per caption) and predicted from its output; the mask is
 prefix-causal (`prefix_causal_mask`): a caption token sees the tags, the regions and the caption tokens
 up to itself; tags and regions see only tags and regions. Loss: cross-entropy over the masked tokens.
+`CaptionTaskConfig.objective="every-token"` instead predicts every token at once from the clean caption
+before it (the one-pass teacher forcing of `teacher_forced_logits`, which SCST also uses): the decoder's
+exact situation at each step, and ~7x the predictions per step of 15% masking.
 
 Inference (OSCAR): [CLS] [MASK] -> predict w1 at the [MASK]; the token replaces the [MASK], a new [MASK]
 is appended, and so on until [SEP] or `max_len` tokens. With the key/value cache each step feeds two
@@ -44,7 +47,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from minivlm.config import BertConfig, CaptionTaskConfig, TrainConfig
+from minivlm.config import CAPTION_OBJECTIVES, BertConfig, CaptionTaskConfig, TrainConfig
 from minivlm.errors import MiniVLMError
 from minivlm.fusion.heads import MLMHead
 from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT, collate_regions
@@ -127,6 +130,7 @@ class CaptionBatch:
     caption_mask: torch.Tensor  # [B, S] bool: real tokens ([CLS] .. [SEP])
     labels: torch.Tensor  # [B, S] long: the original token where masked, IGNORE elsewhere
     prefix: CaptionPrefix
+    objective: str = "masked"  # "every-token": input_ids are the clean caption, every token is predicted
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -237,6 +241,11 @@ class CaptionModel(nn.Module):
     def forward(self, batch: CaptionBatch) -> dict[str, torch.Tensor]:
         if self.scst is not None:
             return self.scst_loss(batch)
+        if batch.objective == "every-token":
+            logits, valid = self.teacher_forced_logits(batch.prefix, batch.input_ids[:, 1:])
+            logits, labels = logits[valid], batch.input_ids[:, 1:][valid]
+            loss = F.cross_entropy(logits.float(), labels)
+            return {"loss": loss, "acc": (logits.argmax(-1) == labels).float().mean()}
         s = batch.input_ids.shape[1]
         pos = torch.arange(s, device=batch.input_ids.device).expand(len(batch), s)
         mask = prefix_causal_mask(batch.caption_mask, batch.prefix.valid())
@@ -273,11 +282,11 @@ class CaptionModel(nn.Module):
         stepper = CachedSteps(self, prefix) if use_cache else FullSteps(self, prefix)
         return greedy_search(stepper, len(prefix), max_len, self.ids, self.device, sample=True, generator=generator)[0]
 
-    def sequence_logprobs(self, prefix: CaptionPrefix, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced log p of given captions, as the decoder would have produced them, in ONE pass:
-        the real tokens [CLS] g1 .. g_{T-1} (positions 0 .. T-1, causal among themselves) are followed by
-        T [MASK]s, the t-th at position t seeing [CLS] .. g_{t-1} and itself. Returns (logp [N, T], valid
-        [N, T]: up to and including each row's [SEP])."""
+    def teacher_forced_logits(self, prefix: CaptionPrefix, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's logits for given captions (tokens [N, T] after [CLS]) in ONE pass: the real
+        tokens [CLS] g1 .. g_{T-1} (positions 0 .. T-1, causal among themselves) are followed by T [MASK]s,
+        the t-th at position t seeing [CLS] .. g_{t-1} and itself. Returns (logits [N, T, V], valid [N, T]:
+        up to and including each row's [SEP])."""
         n, t = tokens.shape
         dev = tokens.device
         real = torch.cat([torch.full((n, 1), self.ids.cls, dtype=torch.long, device=dev), tokens[:, :-1]], 1)
@@ -287,10 +296,15 @@ class CaptionModel(nn.Module):
         eye = torch.eye(t, dtype=torch.bool, device=dev)
         self_mask = torch.cat([torch.cat([tril, torch.zeros_like(tril)], 1), torch.cat([tril, eye], 1)], 0)
         mask = caption_prefix_mask(self_mask.expand(n, 2 * t, 2 * t), prefix.valid())
-        hidden = self.encode(caption, pos, mask, prefix)[:, t:]
-        logp = torch.log_softmax(self.mlm(hidden).float(), dim=-1).gather(2, tokens[..., None]).squeeze(2)
+        logits = self.mlm(self.encode(caption, pos, mask, prefix)[:, t:])
         ended_before = torch.cumsum((tokens == self.ids.sep).long(), dim=1) - (tokens == self.ids.sep).long()
-        valid = (ended_before == 0) & (tokens != self.ids.pad)
+        return logits, (ended_before == 0) & (tokens != self.ids.pad)
+
+    def sequence_logprobs(self, prefix: CaptionPrefix, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log p [N, T] of given captions, as the decoder would have produced them, and
+        their valid mask (`teacher_forced_logits`)."""
+        logits, valid = self.teacher_forced_logits(prefix, tokens)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[..., None]).squeeze(2)
         return logp * valid, valid
 
     # -- SCST ----------------------------------------------------------------------------------------
@@ -439,6 +453,8 @@ class CaptionDataset(Dataset):
                  cfg: BertConfig, task_cfg: CaptionTaskConfig | None = None, tags: str = "predicted"):
         if tags not in TAG_CHOICES:
             raise MiniVLMError(f"tags must be one of {TAG_CHOICES}, got {tags!r}")
+        if task_cfg is not None and task_cfg.objective not in CAPTION_OBJECTIVES:
+            raise MiniVLMError(f"caption objective must be one of {CAPTION_OBJECTIVES}, got {task_cfg.objective!r}")
         self.items = list(items)
         self.regions = _regions_fn(regions)
         self.tokenizer, self.cfg, self.task = tokenizer, cfg, task_cfg or CaptionTaskConfig()
@@ -461,9 +477,12 @@ class CaptionDataset(Dataset):
         for i, q in enumerate(seqs):
             ids[i, :len(q)] = torch.tensor(q, dtype=torch.long)
             valid[i, :len(q)] = True
-        masked, labels = mask_captions(ids, valid, self.task.mask_prob, tok.mask_id, generator)
         prefix = build_prefix(tok, [r for _, _, r in items], cfg, tags=self.tags)
-        return CaptionBatch([k for k, _, _ in items], masked, valid, labels, prefix)
+        keys = [k for k, _, _ in items]
+        if self.task.objective == "every-token":
+            return CaptionBatch(keys, ids, valid, torch.where(valid, ids, IGNORE), prefix, "every-token")
+        masked, labels = mask_captions(ids, valid, self.task.mask_prob, tok.mask_id, generator)
+        return CaptionBatch(keys, masked, valid, labels, prefix)
 
 
 def caption_references(world, split: str) -> dict[int, list[str]]:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from minivlm.config import BERT_PRESETS, BertConfig, CaptionTaskConfig, RetrievalTaskConfig, TrainConfig, VQATaskConfig
+from minivlm.config import BERT_PRESETS, CAPTION_OBJECTIVES, BertConfig, CaptionTaskConfig, RetrievalTaskConfig, TrainConfig, VQATaskConfig
 from minivlm.errors import MiniVLMError
 from minivlm.io import atomic_path, write_json, write_text
 from minivlm.tasks.data import TASKS, init_from_pretrained, pick_split, task_bert_config
@@ -77,6 +77,7 @@ class FinetuneSetup:
     beam_size: int = 1
     scst_steps: int = 0  # caption: CIDEr-D optimisation steps after cross-entropy (0: none)
     caption_mask_prob: float = CaptionTaskConfig.mask_prob
+    caption_objective: str = CaptionTaskConfig.objective
     progress: bool = True
 
     def train_config(self, n_examples: int) -> TrainConfig:
@@ -427,7 +428,7 @@ def finetune_caption(setup: FinetuneSetup) -> dict:
                                        epochs=max(1, math.ceil(setup.scst_steps * setup.batch_size / max(1, n_train))))
     run.say(f"{train_split}: {n_train} captions; evaluation on {', '.join(eval_splits) or 'nothing'}")
     model = train_caption(setup.pretrained, w, run.store, run.out, cfg, train_cfg, scst_cfg, tokenizer=run.tokenizer,
-                          task_cfg=CaptionTaskConfig(mask_prob=setup.caption_mask_prob),
+                          task_cfg=CaptionTaskConfig(objective=setup.caption_objective, mask_prob=setup.caption_mask_prob),
                           train_split=train_split, val_split=eval_splits[0] if eval_splits else None,
                           val_images=max(0, setup.eval_examples // 5) if setup.eval_every else 0)
     metrics: dict[str, Any] = {"task": "caption", "train_split": train_split, "n_train": n_train, "eval": {}}
@@ -503,6 +504,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--mask-prob", type=float, default=CaptionTaskConfig.mask_prob,
                    help="caption: share of caption tokens masked and predicted per step (paper: 0.15; more "
                         "predictions per step train faster on a CPU budget)")
+    m.add_argument("--caption-objective", choices=CAPTION_OBJECTIVES, default=CaptionTaskConfig.objective,
+                   help="caption: 'masked' (the paper: --mask-prob of the tokens masked and predicted) or "
+                        "'every-token' (every token predicted from the clean caption before it, in one pass: "
+                        "the decoder's own situation; trains faster on a small budget)")
     m.add_argument("--scst-steps", type=int, default=0, help="caption: CIDEr-D optimisation (SCST) steps after "
                                                              "cross-entropy (default 0: none)")
     t = parser.add_argument_group("training", f"--epochs and --lr default per task: {DEFAULT_EPOCHS}, {DEFAULT_LR}")
@@ -533,7 +538,8 @@ def setup_from_args(args: argparse.Namespace) -> FinetuneSetup:
         eval_every=args.eval_every, eval_examples=args.eval_examples, max_train=args.max_train,
         max_eval=args.max_eval, workers=args.workers, amp=not args.no_amp, num_answers=args.num_answers,
         negatives=args.negatives, hard_pool=args.hard_pool, beam_size=args.beam_size,
-        scst_steps=args.scst_steps, caption_mask_prob=args.mask_prob)
+        scst_steps=args.scst_steps, caption_mask_prob=args.mask_prob,
+        caption_objective=args.caption_objective)
 
 
 def run(args: argparse.Namespace) -> int:
