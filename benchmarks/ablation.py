@@ -34,8 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minivlm.cli import invoke  # noqa: E402
-from minivlm.demo import stage  # noqa: E402
+from minivlm.demo import SIZES as DEMO_SIZES, stage  # noqa: E402
 from minivlm.io import read_json, write_json  # noqa: E402
+
+DEMO_RECIPE = DEMO_SIZES["default"]  # fine-tuning flags (objective, lr) as the demo: see minivlm.demo
 
 
 @dataclass
@@ -120,7 +122,7 @@ class Ablation:
             info = self.step(f"{name} seed {seed}: {task}", ft, lambda t=task, ft=ft, e=epochs: _task_metric(
                 invoke("finetune", "--task", t, "--data", self.world, "--features", features, "--out", ft,
                        "--pretrained", pre / "model", "--preset", preset, "--epochs", e, "--batch-size",
-                       self.size.batch, "--seed", seed), ft, t))
+                       self.size.batch, "--seed", seed, *DEMO_RECIPE.recipe_args(t)), ft, t))
             result.update({k: v for k, v in info.items() if k in ("CIDEr", "vqa_acc", "params_m")})
         return result
 

@@ -41,8 +41,22 @@ class DemoSize:
     task_epochs: dict[str, int]
     task_batch: int
     scst_steps: int
-    caption_mask_prob: float = 0.4  # paper 0.15; more predicted tokens per step on a CPU budget
+    # Not the paper's fine-tuning (15% masking at lr 1e-4, from a model pre-trained for days): from a few
+    # minutes of pre-training, predicting every caption token per step at a higher lr is what gets past
+    # the most-common-caption baseline within the budget (README: Results). "paper" keeps the paper's.
+    caption_objective: str = "every-token"
+    caption_mask_prob: float = 0.15
+    task_lr: dict[str, float] = dataclasses.field(default_factory=lambda: {"caption": 1e-3})
     report_images: int = 8
+
+    def recipe_args(self, task: str) -> list:
+        """`minivlm finetune` flags of this size's recipe for `task` (the ablation benchmark shares them)."""
+        args: list = []
+        if task == "caption":
+            args += ["--caption-objective", self.caption_objective, "--mask-prob", self.caption_mask_prob]
+        if task in self.task_lr:
+            args += ["--lr", self.task_lr[task], "--warmup-steps", 30]
+        return args
     retrieval_eval_images: int = 40  # x 5 captions each: 8,000 pairs, each a full transformer pass
 
 
@@ -64,7 +78,7 @@ SIZES: dict[str, DemoSize] = {
                       detector_epochs=6, detector_lr=0.002, bert_preset="minilm",
                       pretrain_epochs=4, pretrain_batch=32,
                       task_epochs={"caption": 8, "vqa": 8, "nlvr2": 8, "retrieval": 3}, task_batch=32,
-                      scst_steps=0, caption_mask_prob=0.15),
+                      scst_steps=0, caption_objective="masked", task_lr={}),
 }
 
 
@@ -140,9 +154,7 @@ class Demo:
             args += ["--nlvr2-features", self.nlvr2_features]
         if task == "retrieval":
             args += ["--max-eval", s.retrieval_eval_images]
-        if task == "caption":
-            args += ["--mask-prob", s.caption_mask_prob]
-        invoke("finetune", *args)
+        invoke("finetune", *args, *s.recipe_args(task))
         return read_json(self.out / task / "metrics.json")
 
     def assemble(self) -> dict:

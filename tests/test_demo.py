@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from minivlm.demo import TASKS
+from minivlm.demo import SIZES, TASKS
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,9 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
         assert (out / src).is_file(), src
     model = out / "model"
     assert (model / "config.json").is_file() and list(model.glob("*.safetensors"))
+    # The caption stage ran the demo's recipe, not finetune's paper defaults.
+    caption_train = json.loads((out / "caption" / "ce" / "train_config.json").read_text())
+    assert (caption_train["lr"], caption_train["warmup_steps"]) == (SIZES["quick"].task_lr["caption"], 30)
 
 
 def test_rerun_skips_finished_stages(quick_demo):
