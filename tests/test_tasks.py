@@ -240,10 +240,10 @@ def tiny_world(tmp_path_factory):
     return root
 
 
-def _finetune(root, task: str, *extra: str) -> tuple[int, dict]:
+def _finetune(root, task: str, *extra: str, name: str | None = None) -> tuple[int, dict]:
     from minivlm.cli import main
 
-    out = root / f"out_{task}"
+    out = root / (name or f"out_{task}")
     rc = main(["finetune", "--task", task, "--data", str(root / "world"), "--features", str(root / "store"),
                "--nlvr2-features", str(root / "nlvr2_store"), "--pretrained", str(root / "pre"), "--out", str(out),
                "--steps", "3", "--batch-size", "4", "--eval-batch-size", "16", *extra])
@@ -316,6 +316,17 @@ def test_finetune_caption_through_the_caption_trainer(tiny_world):
     assert len(read_caption_results(out / "results_val.json")) == 2
     info, model = load_task_folder(out)  # the task folder that `MiniVLM.assemble` takes
     assert info.task == "caption" and model.cfg.hidden_size == TINY.hidden_size
+
+
+def test_finetune_caption_every_token_then_scst_steps(tiny_world):
+    rc, _ = _finetune(tiny_world, "caption", "--max-eval", "2", "--caption-objective", "every-token",
+                      "--scst-steps", "6", name="out_caption_scst")
+    out = tiny_world / "out_caption_scst"
+    ce = [json.loads(line) for line in (out / "ce" / "log.jsonl").read_text().splitlines()]
+    scst = [json.loads(line) for line in (out / "scst" / "log.jsonl").read_text().splitlines()]
+    assert rc == 0 and ce[-1]["step"] == 3 and 0 <= ce[-1]["acc"] <= 1
+    # SCST runs one row per image: --scst-steps counts steps over images, not over captions
+    assert scst[-1]["step"] == 6 and "reward" in scst[-1]
 
 
 def test_a_finetuned_folder_initialises_another_task(tiny_world):

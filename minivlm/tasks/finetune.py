@@ -417,6 +417,7 @@ def finetune_caption(setup: FinetuneSetup) -> dict:
     if train_split is None:
         raise MiniVLMError(f"{w.root / 'annotations'}: no captions_train*.json and no Karpathy split")
     train_refs = caption_references(w, train_split)
+    n_images = sum(1 for k in train_refs if find_key(run.store, k) is not None)
     n_train = sum(len(v) for k, v in train_refs.items() if find_key(run.store, k) is not None)
     eval_splits = [s for s in (setup.eval_splits or [s for s in splits if s.startswith(("val", "test"))])
                    if s != train_split]
@@ -425,7 +426,7 @@ def finetune_caption(setup: FinetuneSetup) -> dict:
     scst_cfg = None
     if setup.scst_steps:
         scst_cfg = dataclasses.replace(train_cfg, max_steps=setup.scst_steps, lr=train_cfg.lr / 4,
-                                       epochs=max(1, math.ceil(setup.scst_steps * setup.batch_size / max(1, n_train))))
+                                       epochs=max(1, math.ceil(setup.scst_steps * setup.batch_size / max(1, n_images))))  # one row per image
     run.say(f"{train_split}: {n_train} captions; evaluation on {', '.join(eval_splits) or 'nothing'}")
     model = train_caption(setup.pretrained, w, run.store, run.out, cfg, train_cfg, scst_cfg, tokenizer=run.tokenizer,
                           task_cfg=CaptionTaskConfig(objective=setup.caption_objective, mask_prob=setup.caption_mask_prob),
