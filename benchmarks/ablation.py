@@ -18,8 +18,9 @@ types. Every finished step leaves a DONE.json, so a killed run continues where i
   Large/small  strong extractor + bert-demo-large (6/512/2048)  vs  O extractor + minilm-l3, both from
                random weights, pre-trained with the strong tags, fine-tuned the same way.
 
-Fine-tuning and inference always use the small extractor's own features and tags; the strong tagger and the
-teacher are used only offline, as in the paper. Prints tables and writes OUT/ablation.json.
+Fine-tuning (the demo's recipe: captioning with every-token prediction at lr 1e-3) and inference always use
+the small extractor's own features and tags; the strong tagger and the teacher are used only offline, as in
+the paper. Prints tables and writes OUT/ablation.json.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ SIZES = {
     # ~40 minutes on 2 idle cores: 5 detectors at 192 px (~250-320 steps each: fewer leave TEE untrained),
     # then 18 transformer runs of ~200 steps each.
     "default": Size(images=200, detection_images=400, unlabeled=200, detector_epochs=14, chain_epochs=5,
-                    pretrain_epochs=2, caption_epochs=3, vqa_epochs=3, batch=32),
+                    pretrain_epochs=2, caption_epochs=4, vqa_epochs=3, batch=32),
 }
 
 

@@ -14,7 +14,7 @@ Training: each caption word piece (and the closing [SEP], so the model learns to
 prefix-causal (`prefix_causal_mask`): a caption token sees the tags, the regions and the caption tokens
 up to itself; tags and regions see only tags and regions. Loss: cross-entropy over the masked tokens.
 `CaptionTaskConfig.objective="every-token"` instead predicts every token at once from the clean caption
-before it (the one-pass teacher forcing of `teacher_forced_logits`, which SCST also uses): the decoder's
+before it (the one-pass teacher forcing of `teacher_forced_hidden`, which SCST also uses): the decoder's
 exact situation at each step, and ~7x the predictions per step of 15% masking.
 
 Inference (OSCAR): [CLS] [MASK] -> predict w1 at the [MASK]; the token replaces the [MASK], a new [MASK]
@@ -242,8 +242,8 @@ class CaptionModel(nn.Module):
         if self.scst is not None:
             return self.scst_loss(batch)
         if batch.objective == "every-token":
-            logits, valid = self.teacher_forced_logits(batch.prefix, batch.input_ids[:, 1:])
-            logits, labels = logits[valid], batch.input_ids[:, 1:][valid]
+            hidden, valid = self.teacher_forced_hidden(batch.prefix, batch.input_ids[:, 1:])
+            logits, labels = self.mlm(hidden[valid]), batch.input_ids[:, 1:][valid]  # no vocab rows for pads
             loss = F.cross_entropy(logits.float(), labels)
             return {"loss": loss, "acc": (logits.argmax(-1) == labels).float().mean()}
         s = batch.input_ids.shape[1]
@@ -282,11 +282,11 @@ class CaptionModel(nn.Module):
         stepper = CachedSteps(self, prefix) if use_cache else FullSteps(self, prefix)
         return greedy_search(stepper, len(prefix), max_len, self.ids, self.device, sample=True, generator=generator)[0]
 
-    def teacher_forced_logits(self, prefix: CaptionPrefix, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder's logits for given captions (tokens [N, T] after [CLS]) in ONE pass: the real
+    def teacher_forced_hidden(self, prefix: CaptionPrefix, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's [MASK] states for given captions (tokens [N, T] after [CLS]) in ONE pass: the real
         tokens [CLS] g1 .. g_{T-1} (positions 0 .. T-1, causal among themselves) are followed by T [MASK]s,
-        the t-th at position t seeing [CLS] .. g_{t-1} and itself. Returns (logits [N, T, V], valid [N, T]:
-        up to and including each row's [SEP])."""
+        the t-th at position t seeing [CLS] .. g_{t-1} and itself. Returns (hidden [N, T, H] to feed the
+        MLM head, valid [N, T]: up to and including each row's [SEP])."""
         n, t = tokens.shape
         dev = tokens.device
         real = torch.cat([torch.full((n, 1), self.ids.cls, dtype=torch.long, device=dev), tokens[:, :-1]], 1)
@@ -296,15 +296,15 @@ class CaptionModel(nn.Module):
         eye = torch.eye(t, dtype=torch.bool, device=dev)
         self_mask = torch.cat([torch.cat([tril, torch.zeros_like(tril)], 1), torch.cat([tril, eye], 1)], 0)
         mask = caption_prefix_mask(self_mask.expand(n, 2 * t, 2 * t), prefix.valid())
-        logits = self.mlm(self.encode(caption, pos, mask, prefix)[:, t:])
+        hidden = self.encode(caption, pos, mask, prefix)[:, t:]
         ended_before = torch.cumsum((tokens == self.ids.sep).long(), dim=1) - (tokens == self.ids.sep).long()
-        return logits, (ended_before == 0) & (tokens != self.ids.pad)
+        return hidden, (ended_before == 0) & (tokens != self.ids.pad)
 
     def sequence_logprobs(self, prefix: CaptionPrefix, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log p [N, T] of given captions, as the decoder would have produced them, and
-        their valid mask (`teacher_forced_logits`)."""
-        logits, valid = self.teacher_forced_logits(prefix, tokens)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[..., None]).squeeze(2)
+        their valid mask (`teacher_forced_hidden`)."""
+        hidden, valid = self.teacher_forced_hidden(prefix, tokens)
+        logp = torch.log_softmax(self.mlm(hidden).float(), dim=-1).gather(2, tokens[..., None]).squeeze(2)
         return logp * valid, valid
 
     # -- SCST ----------------------------------------------------------------------------------------
