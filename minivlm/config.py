@@ -264,7 +264,7 @@ CAPTION_OBJECTIVES = ("masked", "every-token")
 class CaptionTaskConfig:
     # "masked": the paper's objective, `mask_prob` of the caption tokens become [MASK] and are predicted.
     # "every-token": every token is predicted from a [MASK] that sees the clean caption before it (one
-    # pass, as `CaptionModel.sequence_logprobs`): exactly the decoder's situation, ~7x the predictions
+    # pass, as `CaptionModel.teacher_forced_hidden`): exactly the decoder's situation, ~7x the predictions
     # per step of masking 15%, so it trains faster on a small budget.
     objective: str = "masked"
     mask_prob: float = 0.15

@@ -48,6 +48,7 @@ class DemoSize:
     caption_mask_prob: float = 0.15
     task_lr: dict[str, float] = dataclasses.field(default_factory=lambda: {"caption": 1e-3})
     report_images: int = 8
+    retrieval_eval_images: int = 40  # x 5 captions each: 8,000 pairs, each a full transformer pass
 
     def recipe_args(self, task: str) -> list:
         """`minivlm finetune` flags of this size's recipe for `task` (the ablation benchmark shares them)."""
@@ -57,7 +58,6 @@ class DemoSize:
         if task in self.task_lr:
             args += ["--lr", self.task_lr[task], "--warmup-steps", 30]
         return args
-    retrieval_eval_images: int = 40  # x 5 captions each: 8,000 pairs, each a full transformer pass
 
 
 SIZES: dict[str, DemoSize] = {

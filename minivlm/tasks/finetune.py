@@ -417,8 +417,8 @@ def finetune_caption(setup: FinetuneSetup) -> dict:
     if train_split is None:
         raise MiniVLMError(f"{w.root / 'annotations'}: no captions_train*.json and no Karpathy split")
     train_refs = caption_references(w, train_split)
-    n_images = sum(1 for k in train_refs if find_key(run.store, k) is not None)
-    n_train = sum(len(v) for k, v in train_refs.items() if find_key(run.store, k) is not None)
+    in_store = [caps for k, caps in train_refs.items() if find_key(run.store, k) is not None]
+    n_images, n_train = len(in_store), sum(len(caps) for caps in in_store)
     eval_splits = [s for s in (setup.eval_splits or [s for s in splits if s.startswith(("val", "test"))])
                    if s != train_split]
     cfg = run.bert_config(run.store)
