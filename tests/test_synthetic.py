@@ -255,3 +255,30 @@ def test_refuses_foreign_folders_and_reruns_same_arguments(tmp_path, capsys):
     (stray / "notes.txt").write_text("mine")
     with pytest.raises(MiniVLMError, match="not empty"):
         generate_world(stray, images=4, seed=1)
+
+
+def test_more_questions_and_statements_keep_the_images(world, tmp_path, capsys):
+    """--questions-per-image / --nlvr2-statements add supervision to the same images (features can be reused)."""
+    rich = tmp_path / "rich"
+    assert main(["make-data", str(rich), "--images", str(N_IMAGES), "--seed", "7", "--nlvr2-pairs", str(N_PAIRS),
+                 "--questions-per-image", "12", "--nlvr2-statements", "4"]) == 0
+    for split in SPLITS:
+        for image in (world / split).glob("*.jpg"):
+            assert (rich / split / image.name).read_bytes() == image.read_bytes()
+    pairs = _vqa(rich)
+    per_image = Counter(q["image_id"] for q, _ in pairs)
+    assert len(per_image) == N_IMAGES and max(per_image.values()) == 12 and sum(per_image.values()) > 10 * N_IMAGES
+    for iid in per_image:  # distinct questions per image, and VQA's id convention still holds
+        asked = [q for q, _ in pairs if q["image_id"] == iid]
+        assert len({q["question"] for q in asked}) == len(asked)
+        assert all(q["question_id"] // 1000 == iid for q in asked)
+    lines = [json.loads(x) for s in NLVR2_SPLITS for x in (rich / "nlvr2" / f"{s}.json").read_text().splitlines()]
+    by_pair = Counter(x["identifier"].rsplit("-", 1)[0] for x in lines)
+    assert len(by_pair) == N_PAIRS and set(by_pair.values()) == {4}
+    for stem in by_pair:  # half true, all different
+        mine = [x for x in lines if x["identifier"].startswith(stem + "-")]
+        assert sum(x["label"] == "True" for x in mine) == 2 and len({x["sentence"] for x in mine}) == 4
+    capsys.readouterr()
+    for bad in (["--questions-per-image", "0"], ["--nlvr2-statements", "3"], ["--nlvr2-statements", "0"]):
+        assert main(["make-data", str(tmp_path / "bad"), "--images", "4", *bad]) == 1
+        assert bad[0] in capsys.readouterr().err

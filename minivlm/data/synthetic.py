@@ -46,7 +46,9 @@ MAX_OBJECTS = 8
 MIN_OBJECT_PX = 28  # smallest extent; thin shapes (arrow, crescent) are about half as wide
 MIN_VISIBLE = 0.8  # an object may be covered by later ones, but keeps this fraction of its pixels
 CAPTIONS_PER_IMAGE = 5
-QUESTIONS_PER_IMAGE = (4, 6)
+QUESTIONS_PER_IMAGE = (4, 6)  # drawn per image by default: VQA v2 has about 5.4
+MAX_QUESTIONS_PER_IMAGE = 40  # the askers give up before this on small scenes (fewer come back)
+MAX_NLVR2_STATEMENTS = 8
 _STREAM_UNLABELED = 20  # random streams: COCO splits 0..2, NLVR2 splits 10..12, unlabeled 20
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
@@ -262,18 +264,20 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
-def _coco_item(seed: int, stream: int, index: int, path: str) -> dict:
+def _coco_item(seed: int, stream: int, index: int, path: str, n_questions: int | None) -> dict:
     rng = _rng(seed, stream, index)
     image, scene, polygons = render_scene(rng)
     _save(image, path, format="JPEG", quality=int(rng.integers(55, 93)))
     text_rng = _rng(seed, stream, index, 1)  # its own stream: changing the language leaves images alone
     caps = captions(scene, text_rng, CAPTIONS_PER_IMAGE)
-    qs = questions(scene, text_rng, int(text_rng.integers(QUESTIONS_PER_IMAGE[0], QUESTIONS_PER_IMAGE[1] + 1)))
+    if n_questions is None:
+        n_questions = int(text_rng.integers(QUESTIONS_PER_IMAGE[0], QUESTIONS_PER_IMAGE[1] + 1))
+    qs = questions(scene, text_rng, n_questions)
     return {"scene": scene, "polygons": polygons, "captions": caps, "questions": qs,
             "answers": [human_answers(q, text_rng) for q in qs]}
 
 
-def _nlvr2_item(seed: int, stream: int, index: int, left_path: str, right_path: str) -> dict:
+def _nlvr2_item(seed: int, stream: int, index: int, left_path: str, right_path: str, n_statements: int) -> dict:
     rng = _rng(seed, stream, index)
     # Both images draw from the same few classes and colours, so comparisons between them are interesting.
     classes = [CLASSES[i] for i in rng.choice(len(CLASSES), 3, replace=False)]
@@ -284,7 +288,7 @@ def _nlvr2_item(seed: int, stream: int, index: int, left_path: str, right_path: 
         _save(image, path, format="PNG", compress_level=1)
         scenes.append(scene)
     sentences: list[tuple[str, bool]] = []
-    for label in rng.permutation([True, False]).tolist():  # one true and one false statement per pair
+    for label in rng.permutation([True, False] * (n_statements // 2)).tolist():  # half of them true
         text = nlvr2_statement(scenes[0], scenes[1], bool(label), rng, tuple(s for s, _ in sentences))
         sentences.append((text, bool(label)))
     return {"sentences": sentences, "query": classes[0]}
@@ -365,17 +369,27 @@ def _world_meta(params: dict, sizes: list[int], pair_sizes: list[int]) -> dict:
 
 
 def generate_world(out: Path, images: int, seed: int, unlabeled: int = 0, nlvr2_pairs: int | None = None,
-                   workers: int = 2) -> dict:
-    """Write the synthetic world into `out` (see the module docstring); returns the summary."""
+                   workers: int = 2, questions_per_image: int | None = None, nlvr2_statements: int = 2) -> dict:
+    """Write the synthetic world into `out` (see the module docstring); returns the summary.
+
+    `questions_per_image` None draws 4-6 per image as VQA v2; more give the same images more supervision
+    (a scene supports about 20 distinct questions). `nlvr2_statements` per pair, half of them true."""
     start = time.perf_counter()
     out = Path(out)
     if images < 1:
         raise MiniVLMError(f"--images must be at least 1 (got {images})")
     if unlabeled < 0 or (nlvr2_pairs is not None and nlvr2_pairs < 0):
         raise MiniVLMError("--unlabeled and --nlvr2-pairs must not be negative")
+    if questions_per_image is not None and not 1 <= questions_per_image <= MAX_QUESTIONS_PER_IMAGE:
+        raise MiniVLMError(f"--questions-per-image must be between 1 and {MAX_QUESTIONS_PER_IMAGE} "
+                           f"(got {questions_per_image})")
+    if nlvr2_statements < 2 or nlvr2_statements % 2 or nlvr2_statements > MAX_NLVR2_STATEMENTS:
+        raise MiniVLMError(f"--nlvr2-statements must be an even number from 2 to {MAX_NLVR2_STATEMENTS} "
+                           f"(got {nlvr2_statements})")
     pairs = default_nlvr2_pairs(images) if nlvr2_pairs is None else nlvr2_pairs
     params = {"images": images, "seed": seed, "unlabeled": unlabeled, "nlvr2_pairs": pairs,
-              "version": GENERATOR_VERSION}
+              "questions_per_image": questions_per_image or list(QUESTIONS_PER_IMAGE),
+              "nlvr2_statements": nlvr2_statements, "version": GENERATOR_VERSION}
     _check_out(out, params)
     sizes, pair_sizes = split_sizes(images), split_sizes(pairs)
     meta = _world_meta(params, sizes, pair_sizes)
@@ -388,14 +402,15 @@ def generate_world(out: Path, images: int, seed: int, unlabeled: int = 0, nlvr2_
         (out / split).mkdir(parents=True, exist_ok=True)
         image_ids.append(list(range(next_id, next_id + n)))
         next_id += n
-        tasks += [("coco", seed, s, i, str(out / split / f"COCO_{split}_{iid:012d}.jpg"))
+        tasks += [("coco", seed, s, i, str(out / split / f"COCO_{split}_{iid:012d}.jpg"), questions_per_image)
                   for i, iid in enumerate(image_ids[-1])]
     pair_names: list[list[str]] = []
     for s, (split, n) in enumerate(zip(NLVR2_SPLITS, pair_sizes)):
         folder = out / "nlvr2" / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         pair_names.append([f"{split}-{p // 4}-{p % 4}" for p in range(n)])  # set, pair within the set
-        tasks += [("nlvr2", seed, 10 + s, p, str(folder / f"{name}-img0.png"), str(folder / f"{name}-img1.png"))
+        tasks += [("nlvr2", seed, 10 + s, p, str(folder / f"{name}-img0.png"), str(folder / f"{name}-img1.png"),
+                   nlvr2_statements)
                   for p, name in enumerate(pair_names[-1])]
     if unlabeled:
         (out / "unlabeled").mkdir(parents=True, exist_ok=True)
@@ -493,12 +508,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     parser.add_argument("--unlabeled", type=int, default=0, help="extra unlabeled JPEGs in OUT/unlabeled (default 0)")
     parser.add_argument("--nlvr2-pairs", type=int, default=None,
-                        help="NLVR2 image pairs, 2 statements each, split 70/15/15 (default max(4, images/4))")
+                        help="NLVR2 image pairs, split 70/15/15 (default max(4, images/4))")
+    parser.add_argument("--nlvr2-statements", type=int, default=2,
+                        help="statements per NLVR2 pair, half of them true (even, default 2)")
+    parser.add_argument("--questions-per-image", type=int, default=None,
+                        help="VQA questions per image (fewer where a scene supports fewer distinct ones; "
+                             "default 4-6, as VQA v2)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
 
 
 def run(args) -> int:
-    s = generate_world(args.out, args.images, args.seed, args.unlabeled, args.nlvr2_pairs, args.workers)
+    s = generate_world(args.out, args.images, args.seed, args.unlabeled, args.nlvr2_pairs, args.workers,
+                       args.questions_per_image, args.nlvr2_statements)
     print(f"synthetic world in {s['out']} (seed {s['seed']}, {s['seconds']:.1f} s)")
     print("  images: " + ", ".join(f"{k} {v}" for k, v in s["images"].items()) + f"; unlabeled {s['unlabeled']}")
     print(f"  {len(CLASSES)} classes: {', '.join(CLASSES)}")

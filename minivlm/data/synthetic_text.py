@@ -428,7 +428,7 @@ _ASKERS = [_q_colour, _q_shape, _q_count, _q_exists, _q_spatial_what, _q_spatial
 def questions(scene: Scene, rng: np.random.Generator, n: int) -> list[Question]:
     """Up to n distinct answerable questions about `scene`, cycling through the question families."""
     out: list[Question] = []
-    for attempt in range(8 * len(_ASKERS)):
+    for attempt in range(max(8, n) * len(_ASKERS)):
         if attempt % len(_ASKERS) == 0:
             order = rng.permutation(len(_ASKERS))
         q = _ASKERS[int(order[attempt % len(_ASKERS)])](scene, rng)

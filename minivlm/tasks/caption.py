@@ -128,7 +128,7 @@ class CaptionBatch:
     keys: list  # image keys (ids), one per row
     input_ids: torch.Tensor  # [B, S] caption with the chosen tokens replaced by [MASK]
     caption_mask: torch.Tensor  # [B, S] bool: real tokens ([CLS] .. [SEP])
-    labels: torch.Tensor  # [B, S] long: the original token where masked, IGNORE elsewhere
+    labels: torch.Tensor  # [B, S] long: the token to predict (masked: the original where masked), IGNORE elsewhere
     prefix: CaptionPrefix
     objective: str = "masked"  # "every-token": input_ids are the clean caption, every token is predicted
 
@@ -243,7 +243,7 @@ class CaptionModel(nn.Module):
             return self.scst_loss(batch)
         if batch.objective == "every-token":
             hidden, valid = self.teacher_forced_hidden(batch.prefix, batch.input_ids[:, 1:])
-            logits, labels = self.mlm(hidden[valid]), batch.input_ids[:, 1:][valid]  # no vocab rows for pads
+            logits, labels = self.mlm(hidden[valid]), batch.labels[:, 1:][valid]  # no vocab rows for pads
             loss = F.cross_entropy(logits.float(), labels)
             return {"loss": loss, "acc": (logits.argmax(-1) == labels).float().mean()}
         s = batch.input_ids.shape[1]
