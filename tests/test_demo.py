@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from minivlm.data.synthetic import split_sizes
 from minivlm.demo import SIZES, TASKS
 
 
@@ -38,6 +39,11 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
     # The caption stage ran the demo's recipe, not finetune's paper defaults.
     caption_train = json.loads((out / "caption" / "ce" / "train_config.json").read_text())
     assert (caption_train["lr"], caption_train["warmup_steps"]) == (SIZES["quick"].task_lr["caption"], 30)
+    # ... and its world carries the size's extra supervision (VQA questions, NLVR2 statements).
+    params = json.loads((out / "world" / "world.json").read_text())["params"]
+    assert (params["questions_per_image"], params["nlvr2_statements"]) == (8, 4)
+    vqa = json.loads((out / "vqa" / "metrics.json").read_text())
+    assert vqa["n_train"] > 6 * split_sizes(SIZES["quick"].images)[0]  # more than the default 4-6 per image
 
 
 def test_rerun_skips_finished_stages(quick_demo):
