@@ -151,7 +151,10 @@ class Demo:
                "--preset", s.bert_preset, "--epochs", s.pretrain_epochs, "--batch-size", s.pretrain_batch,
                "--seed", self.seed, "--tags", "store",
                # From scratch, MLM swamps the shared gradient and ITM stays at chance with OSCAR's weight 1.
-               "--itm-weight", 5)
+               "--itm-weight", 5,
+               # As many question texts as captions per image, however many questions the world asks: more
+               # would crowd the captions out of the corpus (and lengthen the epochs).
+               "--vqa-per-image", 5)
         return _maybe_json(self.pretrain / "result.json")
 
     def finetune(self, task: str) -> dict:

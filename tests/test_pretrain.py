@@ -16,7 +16,7 @@ from minivlm.data.feature_store import FeatureStore, FeatureStoreWriter
 from minivlm.data.world import World
 from minivlm.fusion.loading import load_text_weights, read_bert_config
 from minivlm.regions import Regions
-from minivlm.tasks.corpus import PretrainExample, build_corpus, pseudo_caption_corpus
+from minivlm.tasks.corpus import PretrainExample, build_corpus, pseudo_caption_corpus, split_texts
 from minivlm.tasks.pretrain import (IGNORE, PretrainCollator, PretrainDataset, PretrainModel, evaluate,
                                     first_word_piece, fixed_batches, mask_tokens)
 from minivlm.text.tokenizer import get_tokenizer
@@ -299,3 +299,22 @@ def test_pretrain_on_the_fly_from_image_files(tmp_path):
     direct = detector.extract([path])[0]
     assert torch.equal(fly[iid].boxes, direct.boxes) and fly[iid].tags == direct.tags
     assert torch.allclose(fly[iid].features.float(), direct.features, atol=1e-2)
+
+
+def test_corpus_caps_question_texts_per_image(tmp_path):
+    """--vqa-per-image keeps a question-rich world from crowding captions out of the pre-training corpus."""
+    from minivlm.data.synthetic import generate_world
+    from minivlm.errors import MiniVLMError
+
+    generate_world(tmp_path / "w", images=8, seed=3, nlvr2_pairs=0, questions_per_image=8, workers=1)
+    w = World(tmp_path / "w")
+    everything, capped = split_texts(w, "train"), split_texts(w, "train", vqa_per_image=3)
+    questions = [t for t in everything if t[2] == "vqa"]
+    kept = [t for t in capped if t[2] == "vqa"]
+    assert [t for t in capped if t[2] == "caption"] == [t for t in everything if t[2] == "caption"]
+    per_image = {iid: [t for t in questions if t[0] == iid] for iid in {t[0] for t in questions}}
+    assert max(len(v) for v in per_image.values()) == 8
+    assert sorted(kept) == sorted(t for v in per_image.values() for t in v[:3])  # the first three of each
+    assert split_texts(w, "train", vqa_per_image=0) == split_texts(w, "train", use_vqa=False)
+    with pytest.raises(MiniVLMError, match="vqa-per-image"):
+        split_texts(w, "train", vqa_per_image=-1)

@@ -16,6 +16,7 @@ Every example names its feature source (`source`: index into the list of stores)
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,30 +58,37 @@ def gt_tags(world: World, split: str) -> dict[int, list[str]]:
             for iid, anns in inst.annotations.items()}
 
 
-def split_texts(world: World, split: str, use_captions: bool = True, use_vqa: bool = True
-                ) -> list[tuple[int, str, str]]:
-    """(image id, text, kind) for the split's captions and VQA question + answer pairs."""
+def split_texts(world: World, split: str, use_captions: bool = True, use_vqa: bool = True,
+                vqa_per_image: int | None = None) -> list[tuple[int, str, str]]:
+    """(image id, text, kind) for the split's captions and VQA question + answer pairs (at most
+    `vqa_per_image` of them per image, in file order: None keeps all)."""
+    if vqa_per_image is not None and vqa_per_image < 0:
+        raise MiniVLMError(f"--vqa-per-image must not be negative (got {vqa_per_image})")
     out: list[tuple[int, str, str]] = []
     if use_captions and world.captions_path(split).is_file():
         for iid, caps in world.captions(split).captions.items():
             out += [(iid, c, "caption") for c in caps]
     if use_vqa and world.vqa_questions_path(split).is_file():
+        taken: Counter[int] = Counter()
         for q in world.vqa(split):
             answer = q.multiple_choice_answer or (q.answers[0] if q.answers else "")
-            if answer:  # questions without annotations teach nothing here
+            if not answer:  # questions without annotations teach nothing here
+                continue
+            if vqa_per_image is None or taken[q.image_id] < vqa_per_image:
+                taken[q.image_id] += 1
                 out.append((q.image_id, f"{q.question} {answer}", "vqa"))
     return out
 
 
 def build_corpus(world: World, split: str, store: RegionSource, tag_source: str = "gt",
                  tag_store: RegionSource | None = None, max_regions: int = 50, tag_min_score: float = 0.0,
-                 use_captions: bool = True,
-                 use_vqa: bool = True) -> tuple[list[PretrainExample], int]:
+                 use_captions: bool = True, use_vqa: bool = True,
+                 vqa_per_image: int | None = None) -> tuple[list[PretrainExample], int]:
     """Examples of one split whose image is in `store`; returns (examples, number skipped for lack of
     features)."""
     if tag_source not in TAG_SOURCES:
         raise MiniVLMError(f"unknown tag source {tag_source!r}; choose one of: {', '.join(TAG_SOURCES)}")
-    texts = split_texts(world, split, use_captions, use_vqa)
+    texts = split_texts(world, split, use_captions, use_vqa, vqa_per_image)
     if not texts:
         raise MiniVLMError(f"{world.root}: split {split!r} has no captions_{split}.json and no VQA "
                            f"questions with answers")

@@ -238,6 +238,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "(a stronger tagger; default: --features)")
     d.add_argument("--no-captions", action="store_true", help="leave the caption files out of the corpus")
     d.add_argument("--no-vqa", action="store_true", help="leave VQA question+answer text out of the corpus")
+    d.add_argument("--vqa-per-image", type=int, default=None,
+                   help="at most this many VQA question+answer texts per image (default: all); keeps a world "
+                        "with many questions per image from crowding the captions out of the corpus")
     d.add_argument("--extra-captions", help="pseudo-captions (COCO captions JSON, e.g. from `minivlm distill`)")
     d.add_argument("--extra-features", help="feature store of the --extra-captions images")
     d.add_argument("--extra-tag-store", help="store whose predicted tags to use for the --extra-captions images "
@@ -294,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
 
     corpus_args = dict(tag_source=args.tags, tag_store=tag_store, max_regions=cfg.max_regions,
                        tag_min_score=cfg.tag_min_score,
-                       use_captions=not args.no_captions, use_vqa=not args.no_vqa)
+                       use_captions=not args.no_captions, use_vqa=not args.no_vqa,
+                       vqa_per_image=args.vqa_per_image)
     examples, skipped = build_corpus(world, train_split, store, **corpus_args)
     stores: list[RegionSource] = [store]
     if args.extra_captions:
