@@ -78,7 +78,7 @@ SIZES: dict[str, DemoSize] = {
                         bert_preset="bert-demo", pretrain_epochs=4, pretrain_batch=32,
                         task_epochs={"caption": 8, "vqa": 4, "nlvr2": 6, "retrieval": 6}, task_batch=32,
                         scst_steps=0, questions_per_image=12, nlvr2_statements=4),
-    # The default's models with more supervision and steps for the tasks that need them (~1 hour here):
+    # The default's models with more supervision and steps for the tasks that need them (~45 minutes here):
     # 20 questions per image, 4x the NLVR2 pairs with 6 statements each, longer VQA / NLVR2 / retrieval.
     "long": DemoSize(images=800, unlabeled=0, nlvr2_pairs=1200, detector_preset="tee-demo",
                      detector_image_size=256, detector_epochs=5, detector_lr=0.002,
