@@ -13,12 +13,13 @@ from minivlm.data.readers import (CocoInstances, VisualGenome, read_coco_caption
 from minivlm.data.world import World
 from minivlm.errors import DataFormatError
 
-SHARED = Path(__file__).parents[2] / "shared" / "formats"
+# Copies of ../shared/formats (the real datasets' schemas with tiny invented samples): a clone must pass alone.
+SHARED = Path(__file__).parent / "fixtures" / "formats"
 VALID = Path(__file__).parent / "fixtures" / "valid"
 BAD = Path(__file__).parent / "fixtures" / "bad"
 
 
-# ---------------------------------------------------------------- the real-format samples in ../shared
+# ---------------------------------------------------------------- the real-format samples (copied from ../shared)
 
 def test_shared_samples_exist():
     assert (SHARED / "README.md").is_file(), f"format samples expected at {SHARED}"
