@@ -38,3 +38,31 @@ def test_missing_or_bad_vocab_is_a_clear_error(tmp_path):
     bad.write_text("hello\nworld\n")
     with pytest.raises(MiniVLMError, match="missing"):
         Tokenizer(bad)
+
+
+def test_hyphenated_world_phrases_round_trip_without_spaces():
+    """BERT splits "five-sided" into "five", "-", "sided"; decoding must glue the hyphen back."""
+    from minivlm.data.synthetic_text import NOUNS, TEXTURE_ADJ
+
+    tok = get_tokenizer()
+    assert tok.tokens("five-sided") == ["five", "-", "sided"]
+    phrases = [p for pairs in NOUNS.values() for pair in pairs for p in pair if "-" in p]
+    phrases += [adj for adjs in TEXTURE_ADJ.values() for adj in adjs if "-" in adj]
+    assert {"five-pointed star", "six-sided shapes", "five-sided shape", "polka-dot"} <= set(phrases)
+    for phrase in phrases:
+        assert tok.decode(tok.encode(phrase)) == phrase
+    for text in ["a five-sided shape", "a five-pointed star", "a polka-dot red circle", "medium-sized",
+                 "Two purple six-sided shapes above a large polka-dot heart.", "a state-of-the-art box"]:
+        assert tok.decode(tok.encode(text)) == text.lower()
+
+
+def test_decode_contractions_and_ordinary_punctuation():
+    tok = get_tokenizer()
+    for text in ["don't", "it can't be", "the dog's ball", "they're here", "a red star, a blue circle.",
+                 "is there a green ring?", "a red star, a five-pointed star and a blue circle."]:
+        assert tok.decode(tok.encode(text)) == text
+    # special tokens are dropped, and the spaces between words and after commas are kept
+    ids = [tok.cls_id] + tok.encode("a red star, a blue circle.") + [tok.sep_id, tok.pad_id]
+    assert tok.decode(ids) == "a red star, a blue circle."
+    # a hyphen with no word on one side stays as it is
+    assert tok.decode(tok.encode("-")) == "-" and tok.decode(tok.encode("red -")) == "red -"

@@ -8,6 +8,7 @@ so nothing is downloaded. We build the tokenizer with `tokenizers.BertWordPieceT
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,6 +17,27 @@ from tokenizers import BertWordPieceTokenizer
 from minivlm.errors import MiniVLMError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# BERT's pre-tokenizer splits on every punctuation character, so "five-sided" becomes "five", "-", "sided"
+# and "can't" becomes "can", "'", "t". The `tokenizers` WordPiece decoder (cleanup=True) then rejoins
+# every non-"##" token with a space and only glues " .", " ,", " ?", " !" to the word before (its
+# cleanup runs per token, so its " ' " / " n't" rules never fire): "a five - sided shape", "can ' t".
+# The original spacing is gone by then, so these rules restore the common case:
+#  * a hyphen between two word characters is intra-word: "five - sided" -> "five-sided",
+#    "state - of - the - art" -> "state-of-the-art" (a free-standing dash in a caption is far rarer);
+#  * an apostrophe between a word and an English clitic (s, t, re, ve, m, ll, d) is a contraction or
+#    possessive: "don ' t" -> "don't", "dog ' s" -> "dog's", "they ' re" -> "they're".
+# Other apostrophes ("dogs ' toys", quotes) are ambiguous and left as decoded.
+_INTRA_WORD_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")
+_CLITIC_APOSTROPHE = re.compile(r"(?<=\w) ' (s|t|re|ve|m|ll|d)\b")
+
+
+def detokenize(text: str) -> str:
+    """Post-processes the WordPiece decoder's output into clean text: intra-word hyphens and clitic
+    apostrophes lose the spaces the decoder put around them ("a five - sided shape" -> "a five-sided
+    shape", "can ' t" -> "can't"); everything else, e.g. "a red star, a blue circle.", is unchanged."""
+    text = _INTRA_WORD_HYPHEN.sub("-", text)
+    return _CLITIC_APOSTROPHE.sub(r"'\1", text).strip()
 
 
 def default_vocab_path() -> Path:
@@ -60,8 +82,9 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).tokens
 
     def decode(self, ids: list[int]) -> str:
-        """Joins word pieces back into text, dropping special tokens."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+        """Joins word pieces back into text, dropping special tokens: the one ids -> text path of every
+        caption (PyTorch decoding, SCST rewards, the ONNX edge runtime), tidied by `detokenize`."""
+        return detokenize(self._tok.decode([int(i) for i in ids], skip_special_tokens=True))
 
     def id_to_token(self, i: int) -> str:
         return self._id_to_token.get(int(i), "[UNK]")
