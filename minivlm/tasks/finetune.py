@@ -189,6 +189,7 @@ def finetune_vqa(setup: FinetuneSetup) -> dict:
     cfg = run.bert_config(run.store)
     model = VQAModel(cfg, len(answers))
     run.init(model)
+    model.init_answer_bias([e.targets for e in train])
     run.write_folder(cfg, num_answers=len(answers), train_split=train_split)
 
     def score(split: str, limit: int | None) -> tuple[list[dict], dict | None, list]:
