@@ -61,8 +61,9 @@ def summary_metrics(stages: dict[str, dict]) -> dict[str, Any]:
             for k in ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"):
                 if k in full:
                     out[f"retrieval_{k}"] = full[k]
-            if "chance_R@1" in e:
-                out["retrieval_chance_R@1"] = e["chance_R@1"]
+            # finetune writes the chance baseline as {"TR@1": .., "IR@1": .., ...} beside the model's recalls
+            for k, v in (e.get("chance") or {}).items():
+                out[f"retrieval_chance_{k}"] = v
         out[f"{task}_eval_split"] = split
     return out
 

@@ -27,6 +27,11 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
     for key in ("detector_map50", "pretrain_heldout_mlm_acc", "caption_CIDEr", "vqa_accuracy",
                 "nlvr2_accuracy", "retrieval_TR@1"):
         assert isinstance(metrics[key], (int, float)), key
+    # Every task's score reaches metrics.json with the baseline it must beat.
+    for key in ("caption_baseline_most_common_caption_CIDEr", "vqa_baseline_most_frequent",
+                "vqa_baseline_per_question_type", "nlvr2_baseline_majority", "retrieval_chance_TR@1",
+                "retrieval_chance_IR@1"):
+        assert isinstance(metrics[key], (int, float)), key
     # SPICE is never a made-up number: either a score or the reason it is missing.
     assert metrics["caption_SPICE"] is not None or "SPICE" in metrics["caption_SPICE_unavailable"]
     html = (out / "report.html").read_text()
