@@ -86,6 +86,11 @@ class TEEConfig:
     roi_fg_fraction: float = 0.25
     roi_fg_iou: float = 0.5
     attribute_loss_weight: float = 0.5
+    # Group index of each attribute (colour, size, texture, ...). Empty: one softmax over every attribute
+    # with the object's attributes sharing the target mass (bottom-up attention, Visual Genome's ungrouped
+    # attributes). Given: one softmax per group, so every group gets a full target (with three groups the
+    # shared softmax gave colour a third of the mass, and the region features lost it: README, Results).
+    attribute_groups: tuple[int, ...] = ()
     # Region head
     roi_size: int = 4  # RoIAlign output resolution: 4x4 instead of 7x7 / 14x14
     roi_sampling_ratio: int = 2

@@ -166,3 +166,26 @@ def test_extract_from_a_folder_skips_unreadable_images(tmp_path):
     summary = extract_to_store(model, sources, tmp_path / "store")
     assert summary["written"] == 2 and [k for k, _ in summary["failed"]] == ["broken.jpg"]
     assert FeatureStore(tmp_path / "store")["sub/b.png"].image_size == (31, 77)
+
+
+def test_attribute_loss_per_group_gives_each_group_a_full_target():
+    import torch.nn.functional as F
+
+    from minivlm.data.readers import Category
+    from minivlm.vision.roi_head import attribute_loss
+    from minivlm.vision.train import attribute_groups
+
+    attrs = [Category(1, "red", "colour"), Category(2, "blue", "colour"), Category(3, "small", "size"),
+             Category(4, "large", "size"), Category(5, "dotted", "texture")]
+    groups = attribute_groups(attrs)
+    assert groups == (0, 0, 1, 1, 2)  # groups sorted by name: colour, size, texture
+    assert attribute_groups([Category(1, "red"), Category(2, "wooden")]) == ()  # Visual Genome: ungrouped
+    logits = torch.randn(2, 6)
+    # region 0: red + small + dotted; region 1: blue only (no size or texture annotated)
+    targets = torch.tensor([[0, 1, 0, 1, 0, 1], [0, 0, 1, 0, 0, 0]], dtype=torch.float)
+    expected = (F.cross_entropy(logits[:, 1:3], torch.tensor([0, 1]))
+                + F.cross_entropy(logits[:1, 3:5], torch.tensor([0])) + F.cross_entropy(logits[:1, 5:6], torch.tensor([0])))
+    assert attribute_loss(logits, targets, groups).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Without groups: bottom-up attention's single softmax with the mass shared among the attributes.
+    shared = targets / targets.sum(1, keepdim=True)
+    assert attribute_loss(logits, shared).item() == pytest.approx(F.cross_entropy(logits, shared).item(), rel=1e-5)

@@ -118,8 +118,9 @@ class RoIHead(nn.Module):
             / max(labels.numel(), 1),
         }
         if fg.any():
-            attr_logits = self.attribute_head(feat[fg], labels[fg])
-            losses["attr"] = cfg.attribute_loss_weight * F.cross_entropy(attr_logits.float(), attr_tgt[fg])
+            attr_logits = self.attribute_head(feat[fg], labels[fg]).float()
+            losses["attr"] = cfg.attribute_loss_weight * attribute_loss(attr_logits, attr_tgt[fg],
+                                                                        cfg.attribute_groups)
         else:
             losses["attr"] = feat.sum() * 0.0
         with torch.no_grad():
@@ -155,6 +156,23 @@ class RoIHead(nn.Module):
             out.append(dict(boxes=boxes[keep], scores=sc[keep], labels=labels[sl][keep],
                             features=feat[sl][keep].float(), attributes=attrs[sl][keep], class_probs=probs[sl][keep]))
         return out
+
+
+def attribute_loss(logits: Tensor, targets: Tensor, groups: tuple[int, ...] = ()) -> Tensor:
+    """logits and soft targets [R, 1 + A] (index 0 = none). Without groups: one cross-entropy over all. With
+    groups (one index per attribute): a cross-entropy per group over its attributes, for the regions whose
+    object has an attribute of that group, summed over groups."""
+    if not groups:
+        return F.cross_entropy(logits, targets)
+    group = torch.tensor(groups, device=logits.device)
+    total = logits.new_zeros(())
+    for g in group.unique().tolist():
+        cols = torch.nonzero(group == g).flatten() + 1
+        t = targets[:, cols]
+        has = t.sum(1) > 0
+        if has.any():
+            total = total + F.cross_entropy(logits[has][:, cols], t[has] / t[has].sum(1, keepdim=True))
+    return total
 
 
 def _attribute_targets(attributes: Tensor | None, match: Tensor, fg: Tensor, num_attributes: int) -> Tensor:

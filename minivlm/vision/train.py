@@ -174,6 +174,16 @@ def load_init(model: TEE, source: str | Path) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def attribute_groups(attributes) -> tuple[int, ...]:
+    """Group index of each attribute (sorted by id, as the head's outputs) when every attribute names a group
+    (the synthetic world: colour, size, texture); () for ungrouped vocabularies such as Visual Genome's."""
+    ordered = sorted(attributes, key=lambda a: a.id)
+    if not ordered or not all(a.group for a in ordered):
+        return ()
+    names = sorted({a.group for a in ordered})
+    return tuple(names.index(a.group) for a in ordered)
+
+
 def train_detector(out_dir: str | Path, data: str | Path, preset: str = "tee-demo", train_cfg: TrainConfig | None = None,
                    image_size: int | None = None, init: str | Path | None = None,
                    backbone_weights: str | Path | None = None, eval_split: str | None = "val",
@@ -188,6 +198,7 @@ def train_detector(out_dir: str | Path, data: str | Path, preset: str = "tee-dem
     split = world.train_split()
     cfg = get_tee(preset)
     class_names, attribute_names = world.class_names(), world.attribute_names()
+    overrides.setdefault("attribute_groups", attribute_groups(world.instances(split).attributes))
     cfg = dataclasses.replace(cfg, num_classes=len(class_names), num_attributes=len(attribute_names),
                               pretrained_backbone=str(backbone_weights) if backbone_weights else None, **overrides)
     if image_size:
