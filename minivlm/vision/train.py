@@ -251,6 +251,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on at most this many images")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from another detector folder/checkpoint (class-specific heads re-initialised)")
+    parser.add_argument("--attribute-loss-weight", type=float, default=None,
+                        help="weight of the attribute loss (default: the preset's, 0.5)")
     parser.add_argument("--backbone-weights", type=Path, default=None,
                         help="local ImageNet state dict for the EfficientNet backbone (.pth or .safetensors)")
 
@@ -271,7 +273,9 @@ def run(args) -> int:
     _, last = train_detector(args.out, data, args.preset, cfg, image_size=args.image_size, init=args.init,
                              backbone_weights=args.backbone_weights,
                              eval_split=None if args.eval_split == "none" else args.eval_split,
-                             eval_max_images=args.eval_images)
+                             eval_max_images=args.eval_images,
+                             **({} if args.attribute_loss_weight is None else
+                                {"attribute_loss_weight": args.attribute_loss_weight}))
     ev = last.get("eval") or {}
     print(f"detector saved to {args.out} (config.json + model.safetensors); last loss {last.get('loss', float('nan')):.4f}"
           + (f"; mAP@0.5 {ev['map50']:.3f}, mAP {ev['map']:.3f} on {ev['images']} images" if ev else ""))
