@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", type=Path, help="TEE feature store of the world's images (omit: no tee row)")
     p.add_argument("--pretrained", type=Path, help="pre-trained transformer folder (default: random init)")
     p.add_argument("--preset", default="bert-demo")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=4, help="VQA epochs (default: the demo's)")
     p.add_argument("--lr", type=float, default=None, help="default: finetune's VQA default")
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
