@@ -51,9 +51,14 @@ def tag_precision_recall(model, world: World, split: str, batch_size: int = 16) 
 def vqa_scores(model, world: World, split: str, train_questions) -> dict:
     questions = [q for q in world.vqa(split) if q.answers]
     inst = world.instances(split)
-    answers = model.answer([world.image_path(split, inst.images[q.image_id]) for q in questions],
-                           [q.question for q in questions])
-    acc = vqa_accuracy([{"question_id": q.question_id, "answer": a} for q, a in zip(questions, answers)], questions)
+    by_image: dict[int, list] = {}
+    for q in questions:
+        by_image.setdefault(q.image_id, []).append(q)
+    rows = []
+    for iid, qs in by_image.items():  # one image, all its questions: the detector runs once per image
+        answers = model.answer(world.image_path(split, inst.images[iid]), [q.question for q in qs])
+        rows += [{"question_id": q.question_id, "answer": a} for q, a in zip(qs, answers)]
+    acc = vqa_accuracy(rows, questions)
     out = {"accuracy": acc["overall"], "per_question_type": acc["perQuestionType"], "questions": len(questions)}
     for name, rows in baseline_results(train_questions, questions).items():
         b = vqa_accuracy(rows, questions)
