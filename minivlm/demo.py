@@ -26,7 +26,7 @@ TASKS = ("caption", "vqa", "nlvr2", "retrieval")
 
 @dataclass
 class DemoSize:
-    """How big each stage is. `default` fits ~23 minutes on a 2-core CPU; `quick` is CI-sized."""
+    """How big each stage is. `default` fits ~25 minutes on a 2-core CPU; `quick` is CI-sized."""
 
     images: int
     unlabeled: int
@@ -72,7 +72,7 @@ SIZES: dict[str, DemoSize] = {
                       pretrain_epochs=1, pretrain_batch=16,
                       task_epochs={"caption": 2, "vqa": 2, "nlvr2": 2, "retrieval": 1}, task_batch=16,
                       scst_steps=0, questions_per_image=8, nlvr2_statements=4, report_images=4),
-    # ~23 minutes on 2 idle cores (measured: see the README's Results). Detector: with one attribute softmax
+    # ~25 minutes on 2 idle cores (measured: see the README's Results). Detector: with one attribute softmax
     # per group, lr 4e-3 and attribute weight 0.25 gave mAP@0.5 0.67 and colour 53% in a linear probe
     # (lr 2e-3 at 0.5: 0.30 / 95%; 4e-3 at 0.6: 0.43; the single softmax at 2e-3: 0.56 / 38%). Captioning gets 8 epochs (at 4 its
     # CIDEr margin over the most common caption was 1 to 11 points across runs, at 8 it is 11 to 16) and
@@ -211,7 +211,7 @@ def _maybe_json(path: Path) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     parser.add_argument("--size", choices=list(SIZES), default="default",
-                        help="default: demo presets, ~23 min on 2 CPU cores; quick: toy size for CI; long: "
+                        help="default: demo presets, ~25 min on 2 CPU cores; quick: toy size for CI; long: "
                              "more questions, NLVR2 pairs and fine-tuning steps (~45 min); paper: TEE-0 + MiniLM shapes")
     parser.add_argument("--quick", action="store_true", help="same as --size quick")
     parser.add_argument("--seed", type=int, default=0)
