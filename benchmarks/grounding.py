@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minivlm.data.oracle import write_blind_store, write_oracle_store  # noqa: E402
 from minivlm.data.world import World  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
-from minivlm.io import read_json, write_json  # noqa: E402
+from minivlm.demo import stage  # noqa: E402
+from minivlm.io import write_json  # noqa: E402
 from minivlm.tasks.finetune import FinetuneSetup, finetune  # noqa: E402
 from minivlm.tasks.vqa import baseline_results  # noqa: E402
 
@@ -44,18 +44,11 @@ def ceiling(questions) -> dict:
 
 
 def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
-    """Fine-tunes VQA on one region source (resumes: a finished setting is read back)."""
-    folder = out / name
-    if (folder / "metrics.json").is_file() and (folder / "DONE").is_file():
-        return read_json(folder / "metrics.json")
-    t0 = time.time()
-    metrics = finetune(FinetuneSetup(task="vqa", data=world, features=store, out=folder, pretrained=args.pretrained,
-                                     preset=args.preset, eval_splits=["test"], epochs=args.epochs, lr=args.lr,
-                                     batch_size=32, warmup_steps=args.warmup, seed=args.seed))
-    metrics["seconds"] = round(time.time() - t0, 1)
-    write_json(folder / "metrics.json", metrics, indent=1)
-    (folder / "DONE").touch()
-    return metrics
+    """Fine-tunes VQA on one region source; the demo's `stage` records its seconds and skips it when done."""
+    return stage(name, out / name, lambda: finetune(FinetuneSetup(
+        task="vqa", data=world, features=store, out=out / name, pretrained=args.pretrained, preset=args.preset,
+        eval_splits=["test"], epochs=args.epochs, lr=args.lr, batch_size=32, warmup_steps=args.warmup,
+        seed=args.seed)), prefix="grounding")
 
 
 def main(argv: list[str] | None = None) -> int:
