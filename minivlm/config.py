@@ -274,7 +274,6 @@ class CaptionTaskConfig:
     objective: str = "masked"
     mask_prob: float = 0.15
     max_gen_len: int = 20
-    beam_size: int = 1  # the paper's speed setting (OSCAR used 5)
     scst_samples: int = 5
 
 
@@ -286,7 +285,6 @@ class VQATaskConfig:
 @dataclass
 class RetrievalTaskConfig:
     negatives_per_positive: int = 1
-    test_sizes: tuple[int, ...] = (1000, 5000)  # 1K and 5K test sets, scaled to the data
 
 
 def get_tee(name: str) -> TEEConfig:

@@ -6,9 +6,9 @@
 
 Needs only numpy, onnxruntime, tokenizers and Pillow; nothing here imports torch, directly or through
 another minivlm module (the test suite checks `sys.modules`). Images are opened by the torch-free
-`minivlm.data.images`; the letterboxing of `minivlm.vision.tee`, the input layout of `minivlm.fusion.inputs` /
-`minivlm.tasks.caption.build_prefix` and the greedy search of `minivlm.tasks.decode` are restated here in
-numpy, step for step; tests/test_export.py holds them to the PyTorch originals.
+`minivlm.data.images` and the input layout comes from the torch-free `minivlm.fusion.layout`, as in the
+PyTorch model; the letterboxing of `minivlm.vision.tee` and the greedy search of `minivlm.tasks.decode` are
+restated here in numpy, step for step; tests/test_export.py holds them to the PyTorch originals.
 
     minivlm edge-caption OUT IMG [IMG ...] [--int8] [--json]
     minivlm edge-vqa OUT IMG "question" ["question" ...] [--int8] [--top K] [--json]
@@ -27,10 +27,10 @@ from PIL import Image
 
 from minivlm.data.images import image_to_array, load_image
 from minivlm.errors import DataFormatError, MiniVLMError
+from minivlm.fusion.layout import encode_text_and_tags, pad_encoded, tag_prefix
 from minivlm.text.tokenizer import Tokenizer
 
 EDGE_FORMAT = "minivlm-edge"  # = minivlm.export.EDGE_FORMAT (that module imports torch)
-TEXT_SEGMENT, TAG_SEGMENT = 0, 1
 DEFAULT_MAX_LEN = 20
 
 
@@ -100,14 +100,25 @@ def collate_regions(regions: Sequence[EdgeRegions], dim: int, max_regions: int
     return feats, boxes, mask
 
 
-def pad_rows(rows: Sequence[Sequence[int]], pad: int, min_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    t = max(min_len, max((len(r) for r in rows), default=0))
-    ids = np.full((len(rows), t), pad, dtype=np.int64)
-    valid = np.zeros((len(rows), t), dtype=bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        valid[i, : len(r)] = True
-    return ids, valid
+def prefix_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], cfg: dict) -> dict[str, np.ndarray]:
+    """The caption prefix graph's inputs, as `minivlm.tasks.caption.build_prefix` with predicted tags."""
+    tags = tag_prefix(tokenizer, [r.object_tags(cfg["max_regions"], cfg["tag_min_score"]) for r in regions],
+                      cfg["max_text_len"], cfg["max_tag_len"], min_len=1)  # >= 1 column: a masked pad adds nothing
+    feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
+    return {"input_ids": tags["tag_ids"], "position_ids": tags["tag_pos"], "region_feats": feats, "region_boxes": boxes,
+            "attention_mask": np.concatenate([tags["tag_mask"], rmask], axis=1)}
+
+
+def vqa_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], questions: Sequence[str], cfg: dict
+               ) -> dict[str, np.ndarray]:
+    """The VQA graph's inputs, as `build_batch(tokenizer, questions, None, regions, cfg)`."""
+    encoded = [encode_text_and_tags(tokenizer, q, r.object_tags(cfg["max_regions"], cfg["tag_min_score"]),
+                                    cfg["max_text_len"], cfg["max_tag_len"]) for r, q in zip(regions, questions)]
+    text = pad_encoded(encoded, tokenizer.pad_id)
+    feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
+    return {"input_ids": text["input_ids"], "token_type_ids": text["token_type_ids"],
+            "position_ids": text["position_ids"], "region_feats": feats, "region_boxes": boxes,
+            "attention_mask": np.concatenate([text["text_mask"], rmask], axis=1)}
 
 
 # ---------------------------------------------------------------------------------------------- runtime
@@ -227,23 +238,9 @@ class EdgeMiniVLM:
             out += self._greedy(regions[start:start + self.batch_size], cfg, max_len, min_len)
         return out
 
-    def _prefix(self, regions: Sequence[EdgeRegions], cfg: dict) -> dict[str, np.ndarray]:
-        """`build_prefix` with predicted tags: each image's tag names over its top regions, once each."""
-        seqs = []
-        for r in regions:
-            tags = r.object_tags(cfg["max_regions"], cfg["tag_min_score"])
-            ids = self.tokenizer.encode(" ".join(tags), max(0, cfg["max_tag_len"] - 1)) if tags else []
-            seqs.append(ids + [self.ids["sep"]] if ids else [])
-        tag_ids, tag_mask = pad_rows(seqs, self.ids["pad"])  # >= 1 column: a masked pad adds nothing
-        feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
-        g = tag_ids.shape[1]
-        pos = np.broadcast_to(cfg["max_text_len"] + np.arange(g, dtype=np.int64), tag_ids.shape).copy()
-        return {"input_ids": tag_ids, "position_ids": pos, "region_feats": feats, "region_boxes": boxes,
-                "attention_mask": np.concatenate([tag_mask, rmask], axis=1)}
-
     def _greedy(self, regions: Sequence[EdgeRegions], cfg: dict, max_len: int, min_len: int) -> list[list[int]]:
         ids = self.ids
-        prefix = self._prefix(regions, cfg)
+        prefix = prefix_inputs(self.tokenizer, regions, cfg)
         valid = prefix["attention_mask"]
         past = self.session(cfg["prefix"]).run(None, prefix)
         step = self.session(cfg["step"])
@@ -282,27 +279,6 @@ class EdgeMiniVLM:
 
     # -- VQA -------------------------------------------------------------------------------------------
 
-    def _vqa_inputs(self, regions: Sequence[EdgeRegions], questions: Sequence[str], cfg: dict) -> dict[str, np.ndarray]:
-        """`build_batch(tokenizer, questions, None, regions, cfg)`: [CLS] question [SEP] tags [SEP] + regions."""
-        tok, seqs, segs = self.tokenizer, [], []
-        for r, q in zip(regions, questions):
-            text = tok.encode(q or "", max(0, cfg["max_text_len"] - 2))
-            tags = tok.encode(" ".join(r.object_tags(cfg["max_regions"], cfg["tag_min_score"])),
-                              max(0, cfg["max_tag_len"] - 1))
-            ids = [self.ids["cls"], *text, self.ids["sep"]]
-            seg = [TEXT_SEGMENT] * len(ids)
-            if tags:
-                ids += [*tags, self.ids["sep"]]
-                seg += [TAG_SEGMENT] * (len(tags) + 1)
-            seqs.append(ids)
-            segs.append(seg)
-        input_ids, text_mask = pad_rows(seqs, self.ids["pad"])
-        types, _ = pad_rows(segs, 0)
-        pos = np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int64), input_ids.shape).copy()
-        feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
-        return {"input_ids": input_ids, "token_type_ids": types, "position_ids": pos, "region_feats": feats,
-                "region_boxes": boxes, "attention_mask": np.concatenate([text_mask, rmask], axis=1)}
-
     def answer_logits(self, images: Sequence[Any] | Any, questions: Sequence[str] | str) -> np.ndarray:
         """[N, num_answers] logits, one row per question (one image per question, or one for all)."""
         cfg = self.task("vqa")
@@ -313,8 +289,10 @@ class EdgeMiniVLM:
         if len(regions) != len(questions):
             raise MiniVLMError(f"{len(regions)} images for {len(questions)} questions: give one, or one per question")
         sess = self.session(cfg["graph"])
-        out = [sess.run(None, self._vqa_inputs(regions[s:s + self.batch_size], questions[s:s + self.batch_size], cfg))[0]
-               for s in range(0, len(questions), self.batch_size)]
+        out = []
+        for s in range(0, len(questions), self.batch_size):
+            inputs = vqa_inputs(self.tokenizer, regions[s:s + self.batch_size], questions[s:s + self.batch_size], cfg)
+            out.append(sess.run(None, inputs)[0])
         return np.concatenate(out, axis=0) if out else np.zeros((0, cfg["num_answers"]), dtype=np.float32)
 
     def answer_scores(self, images: Sequence[Any] | Any, questions: Sequence[str] | str,

@@ -41,7 +41,7 @@ from torchvision.ops import nms, remove_small_boxes, roi_align
 
 from minivlm import __version__
 from minivlm.errors import DataFormatError, MiniVLMError
-from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT
+from minivlm.fusion.layout import TAG_SEGMENT, TEXT_SEGMENT
 from minivlm.io import atomic_path, write_json
 from minivlm.model import MiniVLM, write_lines
 from minivlm.vision.roi_head import assign_levels

@@ -12,7 +12,8 @@ from minivlm.config import BertConfig, get_bert
 from minivlm.errors import MiniVLMError
 from minivlm.fusion.cost import TABLE2_PRESETS, fusion_cost_rows
 from minivlm.fusion.heads import ITMHead, MLMHead
-from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT, build_batch
+from minivlm.fusion.inputs import build_batch
+from minivlm.fusion.layout import TAG_SEGMENT, TEXT_SEGMENT
 from minivlm.fusion.loading import load_text_weights, read_bert_config, read_checkpoint, save_model_folder
 from minivlm.fusion.transformer import MultimodalBert, prefix_causal_mask, trim_cache
 from minivlm.regions import Regions

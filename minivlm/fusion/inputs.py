@@ -1,12 +1,10 @@
-"""OSCAR-style inputs: `[CLS] text [SEP] tags [SEP]` word pieces, then the image's region tokens.
+"""OSCAR-style inputs as torch tensors: the word pieces of `minivlm.fusion.layout` (`[CLS] text [SEP] tags
+[SEP]`, segments 0 text / 1 tags, cut to `max_text_len` / `max_tag_len`, pads at the end), then the
+image's region tokens.
 
-Text is segment 0 and the tags segment 1 (as OSCAR); position ids run over the whole word-piece sequence
-(tags continue the text's positions). Regions carry no position or segment: each is its feature vector
-concatenated with the paper's 6-d box code (`Regions.box_encoding()`), projected in the embeddings.
-
-Length budget: the text segment `[CLS] text [SEP]` holds at most `max_text_len` tokens and the tag
-segment `tags [SEP]` at most `max_tag_len`; longer text or tag lists are cut. Batches are padded to their
-longest member (pads at the end), regions to the batch's largest region count (at most `max_regions`).
+Regions carry no position or segment: each is its feature vector concatenated with the paper's 6-d box
+code (`Regions.box_encoding()`), projected in the embeddings. Regions are padded to the batch's largest
+region count (at most `max_regions`).
 """
 
 from __future__ import annotations
@@ -18,11 +16,9 @@ import torch
 
 from minivlm.config import BertConfig
 from minivlm.errors import MiniVLMError
+from minivlm.fusion.layout import encode_text_and_tags, pad_encoded
 from minivlm.regions import Regions
 from minivlm.text.tokenizer import Tokenizer
-
-TEXT_SEGMENT = 0
-TAG_SEGMENT = 1
 
 
 @dataclass
@@ -56,54 +52,6 @@ class FusionBatch:
     def to(self, device: torch.device | str) -> "FusionBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return FusionBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
-
-
-@dataclass
-class EncodedText:
-    """One example's word-piece sequence before padding."""
-
-    ids: list[int]
-    segments: list[int]
-    maskable: list[bool]
-
-
-def tags_to_text(tags: str | Sequence[str] | None) -> str:
-    if tags is None:
-        return ""
-    return tags if isinstance(tags, str) else " ".join(t for t in tags if t)
-
-
-def encode_text_and_tags(tokenizer: Tokenizer, text: str, tags: str | Sequence[str] | None,
-                         max_text_len: int, max_tag_len: int) -> EncodedText:
-    """`[CLS] text [SEP]` (+ `tags [SEP]` when there are tags), each part cut to its budget."""
-    text_ids = tokenizer.encode(text or "", max(0, max_text_len - 2))
-    tag_ids = tokenizer.encode(tags_to_text(tags), max(0, max_tag_len - 1))
-    ids = [tokenizer.cls_id, *text_ids, tokenizer.sep_id]
-    segments = [TEXT_SEGMENT] * len(ids)
-    maskable = [False, *([True] * len(text_ids)), False]
-    if tag_ids:
-        ids += [*tag_ids, tokenizer.sep_id]
-        segments += [TAG_SEGMENT] * (len(tag_ids) + 1)
-        maskable += [*([True] * len(tag_ids)), False]
-    return EncodedText(ids, segments, maskable)
-
-
-def pad_encoded(encoded: Sequence[EncodedText], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pads a list of sequences at the end; position ids count 0.. over each sequence."""
-    b, t = len(encoded), max(len(e.ids) for e in encoded)
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
-    token_type_ids = torch.zeros((b, t), dtype=torch.long)
-    text_mask = torch.zeros((b, t), dtype=torch.bool)
-    maskable = torch.zeros((b, t), dtype=torch.bool)
-    for i, e in enumerate(encoded):
-        n = len(e.ids)
-        input_ids[i, :n] = torch.tensor(e.ids, dtype=torch.long)
-        token_type_ids[i, :n] = torch.tensor(e.segments, dtype=torch.long)
-        text_mask[i, :n] = True
-        maskable[i, :n] = torch.tensor(e.maskable, dtype=torch.bool)
-    position_ids = torch.arange(t, dtype=torch.long).expand(b, t).clone()
-    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids,
-            "text_mask": text_mask, "maskable": maskable}
 
 
 def collate_regions(regions_list: Sequence[Regions | None], region_dim: int, max_regions: int
@@ -150,5 +98,5 @@ def build_batch(tokenizer: Tokenizer, texts: Sequence[str], tags_list: Sequence[
     max_tag_len = cfg.max_tag_len if max_tag_len is None else max_tag_len
     encoded = [encode_text_and_tags(tokenizer, t, g, max_text_len, max_tag_len) for t, g in zip(texts, tags_list)]
     feats, boxes, rmask = collate_regions(regions_list, cfg.region_dim, max_regions or cfg.max_regions)
-    return FusionBatch(**pad_encoded(encoded, tokenizer.pad_id), region_feats=feats, region_boxes=boxes,
-                       region_mask=rmask)
+    text = {name: torch.from_numpy(array) for name, array in pad_encoded(encoded, tokenizer.pad_id).items()}
+    return FusionBatch(**text, region_feats=feats, region_boxes=boxes, region_mask=rmask)

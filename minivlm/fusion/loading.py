@@ -268,11 +268,6 @@ def save_model_folder(folder: str | Path, model: nn.Module, cfg: BertConfig, voc
     return folder
 
 
-def read_extra_config(folder: str | Path) -> dict:
-    data = read_json(Path(folder) / "config.json")
-    return data.get("minivlm", {}) if isinstance(data, dict) else {}
-
-
 def vocab_of(folder: str | Path) -> Path | None:
     path = Path(folder) / "vocab.txt"
     return path if path.is_file() else None

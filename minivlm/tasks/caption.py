@@ -1,6 +1,6 @@
 """Image captioning (Sec. 4.4): masked-token fine-tuning, cached decoding, CIDEr-D optimisation (SCST).
 
-Input layout (OSCAR's captioning layout)::
+Input layout (OSCAR's captioning layout, built by `minivlm.fusion.layout.caption_text` / `tag_prefix`)::
 
     caption  [CLS] w1 .. wn [SEP] [PAD]..   segment 0, positions 0 .. S-1       (S <= max_text_len)
     tags     t1 .. tm [SEP]                 segment 1, positions max_text_len + 0 .. m
@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 from minivlm.config import CAPTION_OBJECTIVES, BertConfig, CaptionTaskConfig, TrainConfig
 from minivlm.errors import MiniVLMError
 from minivlm.fusion.heads import MLMHead
-from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT, collate_regions
+from minivlm.fusion.inputs import collate_regions
+from minivlm.fusion.layout import TAG_SEGMENT, TEXT_SEGMENT, caption_text, tag_prefix
 from minivlm.fusion.loading import LoadReport, load_text_weights, read_bert_config, save_model_folder, vocab_of
 from minivlm.fusion.transformer import KVCache, MultimodalBert, prefix_causal_mask
 from minivlm.io import load_weights
@@ -74,6 +75,7 @@ class CaptionPrefix:
     """What a caption is conditioned on: tag tokens and regions, padded per batch."""
 
     tag_ids: torch.Tensor  # [B, G] long: tag word pieces then [SEP]; pads at the end
+    tag_pos: torch.Tensor  # [B, G] long: max_text_len + 0.., after any caption
     tag_mask: torch.Tensor  # [B, G] bool
     region_feats: torch.Tensor  # [B, R, D]
     region_boxes: torch.Tensor  # [B, R, 6]
@@ -109,18 +111,10 @@ def build_prefix(tokenizer: Tokenizer, regions_list: Sequence[Regions | None], c
                      for r in regions_list]
     if len(tags_list) != len(regions_list):
         raise ValueError(f"{len(regions_list)} region sets but {len(tags_list)} tag lists")
-    seqs = []
-    for t in tags_list:
-        ids = tokenizer.encode(" ".join(x for x in t if x), max(0, cfg.max_tag_len - 1)) if t else []
-        seqs.append(ids + [tokenizer.sep_id] if ids else [])
-    g = max((len(s) for s in seqs), default=0)
-    tag_ids = torch.full((len(seqs), g), tokenizer.pad_id, dtype=torch.long)
-    tag_mask = torch.zeros((len(seqs), g), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        tag_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        tag_mask[i, :len(s)] = True
+    parts = tag_prefix(tokenizer, tags_list, cfg.max_text_len, cfg.max_tag_len)
     feats, boxes, rmask = collate_regions(regions_list, cfg.region_dim, cfg.max_regions)
-    return CaptionPrefix(tag_ids, tag_mask, feats, boxes, rmask)
+    return CaptionPrefix(**{name: torch.from_numpy(array) for name, array in parts.items()}, region_feats=feats,
+                         region_boxes=boxes, region_mask=rmask)
 
 
 @dataclass
@@ -207,12 +201,11 @@ class CaptionModel(nn.Module):
     def encode(self, caption_ids: torch.Tensor, caption_pos: torch.Tensor, full_mask: torch.Tensor,
                prefix: CaptionPrefix) -> torch.Tensor:
         """One pass over caption + tags + regions; returns the caption tokens' hidden states [B, S, H]."""
-        s, g = caption_ids.shape[1], prefix.tag_ids.shape[1]
-        tag_pos = (self.cfg.max_text_len + torch.arange(g, device=caption_ids.device)).expand(len(prefix), g)
+        s = caption_ids.shape[1]
         ids = torch.cat([caption_ids, prefix.tag_ids], dim=1)
         types = torch.cat([torch.full_like(caption_ids, TEXT_SEGMENT), torch.full_like(prefix.tag_ids, TAG_SEGMENT)], 1)
         has_regions = prefix.region_feats.shape[1] > 0
-        out = self.bert(input_ids=ids, token_type_ids=types, position_ids=torch.cat([caption_pos, tag_pos], 1),
+        out = self.bert(input_ids=ids, token_type_ids=types, position_ids=torch.cat([caption_pos, prefix.tag_pos], 1),
                         region_feats=prefix.region_feats if has_regions else None,
                         region_boxes=prefix.region_boxes if has_regions else None, attention_mask=full_mask)
         return out.hidden_states[:, :s]
@@ -222,9 +215,8 @@ class CaptionModel(nn.Module):
         g, r = prefix.tag_ids.shape[1], prefix.region_feats.shape[1]
         if g + r == 0:
             return None
-        tag_pos = (self.cfg.max_text_len + torch.arange(g, device=prefix.tag_ids.device)).expand(len(prefix), g)
         out = self.bert(input_ids=prefix.tag_ids if g else None, token_type_ids=torch.full_like(prefix.tag_ids, TAG_SEGMENT),
-                        position_ids=tag_pos, region_feats=prefix.region_feats if r else None,
+                        position_ids=prefix.tag_pos, region_feats=prefix.region_feats if r else None,
                         region_boxes=prefix.region_boxes if r else None, attention_mask=prefix.valid(), use_cache=True)
         return out.past_key_values
 
@@ -470,13 +462,7 @@ class CaptionDataset(Dataset):
     def collate(self, items: Sequence[tuple[Hashable, str, Regions]], generator: torch.Generator | None = None
                 ) -> CaptionBatch:
         tok, cfg = self.tokenizer, self.cfg
-        seqs = [[tok.cls_id, *tok.encode(c, max(0, cfg.max_text_len - 2)), tok.sep_id] for _, c, _ in items]
-        s = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), s), tok.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(seqs), s), dtype=torch.bool)
-        for i, q in enumerate(seqs):
-            ids[i, :len(q)] = torch.tensor(q, dtype=torch.long)
-            valid[i, :len(q)] = True
+        ids, valid = map(torch.from_numpy, caption_text(tok, [c for _, c, _ in items], cfg.max_text_len))
         prefix = build_prefix(tok, [r for _, _, r in items], cfg, tags=self.tags)
         keys = [k for k, _, _ in items]
         if self.task.objective == "every-token":

@@ -87,24 +87,6 @@ def get_regions(store: RegionSource, key: Key) -> Regions:
     return store[found]
 
 
-class RegionCache:
-    """Keeps the top-`max_regions` regions of images already read, for evaluation loops that revisit the
-    same images (retrieval scores every caption against every image)."""
-
-    def __init__(self, store: RegionSource, max_regions: int):
-        self.store, self.max_regions = store, max_regions
-        self._cache: dict[Key, Regions] = {}
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._cache or (isinstance(key, (int, str)) and find_key(self.store, key) is not None)
-
-    def __getitem__(self, key: Key) -> Regions:
-        if key not in self._cache:
-            r = get_regions(self.store, key)
-            self._cache[key] = r.top(self.max_regions) if len(r) > self.max_regions else r
-        return self._cache[key]
-
-
 def check_region_dim(cfg: BertConfig, feature_dim: int | None, where: str) -> None:
     """Region features of another width than the transformer was trained on give garbage silently (the
     classic Oscar "garbage captions" mismatch), so refuse them loudly."""

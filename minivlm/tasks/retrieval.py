@@ -12,9 +12,9 @@ synthetic world or a real one can give two images the same caption). "Hard-ish" 
 `hard_pool` valid candidates, the one whose words overlap the true caption most.
 
 Evaluation scores every image x caption pair. The images' region tensors are padded once, the captions
-and tag lists are tokenised once, and each batch of pairs is gathered from those caches; the sequence
-layout `[CLS] caption.. [SEP] tags.. [SEP]` keeps padding inside the caption and tag slots, masked out
-and skipped by the position ids, which gives the same result as `build_batch`'s compact layout.
+and tag lists are tokenised once, and each batch of pairs is gathered from those caches into
+`minivlm.fusion.layout.join_slots`'s fixed-width slots, which gives the same result as `build_batch`'s
+compact layout.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +33,8 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.errors import MiniVLMError
 from minivlm.fusion.heads import ITMHead
-from minivlm.fusion.inputs import TAG_SEGMENT, TEXT_SEGMENT, FusionBatch, build_batch, collate_regions, tags_to_text
+from minivlm.fusion.inputs import FusionBatch, build_batch, collate_regions
+from minivlm.fusion.layout import encode_tags, join_slots, pad_rows, text_budget
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
 from minivlm.tasks.data import Key, RegionSource, get_regions, model_device
@@ -174,43 +176,27 @@ class PairEncoder:
     tokenizer: Tokenizer
     regions: Sequence[Regions]
     texts: Sequence[str]
-    cap_ids: torch.Tensor = field(init=False)
-    cap_len: torch.Tensor = field(init=False)
-    tag_ids: torch.Tensor = field(init=False)
-    tag_len: torch.Tensor = field(init=False)
+    cap_ids: np.ndarray = field(init=False)  # [n_texts, Lc] word pieces, pads at the end
+    cap_valid: np.ndarray = field(init=False)
+    tag_ids: np.ndarray = field(init=False)  # [n_images, Lg]
+    tag_valid: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
-        caps = tok.encode_batch([t or "" for t in self.texts], max(0, cfg.max_text_len - 2)) if self.texts else []
-        tags = [tok.encode(tags_to_text(r.object_tags(cfg.max_regions, cfg.tag_min_score)), max(0, cfg.max_tag_len - 1))
+        # one batched call: evaluation tokenises thousands of captions
+        caps = tok.encode_batch([t or "" for t in self.texts], text_budget(cfg.max_text_len)) if self.texts else []
+        tags = [encode_tags(tok, r.object_tags(cfg.max_regions, cfg.tag_min_score), cfg.max_tag_len)
                 for r in self.regions]
-        self.cap_ids, self.cap_len = _pad(caps, tok.pad_id)
-        self.tag_ids, self.tag_len = _pad(tags, tok.pad_id)
+        self.cap_ids, self.cap_valid = pad_rows(caps, tok.pad_id)
+        self.tag_ids, self.tag_valid = pad_rows(tags, tok.pad_id)
         self.feats, self.boxes, self.rmask = collate_regions(list(self.regions), cfg.region_dim, cfg.max_regions)
 
     def batch(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> FusionBatch:
-        n, lc, lg = len(image_idx), self.cap_ids.shape[1], self.tag_ids.shape[1]
-        tok = self.tokenizer
-        col = lambda v: torch.full((n, 1), v, dtype=torch.long)  # noqa: E731
-        cap_len, tag_len = self.cap_len[text_idx], self.tag_len[image_idx]
-        ids = torch.cat([col(tok.cls_id), self.cap_ids[text_idx], col(tok.sep_id), self.tag_ids[image_idx],
-                         col(tok.sep_id)], dim=1)
-        ones = torch.ones(n, 1, dtype=torch.bool)
-        mask = torch.cat([ones, torch.arange(lc)[None] < cap_len[:, None], ones,
-                          torch.arange(lg)[None] < tag_len[:, None], (tag_len > 0)[:, None]], dim=1)
-        types = torch.cat([torch.full((n, lc + 2), TEXT_SEGMENT), torch.full((n, lg + 1), TAG_SEGMENT)], dim=1)
-        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-        return FusionBatch(input_ids=ids.masked_fill(~mask, tok.pad_id), token_type_ids=types, position_ids=positions,
-                           text_mask=mask, maskable=torch.zeros_like(mask), region_feats=self.feats[image_idx],
+        i, t = image_idx.numpy(), text_idx.numpy()
+        slots = join_slots(self.tokenizer, self.cap_ids[t], self.cap_valid[t], self.tag_ids[i], self.tag_valid[i])
+        text = {name: torch.from_numpy(array) for name, array in slots.items()}
+        return FusionBatch(**text, maskable=torch.zeros_like(text["text_mask"]), region_feats=self.feats[image_idx],
                            region_boxes=self.boxes[image_idx], region_mask=self.rmask[image_idx])
-
-
-def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max([len(s) for s in seqs], default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long)
 
 
 @torch.no_grad()
