@@ -271,6 +271,25 @@ def test_finetune_vqa_writes_results_metrics_and_task_folder(tiny_world):
     assert rc == 0 and [s for s in again if s not in steps] == [] and max(again) == 3
 
 
+def test_vqa_curriculum_trains_attribute_questions_first_and_resumes(tiny_world):
+    from minivlm.data.world import World
+    from minivlm.tasks.finetune import ATTRIBUTE_QUESTION_TYPES
+
+    rc, m = _finetune(tiny_world, "vqa", "--num-answers", "5", "--curriculum-epochs", "2", name="out_curriculum")
+    out = tiny_world / "out_curriculum"
+    train_q = World(tiny_world / "world").vqa("train")
+    n_attr = sum(q.question_type.startswith(ATTRIBUTE_QUESTION_TYPES) for q in train_q)
+    assert rc == 0 and 0 < m["curriculum"]["n_train"] <= n_attr < m["n_train"]
+    phase = [json.loads(line) for line in (out / "curriculum" / "log.jsonl").read_text().splitlines()]
+    steps_per_epoch = -(-m["curriculum"]["n_train"] // 4)
+    assert max(e["step"] for e in phase) == 2 * steps_per_epoch  # its own epochs, not the main run's --steps
+    assert (out / "curriculum" / "model.safetensors").is_file() and m["train"]["step"] == 3
+    # a rerun skips the finished curriculum and the finished main run: no step is trained twice
+    rc, _ = _finetune(tiny_world, "vqa", "--num-answers", "5", "--curriculum-epochs", "2", name="out_curriculum")
+    again = [json.loads(line) for line in (out / "curriculum" / "log.jsonl").read_text().splitlines()]
+    assert rc == 0 and len(again) == len(phase)
+
+
 def test_finetune_nlvr2_and_retrieval(tiny_world):
     from minivlm.eval.nlvr2 import read_nlvr2_results
     from minivlm.eval.retrieval import read_retrieval_results

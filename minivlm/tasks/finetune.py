@@ -72,6 +72,10 @@ class FinetuneSetup:
     workers: int = 0
     amp: bool = True
     num_answers: int = VQATaskConfig.num_answers
+    # VQA: epochs on the attribute questions alone (colour, shape, size, pattern) before the full set. From
+    # random or briefly pre-trained weights the model otherwise settles on the question-type prior and
+    # never learns to find the named object among the regions (README: Grounding).
+    curriculum_epochs: int = 0
     negatives: int = RetrievalTaskConfig.negatives_per_positive
     hard_pool: int = 1
     beam_size: int = 1
@@ -131,18 +135,22 @@ class Run:
             shutil.copyfile(self.tokenizer.vocab_path, tmp)
         write_task_config(self.out, self.setup.task, cfg, pretrained=str(self.setup.pretrained or ""), **extra)
 
-    def fit(self, model, dataset, collate, eval_fn: Callable | None) -> dict:
-
+    def fit(self, model, dataset, collate, eval_fn: Callable | None, phase: str = "", epochs: int | None = None) -> dict:
+        """Trains `model` on `dataset` with the setup's recipe. A `phase` (e.g. "curriculum") trains for
+        `epochs` in its own sub-folder, so a rerun resumes or skips it like the main run."""
         cfg = self.setup.train_config(len(dataset))
+        if phase:
+            cfg = dataclasses.replace(cfg, epochs=epochs or cfg.epochs, max_steps=None, eval_every=None)
+        out = self.out / phase if phase else self.out
         torch.manual_seed(self.setup.seed)
-        trainer = Trainer(model, cfg, self.out, desc=f"finetune {self.setup.task}")
+        trainer = Trainer(model, cfg, out, desc=f"finetune {self.setup.task}{f' {phase}' if phase else ''}")
         n = sum(p.numel() for p in model.parameters())
         self.say(f"{len(dataset)} training examples, {n / 1e6:.2f} M parameters, lr {cfg.lr}, batch {cfg.batch_size}, "
                  f"{cfg.epochs} epoch(s){f', at most {cfg.max_steps} steps' if cfg.max_steps else ''}")
         last = trainer.fit(dataset, collate, eval_fn)
         if "loss" not in last:  # a rerun of a finished run trains no step: report the logged end of training
 
-            last = next((e for e in reversed(read_log(self.out / "log.jsonl")) if "loss" in e), last)
+            last = next((e for e in reversed(read_log(out / "log.jsonl")) if "loss" in e), last)
         return {k: v for k, v in last.items() if k != "eval"}
 
     def finish(self, metrics: dict) -> dict:
@@ -156,6 +164,9 @@ def _cap(items: list, n: int | None) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- VQA
+
+# VQA v2 question types whose answer is one attribute of one named object: the curriculum's questions.
+ATTRIBUTE_QUESTION_TYPES = ("what color", "what shape", "what size", "what pattern")
 
 
 def finetune_vqa(setup: FinetuneSetup) -> dict:
@@ -212,10 +223,22 @@ def finetune_vqa(setup: FinetuneSetup) -> dict:
         _, acc, _ = score(periodic, setup.eval_examples)
         return {"vqa_acc": acc["overall"]} if acc else {}
 
+    metrics: dict[str, Any] = {}
+    if setup.curriculum_epochs:
+        qtype = {q.question_id: q.question_type for q in train_q}
+        easy = [e for e in train if qtype[e.question_id].startswith(ATTRIBUTE_QUESTION_TYPES)]
+        if not easy:
+            raise MiniVLMError(f"--curriculum-epochs: no attribute question ({', '.join(ATTRIBUTE_QUESTION_TYPES)}"
+                               f"...) in {train_split}")
+        run.say(f"curriculum: {setup.curriculum_epochs} epoch(s) on the {len(easy)} attribute questions first")
+        metrics["curriculum"] = {"n_train": len(easy), "epochs": setup.curriculum_epochs,
+                                 "train": run.fit(model, VQADataset(easy, run.store),
+                                                  VQACollator(run.tokenizer, cfg, len(answers)), None,
+                                                  phase="curriculum", epochs=setup.curriculum_epochs)}
     train_stats = run.fit(model, VQADataset(train, run.store), VQACollator(run.tokenizer, cfg, len(answers)),
                           eval_fn if periodic and setup.eval_every else None)
-    metrics: dict[str, Any] = {"task": "vqa", "train_split": train_split, "n_train": len(train),
-                               "num_answers": len(answers), "train": train_stats, "eval": {}}
+    metrics = {"task": "vqa", "train_split": train_split, "n_train": len(train), "num_answers": len(answers),
+               **metrics, "train": train_stats, "eval": {}}
     if run.rank == 0:
         for split in eval_splits:
             results, acc, scored = score(split, setup.max_eval)
@@ -502,6 +525,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--hard-pool", type=int, default=1,
                    help="retrieval: candidates per negative, the most word-overlapping one is kept (default 1: "
                         "random negatives, as OSCAR; from random weights they train faster)")
+    m.add_argument("--curriculum-epochs", type=int, default=0,
+                   help="vqa: epochs on the attribute questions (colour, shape, size, pattern) before the full set")
     m.add_argument("--beam-size", type=int, default=1, help="caption: beam size at evaluation")
     m.add_argument("--mask-prob", type=float, default=CaptionTaskConfig.mask_prob,
                    help="caption: share of caption tokens masked and predicted per step (paper: 0.15; more "
@@ -531,6 +556,8 @@ def setup_from_args(args: argparse.Namespace) -> FinetuneSetup:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise MiniVLMError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    if args.curriculum_epochs < 0:
+        raise MiniVLMError(f"--curriculum-epochs must be at least 0 (got {args.curriculum_epochs})")
     return FinetuneSetup(
         task=args.task, data=Path(args.data), features=Path(args.features), out=Path(args.out), pretrained=pretrained,
         preset=args.preset, nlvr2_features=Path(args.nlvr2_features) if args.nlvr2_features else None,
@@ -539,7 +566,7 @@ def setup_from_args(args: argparse.Namespace) -> FinetuneSetup:
         weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
         eval_every=args.eval_every, eval_examples=args.eval_examples, max_train=args.max_train,
         max_eval=args.max_eval, workers=args.workers, amp=not args.no_amp, num_answers=args.num_answers,
-        negatives=args.negatives, hard_pool=args.hard_pool, beam_size=args.beam_size,
+        negatives=args.negatives, hard_pool=args.hard_pool, curriculum_epochs=args.curriculum_epochs, beam_size=args.beam_size,
         scst_steps=args.scst_steps, caption_mask_prob=args.mask_prob,
         caption_objective=args.caption_objective)
 
