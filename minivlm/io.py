@@ -11,12 +11,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from minivlm.errors import DataFormatError
+from minivlm.errors import DataFormatError, MiniVLMError
 
 
 @contextlib.contextmanager
@@ -55,6 +55,23 @@ def read_json(path: str | Path) -> Any:
         raise DataFormatError(path, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
     except UnicodeDecodeError:
         raise DataFormatError(path, "not a UTF-8 text file") from None
+
+
+def write_lines(path: Path, lines: Sequence[str]) -> None:
+    bad = [s for s in lines if "\n" in s or "\r" in s]
+    if bad:
+        raise MiniVLMError(f"{path.name}: names cannot contain line breaks ({bad[0]!r})")
+    write_text(path, "".join(f"{s}\n" for s in lines))
+
+
+def read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataFormatError(path, "file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataFormatError(path, "not a UTF-8 text file") from None
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

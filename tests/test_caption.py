@@ -12,9 +12,9 @@ import torch
 from minivlm.config import BertConfig, CaptionTaskConfig, TrainConfig, to_dict
 from minivlm.data.world import World
 from minivlm.errors import MiniVLMError
-from minivlm.fusion.heads import ITMHead, MLMHead
-from minivlm.fusion.loading import save_model_folder
-from minivlm.fusion.transformer import MultimodalBert, prefix_causal_mask
+from minivlm import checkpoint
+from minivlm.fusion.loading import canonical_state_dict
+from minivlm.fusion.transformer import prefix_causal_mask
 from minivlm.io import save_weights, write_json
 from minivlm.regions import Regions
 from minivlm.tasks.caption import (IGNORE, CachedSteps, CaptionDataset, CaptionModel, FullSteps, ScstObjective, build_prefix,
@@ -346,7 +346,11 @@ def test_train_caption_ce_then_scst_and_reload(tok, tmp_path, image_regions):
     assert [e["step"] for e in ce_log if "loss" in e] == [2, 4]
     assert any("cider_d" in e.get("eval", {}) for e in ce_log)
     assert all("reward" in e and "baseline_reward" in e for e in scst_log if "loss" in e)
-    again = CaptionModel.from_pretrained_vl(tmp_path / "run" / "model")
+    # the caller (finetune) writes the task folder once; train_caption leaves no model folder of its own
+    assert not (tmp_path / "run" / "model").exists()
+    checkpoint.write(tmp_path / "run", "task", checkpoint.TaskSpec("caption", model.cfg).to_json(), model.state_dict(),
+                     vocab=tok.vocab_path)
+    again = CaptionModel.from_pretrained_vl(tmp_path / "run")
     assert again.ids == model.ids and not again.load_report.missing
     prefix = build_prefix(tok, [image_regions[0]], cfg)
     model.eval()
@@ -356,21 +360,26 @@ def test_train_caption_ce_then_scst_and_reload(tok, tmp_path, image_regions):
 def test_from_pretrained_vl_loads_bert_and_mlm(tok, tmp_path):
     cfg = tiny_cfg(tok)
     torch.manual_seed(5)
-    pre = torch.nn.Module()
-    pre.bert, pre.mlm, pre.itm = MultimodalBert(cfg), MLMHead(cfg), ITMHead(cfg)
-    # a folder written by save_model_folder (Hugging Face names) ...
-    save_model_folder(tmp_path / "hf", pre, cfg, tok.vocab_path)
-    # ... and a raw Trainer state dict with a BertConfig
-    save_weights(pre.state_dict(), tmp_path / "raw" / "model.safetensors")
-    write_json(tmp_path / "raw" / "config.json", to_dict(cfg))
-    for folder in ("hf", "raw"):
+    from minivlm.tasks.pretrain import PretrainModel
+
+    pre = PretrainModel(cfg)
+    # a pre-training folder ...
+    checkpoint.write(tmp_path / "pre", "pretrain", {"bert": to_dict(cfg)}, pre.state_dict(), vocab=tok.vocab_path)
+    # ... and a caption task folder
+    task = CaptionModel(cfg, SpecialIds.from_tokenizer(tok))
+    task.load_state_dict(pre.state_dict(), strict=False)
+    checkpoint.write(tmp_path / "task", "task", checkpoint.TaskSpec("caption", cfg).to_json(), task.state_dict())
+    for folder in ("pre", "task"):
         model = CaptionModel.from_pretrained_vl(tmp_path / folder, SpecialIds.from_tokenizer(tok))
-        assert not model.load_report.missing and model.load_report.unused  # the ITM head is not needed
+        assert not model.load_report.missing
+        assert bool(model.load_report.unused) == (folder == "pre")  # the ITM head is not needed
         assert torch.equal(model.mlm.decoder.weight, pre.mlm.decoder.weight)
         assert torch.equal(model.bert.layers[1].ffn_in.weight, pre.bert.layers[1].ffn_in.weight)
-    # a text-only checkpoint leaves the region projection random, and says so
-    partial = {k: v for k, v in pre.state_dict().items() if "region" not in k}
-    save_weights(partial, tmp_path / "part" / "model.safetensors")
-    write_json(tmp_path / "part" / "config.json", to_dict(cfg))
+    # a text-only Hugging Face checkpoint leaves the region projection random, and says so
+    hf = {k: v for k, v in canonical_state_dict(pre).items() if k.startswith(("bert.embeddings", "bert.encoder", "cls.pred"))}
+    save_weights(hf, tmp_path / "part" / "model.safetensors")
+    write_json(tmp_path / "part" / "config.json", {
+        "model_type": "bert", "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_heads, "vocab_size": cfg.vocab_size})
     model = CaptionModel.from_pretrained_vl(tmp_path / "part", SpecialIds.from_tokenizer(tok))
     assert sorted(model.load_report.missing) == sorted(k for k in model.state_dict() if "region" in k)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from minivlm.config import BertConfig, get_tee
 from minivlm.errors import DataFormatError, MiniVLMError
-from minivlm.io import read_json, save_weights, write_json
+from minivlm.io import read_json, write_json
 from minivlm.model import MiniVLM, build_task_model, write_lines, write_task_config
 from minivlm.text.tokenizer import get_tokenizer
 
@@ -75,8 +75,7 @@ def assert_same(a: dict, b: dict) -> None:
 def test_round_trip_gives_identical_outputs_without_unpickling(env, monkeypatch):
     root, model, paths = env
     names = sorted(p.name for p in (root / "model").iterdir())
-    assert names == ["answers.txt", "attributes.txt", "caption.safetensors", "config.json", "detector.safetensors",
-                     "nlvr2.safetensors", "retrieval.safetensors", "tags.txt", "vocab.txt", "vqa.safetensors"]
+    assert names == ["answers.txt", "config.json", "model.safetensors", "vocab.txt"]
     before = outputs(model, paths)
 
     def refuse(*a, **k):
@@ -89,8 +88,9 @@ def test_round_trip_gives_identical_outputs_without_unpickling(env, monkeypatch)
     assert set(loaded.tasks) == {"caption", "vqa", "nlvr2", "retrieval"} and loaded.answers == ANSWERS
     assert_same(before, outputs(loaded, paths))
     config = read_json(root / "model" / "config.json")
-    assert config["versions"]["minivlm"] and config["detector"]["config"]["region_dim"] == 16
-    assert config["tasks"]["vqa"]["bert"]["hidden_size"] == 32
+    assert config["kind"] == "model" and config["version"] == 1 and config["minivlm"]
+    assert config["config"]["detector"]["tee"]["region_dim"] == 16 and config["config"]["detector"]["class_names"][0] == "circle"
+    assert config["config"]["tasks"]["vqa"]["bert"]["hidden_size"] == 32
 
 
 def test_api_shapes_and_behaviour(env):
@@ -124,14 +124,14 @@ def _copy(root, name: str):
 
 def test_missing_files_fail_clearly(env):
     root, _, _ = env
-    for missing in ("nlvr2.safetensors", "tags.txt", "vocab.txt", "detector.safetensors", "config.json"):
+    for missing in ("answers.txt", "vocab.txt", "model.safetensors", "config.json"):
         broken = _copy(root, "broken")
         (broken / missing).unlink()
         with pytest.raises(DataFormatError, match=missing.replace(".", r"\.")):
             MiniVLM.from_pretrained(broken)
     broken = _copy(root, "broken")
-    (broken / "vqa.safetensors").write_bytes(b"garbage")
-    with pytest.raises(DataFormatError, match="vqa.safetensors"):
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataFormatError, match="model.safetensors"):
         MiniVLM.from_pretrained(broken)
     with pytest.raises(DataFormatError, match="not found"):
         MiniVLM.from_pretrained(root / "nowhere")
@@ -141,7 +141,7 @@ def test_region_dim_mismatch_is_refused(env):
     root, model, _ = env
     broken = _copy(root, "wide")
     config = read_json(broken / "config.json")
-    config["tasks"]["vqa"]["bert"]["region_dim"] = 2048  # e.g. a transformer trained on VinVL features
+    config["config"]["tasks"]["vqa"]["bert"]["region_dim"] = 2048  # e.g. a transformer trained on VinVL features
     write_json(broken / "config.json", config)
     with pytest.raises(MiniVLMError, match=r"2048-d.*16-d|16-d.*2048-d"):
         MiniVLM.from_pretrained(broken)
@@ -151,9 +151,9 @@ def test_region_dim_mismatch_is_refused(env):
     # weights that do not fit their config name the file
     broken = _copy(root, "shape")
     config = read_json(broken / "config.json")
-    config["tasks"]["retrieval"]["bert"]["intermediate_size"] = 48
+    config["config"]["tasks"]["retrieval"]["bert"]["intermediate_size"] = 48
     write_json(broken / "config.json", config)
-    with pytest.raises(DataFormatError, match="retrieval.safetensors.*intermediate|ffn_in"):
+    with pytest.raises(DataFormatError, match=r"model\.safetensors.*tasks\.retrieval\..*ffn_in"):
         MiniVLM.from_pretrained(broken)
 
 
@@ -165,8 +165,7 @@ def test_assemble_from_detector_and_finetune_folders(env):
     folders = {}
     for task, m in model.tasks.items():
         folder = root / f"ft_{task}"
-        save_weights(m.state_dict(), folder / "model.safetensors")  # what `minivlm finetune` leaves
-        write_task_config(folder, task, m.cfg)
+        write_task_config(folder, task, m.cfg, state=m.state_dict())
         shutil.copyfile(model.tokenizer.vocab_path, folder / "vocab.txt")
         if task == "vqa":
             write_lines(folder / "answers.txt", ANSWERS)

@@ -14,7 +14,8 @@ from minivlm.cli import main as cli_main
 from minivlm.config import BertConfig, PretrainTaskConfig
 from minivlm.data.feature_store import FeatureStore, FeatureStoreWriter
 from minivlm.data.world import World
-from minivlm.fusion.loading import load_text_weights, read_bert_config
+from minivlm import checkpoint
+from minivlm.fusion.loading import load_text_weights
 from minivlm.regions import Regions
 from minivlm.tasks.corpus import PretrainExample, build_corpus, pseudo_caption_corpus, split_texts
 from minivlm.tasks.pretrain import (IGNORE, PretrainCollator, PretrainDataset, PretrainModel, evaluate,
@@ -259,7 +260,7 @@ def test_pretrain_command_learns_resumes_and_saves(world, tmp_path, capsys):
     assert "resumed" in printed.out + printed.err
     # the model folder loads back into a fresh model and gives the same held-out numbers
     folder = out / "model"
-    cfg = read_bert_config(folder)
+    cfg = checkpoint.read(folder, "pretrain").bert_config()
     assert cfg.name == "bert-demo" and cfg.region_dim == DIM and cfg.dropout == 0
     model = PretrainModel(cfg)
     report = load_text_weights(model, folder)
@@ -292,7 +293,7 @@ def test_pretrain_on_the_fly_from_image_files(tmp_path):
                      "--preset", "bert-demo", "--tags", "store", "--batch-size", "4", "--max-steps", "2",
                      "--eval-examples", "4"]) == 0
     assert [e["step"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e][-1] == 2
-    assert read_bert_config(out / "model").region_dim == 16
+    assert checkpoint.read(out / "model", "pretrain").bert_config().region_dim == 16
     iid, path = world_sources(tmp_path / "w")[0]
     fly = OnTheFlyRegions(detector, world_sources(tmp_path / "w"))
     assert iid in fly and -1 not in fly

@@ -219,7 +219,8 @@ def tiny_world(tmp_path_factory):
     from minivlm.data.feature_store import FeatureStoreWriter
     from minivlm.data.synthetic import generate_world
     from minivlm.data.world import World
-    from minivlm.fusion.loading import save_model_folder
+    from minivlm import checkpoint
+    from minivlm.config import to_dict
     from minivlm.tasks.pretrain import PretrainModel
 
     root = tmp_path_factory.mktemp("ft")
@@ -236,7 +237,7 @@ def tiny_world(tmp_path_factory):
                 for j, name in enumerate((e.left_image, e.right_image)):
                     wr.add(f"{split}/{name}", store_regions(len(name) + j, names, j))  # as `extract --images`
     torch.manual_seed(0)
-    save_model_folder(root / "pre", PretrainModel(TINY), TINY)
+    checkpoint.write(root / "pre", "pretrain", {"bert": to_dict(TINY)}, PretrainModel(TINY).state_dict())
     return root
 
 
@@ -252,7 +253,7 @@ def _finetune(root, task: str, *extra: str, name: str | None = None) -> tuple[in
 
 def test_finetune_vqa_writes_results_metrics_and_task_folder(tiny_world):
     from minivlm.eval.vqa_eval import read_vqa_results
-    from minivlm.model import read_task_folder
+    from minivlm import checkpoint
 
     rc, m = _finetune(tiny_world, "vqa", "--num-answers", "5")
     out = tiny_world / "out_vqa"
@@ -261,8 +262,9 @@ def test_finetune_vqa_writes_results_metrics_and_task_folder(tiny_world):
     assert 0 <= val["accuracy"] <= 100 and "accuracy" in val["baseline_most_frequent"] and val["per_question_type"]
     results = read_vqa_results(out / "results_val.json")  # the official format reads back
     assert len(results) == val["n_questions"] > 0
-    info = read_task_folder(out)
-    assert info.task == "vqa" and len(info.answers) == 5 and info.cfg.hidden_size == TINY.hidden_size
+    info = checkpoint.read(out, "task")
+    spec = info.task_spec()
+    assert spec.task == "vqa" and len(info.answers()) == 5 and spec.bert.hidden_size == TINY.hidden_size
     assert "loaded" in (out / "init_report.txt").read_text()  # started from the pre-trained folder
     # rerunning the finished command resumes at its last step: no training step is repeated
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -313,10 +315,11 @@ def test_finetune_refuses_features_of_another_width(tiny_world, capsys):
     from minivlm.cli import main
 
     wide = BertConfig(**{**TINY.__dict__, "region_dim": 2048})
-    from minivlm.fusion.loading import save_model_folder
-    from minivlm.fusion.transformer import MultimodalBert
+    from minivlm import checkpoint
+    from minivlm.config import to_dict
+    from minivlm.tasks.pretrain import PretrainModel
 
-    save_model_folder(tiny_world / "pre_wide", MultimodalBert(wide), wide)
+    checkpoint.write(tiny_world / "pre_wide", "pretrain", {"bert": to_dict(wide)}, PretrainModel(wide).state_dict())
     rc = main(["finetune", "--task", "vqa", "--data", str(tiny_world / "world"), "--features",
                str(tiny_world / "store"), "--pretrained", str(tiny_world / "pre_wide"), "--out",
                str(tiny_world / "out_wide"), "--steps", "1"])
@@ -334,7 +337,8 @@ def test_finetune_caption_through_the_caption_trainer(tiny_world):
     assert {"CIDEr", "Bleu_4"} <= set(m["eval"]["val"]["model"]) and "CIDEr" in m["eval"]["val"]["baseline_most_common_caption"]
     assert len(read_caption_results(out / "results_val.json")) == 2
     info, model = load_task_folder(out)  # the task folder that `MiniVLM.assemble` takes
-    assert info.task == "caption" and model.cfg.hidden_size == TINY.hidden_size
+    assert info.task_spec().task == "caption" and model.cfg.hidden_size == TINY.hidden_size
+    assert not (out / "model").exists()  # the weights are written once, in the task folder
 
 
 def test_finetune_caption_every_token_then_scst_steps(tiny_world):

@@ -1,13 +1,13 @@
-"""Model folders: text-pretrained BERT/MiniLM initialisation and our own saved models.
+"""Initialising a transformer from a checkpoint folder, across model classes.
 
-A model folder is `config.json` + `model.safetensors` (or `pytorch_model.bin`) + `vocab.txt`. Two kinds:
-  * a Hugging Face BERT folder (config.json has "model_type": "bert"): BertModel or BertForPreTraining
-    weights, e.g. the 6-layer MiniLM of `minivlm.text.tokenizer.minilm_checkpoint_path()`;
-  * a folder written by `save_model_folder` (config.json is a `BertConfig`).
-Both store weights under Hugging Face BERT names, so one rename table serves both. Our extra modules use
-OSCAR's names (`bert.img_embedding`, `bert.LayerNorm` for the region projection and its norm) and the
+The source is a checkpoint folder (`minivlm.checkpoint`) of kind "pretrain" or "task", or a text-only
+Hugging Face BERT folder ("huggingface-bert", e.g. the 6-layer MiniLM of
+`minivlm.text.tokenizer.minilm_checkpoint_path()`). Its kind is read from config.json; the weights are
+then brought to one meeting ground, Hugging Face BERT names: a Hugging Face folder already uses them, and
+a minivlm folder is rebuilt as the module it was saved from and renamed by module type. Our extra modules
+use OSCAR's names (`bert.img_embedding`, `bert.LayerNorm` for the region projection and its norm) and the
 ITM classifier is BERT's `cls.seq_relationship` (OSCAR's choice: "is the pair random" is class 1 in
-both). Parameters with no BERT name (task heads) are stored as `extra.<parameter name>`.
+both). Parameters with no BERT name (task heads) are named `extra.<parameter name>`.
 
 The loader finds the transformer and heads inside any model by type (`MultimodalBert`, `MLMHead`,
 `Pooler`, `ITMHead`), so a task model loads whatever it shares with the checkpoint. A shallower
@@ -18,18 +18,18 @@ stayed random, and lists every shape mismatch (those parameters are left as init
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minivlm.config import BertConfig, from_dict, to_dict
+from minivlm.checkpoint import HF_BERT, Checkpoint, load_state_strict, read
+from minivlm.config import BertConfig
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.fusion.heads import ITMHead, MLMHead, Pooler
 from minivlm.fusion.transformer import MultimodalBert
-from minivlm.io import atomic_path, load_weights, read_json, save_weights, write_json
+from minivlm.io import load_weights
 
 # our attribute path inside one module -> Hugging Face BERT name
 _EMBEDDINGS = {
@@ -148,8 +148,9 @@ def _normalise_key(key: str) -> str:
     return key
 
 
-def read_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The folder's weights under canonical (Hugging Face BERT) names."""
+def read_hf_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face BERT folder's weights under canonical names (safetensors, or a state dict read with
+    `weights_only=True`: tensors only, no code)."""
     folder = Path(folder)
     if (folder / "model.safetensors").is_file():
         state = load_weights(folder / "model.safetensors")
@@ -168,40 +169,39 @@ def read_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_bert_config(folder: str | Path) -> BertConfig:
-    """The BertConfig of a model folder: ours as written, or mapped from a Hugging Face config."""
-    path = Path(folder) / "config.json"
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataFormatError(path, "expected a JSON object")
-    if "num_layers" in data:
-        return from_dict(BertConfig, data)
-    if data.get("model_type") != "bert" and "num_hidden_layers" not in data:
-        raise DataFormatError(path, "neither a minivlm BertConfig nor a Hugging Face BERT config "
-                                    "(no 'num_layers' / 'model_type': 'bert')")
-    try:
-        return BertConfig(
-            name=str(data.get("_name_or_path") or Path(folder).name), num_layers=int(data["num_hidden_layers"]),
-            hidden_size=int(data["hidden_size"]), intermediate_size=int(data["intermediate_size"]),
-            num_heads=int(data["num_attention_heads"]), vocab_size=int(data["vocab_size"]),
-            max_position=int(data.get("max_position_embeddings", 512)),
-            type_vocab_size=int(data.get("type_vocab_size", 2)),
-            dropout=float(data.get("hidden_dropout_prob", 0.1)),
-            layer_norm_eps=float(data.get("layer_norm_eps", 1e-12)),
-        )
-    except KeyError as err:
-        raise DataFormatError(path, f"missing field {err.args[0]!r}") from None
+def canonical_checkpoint(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The weights of a pretrain, task or Hugging Face BERT checkpoint under canonical names."""
+    if ckpt.kind == HF_BERT:
+        return read_hf_checkpoint(ckpt.folder)
+    from minivlm.model import build_task_model
+
+    if ckpt.kind == "pretrain":
+        from minivlm.tasks.pretrain import PretrainModel
+
+        source: nn.Module = PretrainModel(ckpt.bert_config())
+    elif ckpt.kind == "task":
+        spec = ckpt.task_spec()
+        source = build_task_model(spec.task, spec.bert, len(ckpt.answers()) if spec.task == "vqa" else None)
+    else:
+        raise DataFormatError(ckpt.config_path, f"a {ckpt.kind} folder holds no transformer to initialise from")
+    load_state_strict(source, ckpt.weights)
+    return canonical_state_dict(source)
 
 
 def load_text_weights(model: nn.Module, folder: str | Path, strict_heads: bool = False) -> LoadReport:
-    """Copies every tensor of the folder that has a place of the same shape in `model`; returns what it did.
+    """Copies every tensor of a pretrain, task or Hugging Face BERT folder that has a place of the same
+    shape in `model`; returns what it did.
 
     Raises MiniVLMError when nothing at all could be loaded (wrong folder or wrong width)."""
-    folder = Path(folder)
-    ckpt = read_checkpoint(folder)
-    report = LoadReport(source=str(folder))
+    source = read(folder, "pretrain", "task", HF_BERT)
+    return load_canonical(model, canonical_checkpoint(source), str(folder), source.bert_config(), strict_heads)
+
+
+def load_canonical(model: nn.Module, ckpt: dict[str, torch.Tensor], folder: str, cfg: BertConfig | None = None,
+                   strict_heads: bool = False) -> LoadReport:
+    """`load_text_weights` on weights already under canonical names (`cfg`: theirs, to warn on differences)."""
+    report = LoadReport(source=folder)
     bert = next((m for m in model.modules() if isinstance(m, MultimodalBert)), None)
-    cfg = read_bert_config(folder) if (folder / "config.json").is_file() else None
     if bert is not None and cfg is not None:
         for what, theirs, ours in (("attention heads", cfg.num_heads, bert.cfg.num_heads),
                                    ("layer norm eps", cfg.layer_norm_eps, bert.cfg.layer_norm_eps)):
@@ -241,31 +241,6 @@ def load_text_weights(model: nn.Module, folder: str | Path, strict_heads: bool =
     if strict_heads and any(n.startswith("cls.") for n in report.missing):
         raise MiniVLMError(f"{folder}: heads missing from the checkpoint\n{report.summary()}")
     return report
-
-
-# ----------------------------------------------------------------------------------------------------
-# Writing folders
-# ----------------------------------------------------------------------------------------------------
-
-
-def save_model_folder(folder: str | Path, model: nn.Module, cfg: BertConfig, vocab_path: str | Path | None = None,
-                      extra_config: dict | None = None) -> Path:
-    """Writes config.json (the BertConfig, plus `extra_config` under "minivlm"), model.safetensors
-    (canonical names) and vocab.txt. Each file is written atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_weights(canonical_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
-    if vocab_path is None:
-        from minivlm.text.tokenizer import default_vocab_path
-
-        vocab_path = default_vocab_path()
-    with atomic_path(folder / "vocab.txt") as tmp:
-        shutil.copyfile(vocab_path, tmp)
-    config = to_dict(cfg)
-    if extra_config:
-        config["minivlm"] = extra_config
-    write_json(folder / "config.json", config, indent=1)
-    return folder
 
 
 def vocab_of(folder: str | Path) -> Path | None:

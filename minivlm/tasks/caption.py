@@ -47,14 +47,15 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from minivlm.checkpoint import HF_BERT
+from minivlm.checkpoint import read as read_checkpoint
 from minivlm.config import CAPTION_OBJECTIVES, BertConfig, CaptionTaskConfig, TrainConfig
 from minivlm.errors import MiniVLMError
 from minivlm.fusion.heads import MLMHead
 from minivlm.fusion.inputs import collate_regions
 from minivlm.fusion.layout import TAG_SEGMENT, TEXT_SEGMENT, caption_text, tag_prefix
-from minivlm.fusion.loading import LoadReport, load_text_weights, read_bert_config, save_model_folder, vocab_of
+from minivlm.fusion.loading import LoadReport, load_text_weights
 from minivlm.fusion.transformer import KVCache, MultimodalBert, prefix_causal_mask
-from minivlm.io import load_weights
 from minivlm.regions import Regions
 from minivlm.tasks.decode import SpecialIds, beam_search, greedy_search, strip
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
@@ -346,37 +347,20 @@ class CaptionModel(nn.Module):
 
     @classmethod
     def from_pretrained_vl(cls, folder: str | Path, special: SpecialIds | None = None) -> "CaptionModel":
-        """Transformer + MLM head from a model folder (config.json + model.safetensors): a pre-training or
-        captioning folder written by `save_model_folder` (Hugging Face BERT names), a raw Trainer state dict
-        of a model with `bert` / `mlm` attributes, or a text BERT/MiniLM. What was not found stays as
-        initialised and is listed in `model.load_report` (and logged)."""
+        """Transformer + MLM head from a pretrain or caption task folder, or a text BERT/MiniLM (Hugging
+        Face) folder. What was not found stays as initialised and is listed in `model.load_report` (and
+        logged)."""
         folder = Path(folder)
-        if special is None and vocab_of(folder) is not None:  # the folder's own vocabulary decides the ids
-            special = SpecialIds.from_tokenizer(get_tokenizer(str(vocab_of(folder))))
-        model = cls(read_bert_config(folder), special)
-        raw_path = folder / "model.safetensors"
-        raw = load_weights(raw_path) if raw_path.is_file() else {}
-        if any(k.startswith("bert.layers.") for k in raw):
-            own = model.state_dict()
-            picked = {k: v for k, v in raw.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-            model.load_state_dict(picked, strict=False)
-            report = LoadReport(source=str(folder), loaded=sorted(picked),
-                                missing=sorted(k for k in own if k not in picked),
-                                mismatched=sorted(f"{k}: checkpoint {list(raw[k].shape)} vs model {list(own[k].shape)}"
-                                                  for k in raw if k in own and k not in picked),
-                                unused=sorted(k for k in raw if k not in own))
-        else:
-            report = load_text_weights(model, folder)
+        source = read_checkpoint(folder, "pretrain", "task", HF_BERT)
+        if special is None and source.vocab is not None:  # the folder's own vocabulary decides the ids
+            special = SpecialIds.from_tokenizer(get_tokenizer(str(source.vocab)))
+        model = cls(source.bert_config(), special)
+        report = load_text_weights(model, folder)
         model.load_report = report
         if report.missing or report.mismatched:
             log.warning("caption model from %s: %d parameters missing, %d mismatched:\n%s", folder,
                         len(report.missing), len(report.mismatched), report.summary())
         return model
-
-    def save(self, folder: str | Path, tokenizer: Tokenizer | None = None, extra: dict | None = None) -> Path:
-        """A model folder that `from_pretrained_vl` (and every other task) loads."""
-        vocab = tokenizer.vocab_path if tokenizer is not None else None
-        return save_model_folder(folder, self, self.cfg, vocab, extra_config={"task": "caption", **(extra or {})})
 
 
 class CachedSteps:
@@ -555,9 +539,9 @@ def train_caption(pretrained: str | Path | None, world, store, out_dir: str | Pa
                   tokenizer: Tokenizer | None = None, train_split: str | None = None, val_split: str | None = None,
                   val_images: int = 100, tags: str = "predicted", scst_baseline: str = "greedy") -> CaptionModel:
     """Cross-entropy fine-tuning (out_dir/ce), then optional SCST (out_dir/scst), each through the Trainer
-    (so each stage resumes after a kill); the final model folder is out_dir/model."""
+    (so each stage resumes after a kill). Returns the model; the caller writes its task folder once."""
     from minivlm.eval.caption_metrics import CiderD
-    from minivlm.train.trainer import Trainer, distributed_env
+    from minivlm.train.trainer import Trainer
 
     task = task_cfg or CaptionTaskConfig()
     tokenizer = tokenizer or get_tokenizer()
@@ -585,7 +569,4 @@ def train_caption(pretrained: str | Path | None, world, store, out_dir: str | Pa
             Trainer(model, scst_cfg, out / "scst", desc="caption-scst").fit(scst_set, scst_set.collate, eval_fn)
         finally:
             model.scst = None
-    if distributed_env()[0] == 0:
-        model.save(out / "model", tokenizer, {"train_split": train_split, "tags": tags, "scst": scst_cfg is not None,
-                                               "scst_baseline": scst_baseline if scst_cfg else None})
     return model

@@ -121,10 +121,11 @@ def task_bert_config(pretrained: str | Path | None, preset: str, feature_dim: in
     """The transformer's config: the pre-trained folder's own (its region_dim must match the features) or a
     named preset for a random start (its region_dim set from the features)."""
     if pretrained:
-        from minivlm.fusion.loading import read_bert_config
+        from minivlm.checkpoint import HF_BERT, read
 
-        cfg = read_bert_config(pretrained)
-        if "num_layers" not in _raw_config(pretrained):  # a text-only Hugging Face BERT: no region width
+        source = read(pretrained, "pretrain", "task", HF_BERT)
+        cfg = source.bert_config()
+        if source.kind == HF_BERT:  # a text-only transformer has no region width of its own
             cfg.region_dim = int(feature_dim) if feature_dim else cfg.region_dim
         check_region_dim(cfg, feature_dim, f"{pretrained}/config.json vs the feature store")
     else:
@@ -136,34 +137,14 @@ def task_bert_config(pretrained: str | Path | None, preset: str, feature_dim: in
     return cfg
 
 
-def _raw_config(folder: str | Path) -> dict:
-    from minivlm.io import read_json
-
-    data = read_json(Path(folder) / "config.json")
-    return data if isinstance(data, dict) else {}
-
-
 def init_from_pretrained(model: torch.nn.Module, folder: str | Path | None) -> str:
-    """Copies what the task model shares with a pre-trained folder (transformer, pooler, ITM head); returns
-    the load report's summary ("random init" when there is no folder)."""
+    """Copies what the task model shares with a pre-trained folder (transformer, pooler, ITM head, and the
+    head itself from a folder of the same task); returns the load report's summary ("random init" when
+    there is no folder)."""
     if not folder:
         return "no pre-trained folder: random initialisation"
     from minivlm.fusion.loading import load_text_weights
 
-    raw_path = Path(folder) / "model.safetensors"
-    if raw_path.is_file():
-        from minivlm.io import load_weights
-
-        raw = load_weights(raw_path)
-        if any(k.startswith("bert.layers.") for k in raw):  # a task folder: our own module names
-            own = model.state_dict()
-            picked = {k: v for k, v in raw.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-            if not any(k.startswith("bert.") for k in picked):
-                raise MiniVLMError(f"{folder}: no transformer tensor of this checkpoint fits the model")
-            model.load_state_dict(picked, strict=False)
-            left = sorted(k for k in own if k not in picked)
-            return (f"loaded {len(picked)} tensors from {folder} (same names and shapes)\n"
-                    f"{len(left)} left as initialised: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
     return load_text_weights(model, folder).summary()
 
 

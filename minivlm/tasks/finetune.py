@@ -6,7 +6,7 @@ Starts from a pre-trained folder (`minivlm pretrain` output, or a text-only BERT
 weights of `--preset` without one), trains with the one Trainer (resumes after a kill: rerun the same
 command), then evaluates on the held-out splits. The output folder:
 
-    config.json          BertConfig + {"minivlm": {"format": "minivlm-task", "task", ...}}
+    config.json          {"kind": "task", "version", "config": {"task", "bert", ...}} (`minivlm.checkpoint`)
     model.safetensors    the task transformer + head (what `MiniVLM.assemble` takes)
     vocab.txt            WordPiece vocabulary; answers.txt for VQA
     results_{split}.json official result formats: VQA [{"question_id", "answer"}], NLVR2 [{"identifier",

@@ -12,7 +12,8 @@ Pieces, each usable from Python:
   * `PretrainModel`   MultimodalBert + MLM head (untied decoder) + ITM head; forward(batch) -> losses and
                       accuracies, as the Trainer wants.
   * `evaluate`        held-out MLM and ITM accuracy on fixed (seeded) masks and pollutions.
-The result is a model folder (config.json + model.safetensors + vocab.txt) that fine-tuning starts from.
+The result is a "pretrain" checkpoint folder (`minivlm.checkpoint`: config.json + model.safetensors +
+vocab.txt) that fine-tuning starts from.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from minivlm import checkpoint
 from minivlm.config import BERT_PRESETS, BertConfig, PretrainTaskConfig, TrainConfig, get_bert, to_dict
 from minivlm.errors import MiniVLMError
 from minivlm.fusion.heads import ITMHead, MLMHead
 from minivlm.fusion.inputs import FusionBatch, build_batch
-from minivlm.fusion.loading import load_text_weights, save_model_folder, vocab_of
+from minivlm.fusion.loading import load_text_weights, vocab_of
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.io import write_json, write_text
 from minivlm.regions import Regions
@@ -350,9 +352,9 @@ def run(args: argparse.Namespace) -> int:
         f"{steps} steps of {args.batch_size}")
     last = trainer.fit(train_set, collator, eval_fn)
     if rank == 0:
-        folder = save_model_folder(out / "model", model, cfg, tokenizer.vocab_path, extra_config={
-            "task": "pretrain", "tags": args.tags, "train_split": train_split, "init_text": args.init_text,
-            "examples": len(train_set)})
+        folder = checkpoint.write(out / "model", "pretrain", {
+            "bert": to_dict(cfg), "tags": args.tags, "train_split": train_split, "init_text": args.init_text,
+            "examples": len(train_set)}, model.state_dict(), vocab=tokenizer.vocab_path)
         write_json(out / "result.json", {"train": {k: v for k, v in last.items() if k != "eval"},
                                          "eval": last.get("eval", {}), "config": to_dict(cfg)}, indent=1)
         if "eval" in last:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,10 +17,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from minivlm.config import PaperCost, TEEConfig, from_dict, to_dict
+from minivlm import checkpoint
+from minivlm.config import TEEConfig
 from minivlm.data.images import image_to_tensor, load_image
-from minivlm.errors import DataFormatError, ImageError
-from minivlm.io import load_weights, read_json, save_weights, write_json
+from minivlm.errors import ImageError
 from minivlm.regions import Regions
 from minivlm.vision.backbone import build_backbone
 from minivlm.vision.bifpn import BiFPN
@@ -155,40 +154,18 @@ class TEE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Detector folders: config.json + model.safetensors
+# Detector folders: a "detector" checkpoint (minivlm.checkpoint)
 # ----------------------------------------------------------------------------------------------------
 
 
 def save_detector(model: TEE, folder: str | Path) -> Path:
-    folder = Path(folder)
-    cfg = dataclasses.replace(model.cfg, pretrained_backbone=None)  # the weights are in the folder now
-    meta = {**to_dict(cfg), "class_names": model.class_names, "attribute_names": model.attribute_names}
-    save_weights(model.state_dict(), folder / "model.safetensors", metadata={"format": "minivlm-tee"})
-    write_json(folder / "config.json", meta, indent=1)
-    return folder
-
-
-def detector_config(folder: str | Path) -> tuple[TEEConfig, list[str], list[str]]:
-    path = Path(folder) / "config.json"
-    meta = read_json(path)
-    if not isinstance(meta, dict) or "backbone" not in meta:
-        raise DataFormatError(path, "not a TEE detector config (no 'backbone' field)")
-    cfg = from_dict(TEEConfig, {k: v for k, v in meta.items() if k != "paper"})
-    cfg.paper = from_dict(PaperCost, meta.get("paper") or {})
-    cfg.pretrained_backbone = None
-    names, attrs = meta.get("class_names"), meta.get("attribute_names")
-    for field, value, n in (("class_names", names, cfg.num_classes), ("attribute_names", attrs, cfg.num_attributes)):
-        if value is not None and (not isinstance(value, list) or len(value) != n):
-            raise DataFormatError(path, f"{field}: expected a list of {n} names")
-    return cfg, names, attrs
+    spec = checkpoint.DetectorSpec(model.cfg, model.class_names, model.attribute_names)
+    return checkpoint.write(folder, "detector", spec.to_json(), model.state_dict())
 
 
 def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> TEE:
-    cfg, names, attrs = detector_config(folder)
-    model = TEE(cfg, names, attrs)
-    path = Path(folder) / "model.safetensors"
-    state = load_weights(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DataFormatError(path, f"weights do not fit config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    ckpt = checkpoint.read(folder, "detector")
+    spec = ckpt.detector_spec()
+    model = TEE(spec.tee, spec.class_names, spec.attribute_names)
+    checkpoint.load_state_strict(model, ckpt.weights)
     return model.to(device).eval()

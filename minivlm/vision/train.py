@@ -18,12 +18,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from minivlm import checkpoint
 from minivlm.config import TrainConfig, get_tee
 from minivlm.data.images import image_to_tensor
 from minivlm.data.world import World
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.io import load_weights, read_json, write_json
-from minivlm.vision.tee import TEE, detector_config, load_detector, pad_to_canvas, save_detector
+from minivlm.vision.tee import TEE, load_detector, pad_to_canvas, save_detector
 
 __all__ = ["DetectionDataset", "DetectionCollate", "DETECTOR_RECIPE", "train_detector", "evaluate_detector",
            "load_init", "load_detector"]
@@ -147,8 +148,9 @@ def load_init(model: TEE, source: str | Path) -> dict[str, list[str]]:
     folder = source if source.is_dir() else source.parent
     weights = source / "model.safetensors" if source.is_dir() else source
     names = attrs = None
-    if (folder / "config.json").is_file():
-        _, names, attrs = detector_config(folder)
+    if (folder / "config.json").is_file():  # a bare file (a trainer step) has no vocabularies beside it
+        spec = checkpoint.read(folder, "detector").detector_spec()
+        names, attrs = spec.class_names, spec.attribute_names
     state = load_weights(weights)
     own = model.state_dict()
     loaded, skipped = [], []
