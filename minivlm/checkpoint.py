@@ -279,14 +279,9 @@ def upgrade(folder: str | Path) -> str:
     if old is None:
         raise MiniVLMError(f"{path}: not a folder of the earlier formats; nothing to upgrade")
     if old == "detector":  # same weights and names: only config.json changes
-        names, attrs = data.get("class_names"), data.get("attribute_names")
-        tee = tee_config(data)
-        from minivlm.vision.tee import TEE  # default names when the old folder had none
-
-        if names is None or attrs is None:
-            model = TEE(tee, names, attrs)
-            names, attrs = model.class_names, model.attribute_names
-        write(folder, "detector", DetectorSpec(tee, names, attrs).to_json(), None)
+        spec = DetectorSpec.from_json({"tee": data, "class_names": data.get("class_names"),
+                                       "attribute_names": data.get("attribute_names")}, path)
+        write(folder, "detector", spec.to_json(), None)
     elif old == "task":  # same weights and names: only config.json changes
         meta = {k: v for k, v in data["minivlm"].items() if k not in ("format", "version", "task")}
         spec = TaskSpec(data["minivlm"]["task"], from_dict(BertConfig, data), meta)
