@@ -1,5 +1,6 @@
 """The main job at toy size (CI runs it as a test): every stage, the report, and resuming."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from minivlm.demo import SIZES, TASKS
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    r = subprocess.run([sys.executable, "-m", "minivlm.cli", "demo", "--quick", "--out", str(out)],
+    # One thread: the numbers below were recorded so (more threads reorder float sums).
+    r = subprocess.run([sys.executable, "-m", "minivlm.cli", "demo", "--quick", "--out", str(out), "--threads", "1"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r
@@ -49,6 +51,44 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
     assert (params["questions_per_image"], params["nlvr2_statements"]) == (8, 4)
     vqa = json.loads((out / "vqa" / "metrics.json").read_text())
     assert vqa["n_train"] > 6 * split_sizes(SIZES["quick"].images)[0]  # more than the default 4-6 per image
+
+
+# The quick demo as it ran (seed 0, one thread) before the stages became typed setups (issue 15): refactors
+# must reproduce it. Recipes exactly; scores and losses within a small tolerance.
+QUICK_TRAIN_CONFIGS = {  # stage folder -> train_config.json
+    "detector": dict(epochs=2, batch_size=8, lr=0.002, optimizer="adamw", weight_decay=0.0001, schedule="cosine",
+                     warmup_steps=30, grad_clip=10.0, ckpt_every=100),
+    "pretrain": dict(epochs=1, batch_size=16, lr=0.0004),
+    "caption/ce": dict(epochs=2, batch_size=16, lr=0.001, warmup_steps=30),
+    "vqa/curriculum": dict(epochs=1, batch_size=16, lr=0.0002),
+    "vqa": dict(epochs=2, batch_size=16, lr=0.0002),
+    "nlvr2": dict(epochs=2, batch_size=16, lr=0.0002),
+    "retrieval": dict(epochs=1, batch_size=16, lr=0.0003),
+}
+QUICK_METRICS = {"detector_map50": 0.0, "pretrain_heldout_mlm_acc": 0.11429, "pretrain_heldout_itm_acc": 0.54286,
+                 "caption_CIDEr": 0.0, "caption_METEOR": 0.04343, "caption_ROUGE_L": 0.23141,
+                 "caption_baseline_most_common_caption_CIDEr": 0.12838, "vqa_accuracy": 31.96,
+                 "vqa_baseline_per_question_type": 42.86, "nlvr2_accuracy": 50.0, "retrieval_TR@1": 14.286,
+                 "retrieval_IR@5": 71.429}
+QUICK_LOSSES = {"detector/metrics.json": 5.05617, "pretrain/result.json": 12.37755, "caption/ce/log.jsonl": 5.83852,
+                "vqa/metrics.json": 5.71767, "nlvr2/metrics.json": 0.82435, "retrieval/metrics.json": 0.69041}
+
+
+def test_quick_demo_reproduces_its_recorded_numbers(quick_demo):
+    from minivlm.config import TrainConfig
+
+    out, _ = quick_demo
+    for folder, fields in QUICK_TRAIN_CONFIGS.items():
+        expected = {**dataclasses.asdict(TrainConfig(batch_size=32)), **fields}
+        assert json.loads((out / folder / "train_config.json").read_text()) == expected, folder
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key, value in QUICK_METRICS.items():
+        assert metrics[key] == pytest.approx(value, abs=0.02 if value < 1 else 0.5), key
+    for path, loss in QUICK_LOSSES.items():
+        text = (out / path).read_text()
+        last = json.loads(text.splitlines()[-1]) if path.endswith(".jsonl") else json.loads(text)
+        last = last.get("train", last)
+        assert last["loss"] == pytest.approx(loss, rel=0.01), path
 
 
 def test_rerun_skips_finished_stages(quick_demo):
