@@ -2,8 +2,8 @@
 
     python benchmarks/ablation.py [--out runs/ablation] [--seeds 0 1] [--quick]
 
-Everything is scaled down to CPU minutes (see SIZES) and run through the same `minivlm` commands a user
-types. Every finished step leaves a DONE.json, so a killed run continues where it stopped.
+Everything is scaled down to CPU minutes (see SIZES) and run through the same Python calls a user would
+make (`train_detector`, `pretrain`, `finetune` with their setups). Every finished step leaves a DONE.json, so a killed run continues where it stopped.
 
   Detectors    small   tee-demo trained on the world                               (TEE-0's role)
                O       tee-demo trained first on a 2x larger, separately generated
@@ -29,16 +29,21 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minivlm.cli import invoke  # noqa: E402
+from minivlm.config import PretrainTaskConfig, TrainConfig  # noqa: E402
+from minivlm.data.synthetic import generate_world  # noqa: E402
 from minivlm.demo import SIZES as DEMO_SIZES, stage  # noqa: E402
 from minivlm.io import read_json, write_json  # noqa: E402
+from minivlm.tasks.finetune import finetune  # noqa: E402
+from minivlm.tasks.pretrain import PretrainSetup, pretrain  # noqa: E402
+from minivlm.vision.extract import extract  # noqa: E402
+from minivlm.vision.train import DETECTOR_RECIPE, DetectorSetup, train_detector  # noqa: E402
 
-DEMO_RECIPE = DEMO_SIZES["default"]  # fine-tuning flags (objective, lr) as the demo: see minivlm.demo
+DEMO_RECIPE = DEMO_SIZES["default"]  # fine-tuning recipe (objective, lr, curriculum) as the demo: see minivlm.demo
 
 
 @dataclass
@@ -76,54 +81,54 @@ class Ablation:
     # -- data and detectors -------------------------------------------------------------------------
     def data(self) -> None:
         s = self.size
-        self.step("world", self.world, lambda: invoke("make-data", self.world, "--images", s.images, "--seed", 0,
-                                                      "--unlabeled", s.unlabeled) and None)
+        self.step("world", self.world, lambda: generate_world(self.world, s.images, 0, s.unlabeled) and None)
         self.step("detection world", self.det_world,
-                  lambda: invoke("make-data", self.det_world, "--images", s.detection_images, "--seed", 1000) and None)
+                  lambda: generate_world(self.det_world, s.detection_images, 1000) and None)
 
     def detector(self, name: str, preset: str, chain: bool) -> Path:
         folder = self.out / f"det_{name}"
-        common = ["--preset", preset, "--eval-split", "test", "--image-size", 192, "--optimizer", "adamw",
-                  "--lr", 0.002, "--weight-decay", 1e-4]  # the demo's recipe at a smaller canvas
-        epochs = self.size.detector_epochs
+
+        def setup(data: Path, out: Path, epochs: int, init: Path | None = None) -> DetectorSetup:
+            # the demo's recipe at a smaller canvas
+            train = replace(DETECTOR_RECIPE, epochs=epochs, optimizer="adamw", lr=0.002, weight_decay=1e-4)
+            return DetectorSetup(out=out, data=data, preset=preset, image_size=192, init=init, eval_split="test",
+                                 train=train)
+
         if chain:
             pre, half = self.out / f"det_{name}_pre", self.size.chain_epochs
-            self.step(f"detector {name} (larger set first)", pre, lambda: invoke(
-                "train-detector", "--data", self.det_world, "--out", pre, "--epochs", half, *common) and None)
-            self.step(f"detector {name}", folder, lambda: _detector_metrics(invoke(
-                "train-detector", "--data", self.world, "--out", folder, "--init", pre, "--epochs", half, *common),
-                folder))
+            self.step(f"detector {name} (larger set first)", pre,
+                      lambda: train_detector(setup(self.det_world, pre, half)) and None)
+            self.step(f"detector {name}", folder,
+                      lambda: _detector_metrics(train_detector(setup(self.world, folder, half, init=pre)), folder))
         else:
             self.step(f"detector {name}", folder, lambda: _detector_metrics(
-                invoke("train-detector", "--data", self.world, "--out", folder, "--epochs", epochs, *common), folder))
+                train_detector(setup(self.world, folder, self.size.detector_epochs)), folder))
         return folder
 
     def features(self, det: Path, name: str, images: Path | None = None) -> Path:
         store = self.out / f"features_{name}"
-        src = ["--images", images] if images else ["--data", self.world]
-        self.step(f"extract {name}", store, lambda: invoke("extract", "--detector", det, *src, "--out", store) and None)
+        where = {"images": images} if images else {"data": self.world}
+        self.step(f"extract {name}", store, lambda: extract(det, store, **where) and None)
         return store
 
     # -- one transformer run: pretrain -> caption + VQA -------------------------------------------------
     def run(self, name: str, seed: int, features: Path, preset: str = "minilm-l3", tags: str = "store",
-            tag_store: Path | None = None, init_text: Path | None = None, extra: list | None = None) -> dict:
+            tag_store: Path | None = None, init_text: Path | None = None, extra: dict | None = None) -> dict:
         root = self.out / "runs" / f"{name}-s{seed}"
         pre = root / "pretrain"
-        args = ["--data", self.world, "--features", features, "--out", pre, "--preset", preset, "--epochs",
-                self.size.pretrain_epochs, "--batch-size", self.size.batch, "--seed", seed, "--tags", tags,
-                "--itm-weight", 5]  # as the demo
-        if tag_store:
-            args += ["--tag-store", tag_store]
-        if init_text:
-            args += ["--init-text", init_text]
-        self.step(f"{name} seed {seed}: pretrain", pre, lambda: invoke("pretrain", *args, *(extra or [])) and None)
+        setup = PretrainSetup(data=self.world, features=features, out=pre, preset=preset, tags=tags,
+                              tag_store=tag_store, init_text=init_text, **(extra or {}),
+                              task=PretrainTaskConfig(itm_weight=5.0),  # as the demo
+                              train=TrainConfig(epochs=self.size.pretrain_epochs, batch_size=self.size.batch,
+                                                lr=4e-4, seed=seed))
+        self.step(f"{name} seed {seed}: pretrain", pre, lambda: pretrain(setup) and None)
         result = {}
         for task, epochs in (("caption", self.size.caption_epochs), ("vqa", self.size.vqa_epochs)):
             ft = root / task
             info = self.step(f"{name} seed {seed}: {task}", ft, lambda t=task, ft=ft, e=epochs: _task_metric(
-                invoke("finetune", "--task", t, "--data", self.world, "--features", features, "--out", ft,
-                       "--pretrained", pre / "model", "--preset", preset, "--epochs", e, "--batch-size",
-                       self.size.batch, "--seed", seed, *DEMO_RECIPE.recipe_args(t)), ft, t))
+                finetune(DEMO_RECIPE.finetune_setup(t, epochs=e, batch_size=self.size.batch, seed=seed,
+                                                    data=self.world, features=features, out=ft,
+                                                    pretrained=pre / "model", preset=preset)), ft, t))
             result.update({k: v for k, v in info.items() if k in ("CIDEr", "vqa_acc", "params_m")})
         return result
 
@@ -154,8 +159,7 @@ class Ablation:
         first = self.out / "runs" / f"large-s{self.seeds[0]}"
         self.step("teacher model folder", teacher, lambda: _assemble(det_strong, first / "caption", teacher))
         pseudo = self.out / "pseudo_captions.json"
-        self.step("distill", self.out / "distill", lambda: invoke(
-            "distill", "--teacher", teacher, "--images", self.world / "unlabeled", "--out", pseudo) and None)
+        self.step("distill", self.out / "distill", lambda: _distill(teacher, self.world / "unlabeled", pseudo))
         unl_o = self.features(det_o, "unlabeled_O", self.world / "unlabeled")
         unl_strong = self.features(det_strong, "unlabeled_strong", self.world / "unlabeled")
 
@@ -163,8 +167,8 @@ class Ablation:
             "baseline": self.repeat("baseline", features=f_small, init_text=text),
             "+O": self.repeat("O", features=f_o, init_text=text),
             "+O+H": self.repeat("O_H", features=f_o, tag_store=f_strong, init_text=text),
-            "+O+H+DD": self.repeat("O_H_DD", features=f_o, tag_store=f_strong, init_text=text, extra=[
-                "--extra-captions", pseudo, "--extra-features", unl_o, "--extra-tag-store", unl_strong]),
+            "+O+H+DD": self.repeat("O_H_DD", features=f_o, tag_store=f_strong, init_text=text, extra=dict(
+                extra_captions=pseudo, extra_features=unl_o, extra_tag_store=unl_strong)),
         }
         table9 = {
             "text / no tag": self.repeat("t9_text_none", features=f_o, tags="none", init_text=text),
@@ -184,12 +188,20 @@ class Ablation:
         return report
 
 
-def _detector_metrics(_: int, folder: Path) -> dict:
+def _distill(teacher: Path, images: Path, out: Path) -> dict:
+    from minivlm.model import MiniVLM
+    from minivlm.tasks.distill import distill
+
+    distill(MiniVLM.from_pretrained(teacher), images, out, teacher_name=str(teacher))
+    return {}
+
+
+def _detector_metrics(_, folder: Path) -> dict:
     metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
     return {"map50": (metrics.get("eval") or metrics).get("map50")}
 
 
-def _task_metric(_: int, folder: Path, task: str) -> dict:
+def _task_metric(_, folder: Path, task: str) -> dict:
     m = read_json(folder / "metrics.json")
     e = m["eval"].get("test") or next(iter(m["eval"].values()))
     params = sum(v for v in [m.get("params_m")] if v)

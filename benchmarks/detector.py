@@ -25,7 +25,7 @@ from minivlm.data.synthetic import generate_world  # noqa: E402
 from minivlm.data.world import World  # noqa: E402
 from minivlm.io import write_json  # noqa: E402
 from minivlm.vision.draw import contact_sheet, draw_regions, save_png  # noqa: E402
-from minivlm.vision.train import DETECTOR_RECIPE, evaluate_detector, train_detector  # noqa: E402
+from minivlm.vision.train import DETECTOR_RECIPE, DetectorSetup, evaluate_detector, train_detector  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed)
     det_dir = args.out / "detector"
     t1 = time.perf_counter()
-    model, last = train_detector(det_dir, world_root, args.preset, cfg, image_size=args.image_size, eval_split=None)
+    model, last = train_detector(DetectorSetup(out=det_dir, data=world_root, preset=args.preset, image_size=args.image_size,
+                                               eval_split=None, train=cfg))
     t_train = time.perf_counter() - t1
 
     world = World(world_root)

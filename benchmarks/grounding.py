@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from minivlm.data.world import World  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
 from minivlm.demo import stage  # noqa: E402
 from minivlm.io import write_json  # noqa: E402
-from minivlm.tasks.finetune import FinetuneSetup, finetune  # noqa: E402
+from minivlm.tasks.finetune import DEFAULT_LR, FinetuneSetup, finetune, task_train_config  # noqa: E402
 from minivlm.tasks.vqa import baseline_results  # noqa: E402
 
 
@@ -47,8 +48,9 @@ def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
     """Fine-tunes VQA on one region source; the demo's `stage` records its seconds and skips it when done."""
     return stage(name, out / name, lambda: finetune(FinetuneSetup(
         task="vqa", data=world, features=store, out=out / name, pretrained=args.pretrained, preset=args.preset,
-        eval_splits=["test"], epochs=args.epochs, lr=args.lr, batch_size=32, warmup_steps=args.warmup,
-        seed=args.seed)), prefix="grounding")
+        eval_splits=["test"], train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"],
+                                             batch_size=32, warmup_steps=args.warmup, seed=args.seed))),
+        prefix="grounding")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     world_root = args.data
     if world_root is None:
-        from minivlm.cli import invoke
+        from minivlm.data.synthetic import generate_world
 
         world_root = args.out / "world"
         if not (world_root / "world.json").is_file():
-            invoke("make-data", world_root, "--images", 800, "--seed", args.seed, "--questions-per-image", 12,
-                   "--nlvr2-pairs", 0)
+            generate_world(world_root, 800, args.seed, nlvr2_pairs=0, questions_per_image=12)
     wanted = set(args.settings.split(","))
     stores = {}
     if "oracle" in wanted:

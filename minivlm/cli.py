@@ -1,7 +1,8 @@
 """`minivlm <command>`: a thin shell over the library.
 
 Each command lives in the module that owns the concept and exposes `add_arguments(parser)` and
-`run(args)`. The table below is the only registry; modules are imported only when their command runs,
+`run(args)`; the training stages generate their flags from their setup dataclasses (`minivlm.setup_args`)
+and `run` only builds the setup and calls the stage's Python function. The table below is the only registry; modules are imported only when their command runs,
 so `minivlm --help` is instant and a broken optional part cannot break the other commands.
 """
 
@@ -57,16 +58,6 @@ def parse(name: str, argv: list[str]) -> tuple[object, argparse.Namespace]:
     args = parser.parse_args(argv)
     args.command = name
     return module, args
-
-
-def invoke(name: str, *argv: object) -> int:
-    """Runs `minivlm NAME ARGV...` in this process (the demo chains commands this way, so it does
-    exactly what a user typing them would). Errors propagate as exceptions."""
-    module, args = parse(name, [str(a) for a in argv])
-    code = int(module.run(args) or 0)
-    if code:
-        raise MiniVLMError(f"`minivlm {name}` exited with status {code}")
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:

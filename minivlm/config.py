@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from minivlm.setup_args import option
+
 T = TypeVar("T")
 
 
@@ -215,51 +217,43 @@ BERT_PRESETS: dict[str, BertConfig] = {
 
 @dataclass
 class TrainConfig:
-    """One trainer serves every stage; these are its knobs."""
+    """One trainer serves every stage; these are its knobs. Each stage embeds one (its setup's `train`), with
+    the stage's own defaults; the recipes of configs/ set them for real data."""
 
-    epochs: int = 1
-    max_steps: int | None = None  # stops early when set
-    batch_size: int = 8  # global batch (split across ranks under torchrun)
-    lr: float = 1e-3
-    optimizer: str = "adamw"  # "sgd" | "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    schedule: str = "linear"  # "cosine" | "linear" | "constant"
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    amp: bool = True  # mixed precision, used only where a GPU is present
-    num_workers: int = 0
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 200  # steps between checkpoints (and always at the end)
-    eval_every: int | None = None
-
-
-# The paper's recipes (Sec. 4.1), for real data.
-PAPER_RECIPES: dict[str, TrainConfig] = {
-    "tee-imagenet": TrainConfig(epochs=400, batch_size=1024, lr=0.4, optimizer="sgd", schedule="cosine",
-                                weight_decay=4e-5),
-    "tee-objects365": TrainConfig(epochs=100, batch_size=256, lr=0.4, optimizer="sgd", schedule="cosine",
-                                  weight_decay=4e-5),
-    "tee-vg": TrainConfig(epochs=200, batch_size=512, lr=0.2, optimizer="sgd", schedule="cosine",
-                          weight_decay=4e-5),
-    "vl-pretrain": TrainConfig(epochs=100, batch_size=2048, lr=4e-4, optimizer="adamw", schedule="linear",
-                               weight_decay=0.01),
-}
+    epochs: int = option(1, help="passes over the training set")
+    max_steps: int | None = option(None, flags=("--max-steps", "--steps"),
+                                   help="stop after this many optimizer steps (the schedule decays to zero there)")
+    batch_size: int = option(8, help="global batch (split across ranks under torchrun)")
+    lr: float = option(1e-3, help="peak learning rate")
+    optimizer: str = option("adamw", help="optimizer", choices=("sgd", "adamw"))
+    momentum: float = option(0.9, help="SGD momentum")
+    weight_decay: float = option(0.01, help="weight decay")
+    schedule: str = option("linear", help="learning-rate decay after warm-up",
+                           choices=("cosine", "linear", "constant"))
+    warmup_steps: int = option(0, help="linear warm-up steps")
+    grad_clip: float | None = option(1.0, help="clip the gradient norm to this")
+    amp: bool = option(True, help="mixed precision (only where a GPU is present)")
+    num_workers: int = option(0, flags=("--workers", "--num-workers"), help="data loader workers")
+    seed: int = option(0, help="random seed")
+    log_every: int = option(10, help="steps between log lines")
+    ckpt_every: int = option(200, help="steps between checkpoints (and always at the end)")
+    eval_every: int | None = option(None, help="steps between held-out evaluations (always at the end)")
 
 
 @dataclass
 class PretrainTaskConfig:
-    mask_prob: float = 0.15  # MLM over text and tag tokens
-    mask_token_frac: float = 0.8  # 80% [MASK]
-    random_token_frac: float = 0.1  # 10% random token, 10% unchanged
-    itm_pollute_prob: float = 0.5  # replace the tags (or the caption) with another image's
-    pollute_caption_frac: float = 0.5  # of the polluted pairs, how many pollute the caption (else tags)
-    itm_weight: float = 1.0  # loss = MLM + itm_weight * ITM (OSCAR: 1); small CPU runs learn ITM faster at ~5
+    mask_prob: float = option(0.15, help="share of text and tag tokens masked for MLM")
+    mask_token_frac: float = option(0.8, help="of the masked tokens, the share replaced by [MASK]")
+    random_token_frac: float = option(0.1, help="... by a random word piece (the rest stay unchanged)")
+    itm_pollute_prob: float = option(0.5, help="share of pairs whose caption or tags come from another image (ITM)")
+    pollute_caption_frac: float = option(0.5, help="of the polluted pairs, the share that pollute the caption "
+                                                   "(else the tags)")
+    # OSCAR: 1; from scratch at small batch sizes MLM swamps the shared gradient and ITM stays at chance.
+    itm_weight: float = option(1.0, help="loss = MLM + w * ITM (OSCAR: 1); small CPU runs learn ITM faster at ~5")
     # VQA question + answer text takes part in MLM; in ITM only when this is set. A question names what it
     # asks about, present or not ("is there a ring? no"), so it is not evidence of what the image shows:
     # with it the demo's held-out ITM stayed at 57%, without it 68% (same steps).
-    itm_on_questions: bool = False
+    itm_on_questions: bool = option(False, help="also judge (and pollute) VQA question + answer text in ITM")
 
 
 CAPTION_OBJECTIVES = ("masked", "every-token")

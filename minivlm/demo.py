@@ -3,10 +3,11 @@
     make-data -> train-detector -> extract -> pretrain (MLM + ITM) -> finetune caption / vqa / nlvr2 /
     retrieval -> one model folder -> evaluate -> report.html + metrics.json
 
-Each stage is the same `minivlm` command a user would type (run in-process through `cli.invoke`), writes
-into its own sub-folder, and leaves a `DONE.json` marker when complete. A rerun skips finished stages, and
-a stage that was interrupted resumes from its last checkpoint (every trainer and the feature store are
-resumable), so `minivlm demo` can be killed and restarted at any point.
+Each stage is the Python call a user would make (`train_detector(DetectorSetup(...))`, `pretrain(...)`,
+`finetune(...)`, with the setups a size of configs/demo.toml gives), writes into its own sub-folder, and
+leaves a `DONE.json` marker when complete. A rerun skips finished stages, and a stage that was interrupted
+resumes from its last checkpoint (every trainer and the feature store are resumable), so `minivlm demo` can
+be killed and restarted at any point.
 """
 
 from __future__ import annotations
@@ -14,19 +15,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from minivlm.cli import invoke
 from minivlm.io import read_json, write_json
+from minivlm.setup_args import CONFIGS
+
+if TYPE_CHECKING:
+    from minivlm.tasks.finetune import FinetuneSetup
+    from minivlm.vision.train import DetectorSetup
 
 TASKS = ("caption", "vqa", "nlvr2", "retrieval")
 
 
 @dataclass
 class DemoSize:
-    """How big each stage is. `default` fits ~25 minutes on a 2-core CPU; `quick` is CI-sized."""
+    """How big each stage is (the sizes are configs/demo.toml). `default` fits ~25 minutes on a 2-core CPU;
+    `quick` is CI-sized."""
 
     images: int
     unlabeled: int
@@ -59,50 +66,38 @@ class DemoSize:
     report_images: int = 8
     retrieval_eval_images: int = 40  # x 5 captions each: 8,000 pairs, each a full transformer pass
 
-    def recipe_args(self, task: str) -> list:
-        """`minivlm finetune` flags of this size's recipe for `task` (the ablation benchmark shares them)."""
-        args: list = []
-        if task == "caption":
-            args += ["--caption-objective", self.caption_objective, "--mask-prob", self.caption_mask_prob]
+    def detector_setup(self, data: Path, out: Path, seed: int) -> DetectorSetup:
+        from minivlm.vision.train import DETECTOR_RECIPE, DetectorSetup
+
+        # AdamW converges in a few hundred CPU steps from scratch; the paper's SGD + cosine recipe
+        # (train-detector's default) needs far longer schedules.
+        train = dataclasses.replace(DETECTOR_RECIPE, epochs=self.detector_epochs, lr=self.detector_lr,
+                                    optimizer="adamw", weight_decay=1e-4, seed=seed)
+        return DetectorSetup(out=out, data=data, preset=self.detector_preset, image_size=self.detector_image_size,
+                             attribute_loss_weight=self.detector_attribute_weight, eval_split="test", train=train)
+
+    def finetune_setup(self, task: str, *, epochs: int | None = None, batch_size: int | None = None, seed: int = 0,
+                       **fields) -> FinetuneSetup:
+        """This size's recipe for `task` (the ablation benchmark shares it, with its own epochs and batch);
+        `fields` set the rest of the FinetuneSetup (data, features, out, ...)."""
+        from minivlm.tasks.finetune import FinetuneSetup, task_train_config
+
+        train = dataclasses.replace(task_train_config(task), epochs=epochs or self.task_epochs[task],
+                                    batch_size=batch_size or self.task_batch, seed=seed)
         if task in self.task_lr:
-            args += ["--lr", self.task_lr[task], "--warmup-steps", 30]
-        if task == "vqa" and self.vqa_curriculum_epochs:
-            args += ["--curriculum-epochs", self.vqa_curriculum_epochs]
-        return args
+            train = dataclasses.replace(train, lr=self.task_lr[task], warmup_steps=30)
+        if task == "caption":
+            fields.update(caption_objective=self.caption_objective, caption_mask_prob=self.caption_mask_prob)
+        if task == "vqa":
+            fields.update(curriculum_epochs=self.vqa_curriculum_epochs)
+        return FinetuneSetup(task=task, train=train, **fields)
 
 
-SIZES: dict[str, DemoSize] = {
-    "quick": DemoSize(images=48, unlabeled=0, nlvr2_pairs=24, detector_preset="tee-demo", detector_image_size=192,
-                      detector_epochs=2, detector_lr=0.002, bert_preset="bert-demo",
-                      pretrain_epochs=1, pretrain_batch=16,
-                      task_epochs={"caption": 2, "vqa": 2, "nlvr2": 2, "retrieval": 1}, task_batch=16,
-                      scst_steps=0, questions_per_image=8, nlvr2_statements=4, report_images=4,
-                      vqa_curriculum_epochs=1),
-    # ~25 minutes on 2 idle cores (measured: see the README's Results). Detector: with one attribute softmax
-    # per group, lr 4e-3 and attribute weight 0.25 gave mAP@0.5 0.67 and colour 53% in a linear probe
-    # (lr 2e-3 at 0.5: 0.30 / 95%; 4e-3 at 0.6: 0.43; the single softmax at 2e-3: 0.56 / 38%). Captioning gets 8 epochs (at 4 its
-    # CIDEr margin over the most common caption was 1 to 11 points across runs, at 8 it is 11 to 16) and
-    # retrieval 6 (at 2 the matching loss had barely moved and R@1 was at or near chance).
-    "default": DemoSize(images=800, unlabeled=0, nlvr2_pairs=300, detector_preset="tee-demo",
-                        detector_image_size=256, detector_epochs=5, detector_lr=0.004, detector_attribute_weight=0.25,
-                        bert_preset="bert-demo", pretrain_epochs=4, pretrain_batch=32,
-                        task_epochs={"caption": 8, "vqa": 4, "nlvr2": 6, "retrieval": 6}, task_batch=32,
-                        scst_steps=0, questions_per_image=12, nlvr2_statements=4, vqa_curriculum_epochs=5),
-    # The default's models with more supervision and steps for the tasks that need them (~45 minutes here):
-    # 20 questions per image, 4x the NLVR2 pairs with 6 statements each, longer VQA / NLVR2 / retrieval.
-    "long": DemoSize(images=800, unlabeled=0, nlvr2_pairs=1200, detector_preset="tee-demo",
-                     detector_image_size=256, detector_epochs=5, detector_lr=0.004, detector_attribute_weight=0.25,
-                     bert_preset="bert-demo", pretrain_epochs=4, pretrain_batch=32,
-                     task_epochs={"caption": 8, "vqa": 8, "nlvr2": 10, "retrieval": 8}, task_batch=32,
-                     scst_steps=0, questions_per_image=20, nlvr2_statements=6, vqa_curriculum_epochs=5),
-    # The paper's shapes (TEE-0 + MiniLM 12/384/1536) on the same world: the point is the architecture,
-    # not the scale; see the README for how long it takes here.
-    "paper": DemoSize(images=800, unlabeled=0, nlvr2_pairs=300, detector_preset="tee0", detector_image_size=256,
-                      detector_epochs=6, detector_lr=0.002, bert_preset="minilm",
-                      pretrain_epochs=4, pretrain_batch=32,
-                      task_epochs={"caption": 8, "vqa": 8, "nlvr2": 8, "retrieval": 3}, task_batch=32,
-                      scst_steps=0, caption_objective="masked", task_lr={}),
-}
+def load_sizes(path: Path = CONFIGS / "demo.toml") -> dict[str, DemoSize]:
+    return {name: DemoSize(**values) for name, values in tomllib.loads(path.read_text()).items()}
+
+
+SIZES: dict[str, DemoSize] = load_sizes()
 
 
 def stage(name: str, folder: Path, fn: Callable[[], dict | None], say: Callable[[str], None] = print,
@@ -136,53 +131,51 @@ class Demo:
 
     # -- stages -------------------------------------------------------------------------------------
     def make_data(self) -> dict:
+        from minivlm.data.synthetic import generate_world
+
         s = self.size
-        more = ["--questions-per-image", s.questions_per_image] if s.questions_per_image else []
-        invoke("make-data", self.world, "--images", s.images, "--seed", self.seed, "--unlabeled", s.unlabeled,
-               "--nlvr2-pairs", s.nlvr2_pairs, "--nlvr2-statements", s.nlvr2_statements, *more)
+        generate_world(self.world, s.images, self.seed, s.unlabeled, s.nlvr2_pairs,
+                       questions_per_image=s.questions_per_image, nlvr2_statements=s.nlvr2_statements)
         return read_json(self.world / "world.json")
 
     def train_detector(self) -> dict:
-        s = self.size
-        invoke("train-detector", "--data", self.world, "--out", self.detector, "--preset", s.detector_preset,
-               "--image-size", s.detector_image_size, "--epochs", s.detector_epochs, "--seed", self.seed,
-               # AdamW converges in a few hundred CPU steps from scratch; the paper's SGD + cosine recipe
-               # (train-detector's default) needs far longer schedules.
-               "--optimizer", "adamw", "--lr", s.detector_lr, "--weight-decay", 1e-4, "--eval-split", "test",
-               *(["--attribute-loss-weight", s.detector_attribute_weight] if s.detector_attribute_weight else []))
+        from minivlm.vision.train import train_detector
+
+        train_detector(self.size.detector_setup(self.world, self.detector, self.seed))
         return _maybe_json(self.detector / "metrics.json")
 
     def extract(self) -> dict:
-        invoke("extract", "--detector", self.detector, "--data", self.world, "--out", self.features)
-        invoke("extract", "--detector", self.detector, "--images", self.world / "nlvr2" / "images",
-               "--out", self.nlvr2_features)
+        from minivlm.vision.extract import extract
+
+        extract(self.detector, self.features, data=self.world)
+        extract(self.detector, self.nlvr2_features, images=self.world / "nlvr2" / "images")
         return {}
 
     def pretrain_stage(self) -> dict:
+        from minivlm.config import PretrainTaskConfig, TrainConfig
+        from minivlm.tasks.pretrain import PretrainSetup, pretrain
+
         s = self.size
-        invoke("pretrain", "--data", self.world, "--features", self.features, "--out", self.pretrain,
-               "--preset", s.bert_preset, "--epochs", s.pretrain_epochs, "--batch-size", s.pretrain_batch,
-               "--seed", self.seed, "--tags", "store",
-               # From scratch, MLM swamps the shared gradient and ITM stays at chance with OSCAR's weight 1.
-               "--itm-weight", 5,
-               # As many question texts as captions per image, however many questions the world asks: more
-               # would crowd the captions out of the corpus (and lengthen the epochs).
-               "--vqa-per-image", 5)
+        pretrain(PretrainSetup(
+            data=self.world, features=self.features, out=self.pretrain, preset=s.bert_preset, tags="store",
+            # As many question texts as captions per image, however many questions the world asks: more
+            # would crowd the captions out of the corpus (and lengthen the epochs).
+            vqa_per_image=5,
+            # From scratch, MLM swamps the shared gradient and ITM stays at chance with OSCAR's weight 1.
+            task=PretrainTaskConfig(itm_weight=5.0),
+            train=TrainConfig(epochs=s.pretrain_epochs, batch_size=s.pretrain_batch, lr=4e-4, seed=self.seed)))
         return _maybe_json(self.pretrain / "result.json")
 
     def finetune(self, task: str) -> dict:
-        s = self.size
-        args = ["--task", task, "--data", self.world, "--features", self.features, "--out", self.out / task,
-                "--pretrained", self.pretrain / "model", "--preset", s.bert_preset, "--epochs",
-                s.task_epochs[task], "--batch-size", s.task_batch, "--seed", self.seed]
+        from minivlm.tasks.finetune import finetune
+
         # One held-out split per task (the report reads the test split); retrieval scores every image x
         # caption pair with a full transformer pass, so its test set is capped at `retrieval_eval_images`.
-        args += ["--eval-split", "test1" if task == "nlvr2" else "test"]
-        if task == "nlvr2":
-            args += ["--nlvr2-features", self.nlvr2_features]
-        if task == "retrieval":
-            args += ["--max-eval", s.retrieval_eval_images]
-        invoke("finetune", *args, *s.recipe_args(task))
+        finetune(self.size.finetune_setup(
+            task, data=self.world, features=self.features, out=self.out / task, pretrained=self.pretrain / "model",
+            preset=self.size.bert_preset, seed=self.seed, eval_splits=["test1" if task == "nlvr2" else "test"],
+            nlvr2_features=self.nlvr2_features if task == "nlvr2" else None,
+            max_eval=self.size.retrieval_eval_images if task == "retrieval" else None))
         return read_json(self.out / task / "metrics.json")
 
     def assemble(self) -> dict:

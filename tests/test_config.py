@@ -32,7 +32,11 @@ def test_task_settings_carry_the_papers_numbers():
     assert config.VQATaskConfig().num_answers == 3129
     p = config.PretrainTaskConfig()
     assert (p.mask_prob, p.mask_token_frac, p.random_token_frac, p.itm_pollute_prob) == (0.15, 0.8, 0.1, 0.5)
-    assert config.PAPER_RECIPES["vl-pretrain"].lr == 4e-4
+    from minivlm.setup_args import load_recipe
+
+    assert load_recipe("pretrain", "vl-pretrain")["train"] == dict(epochs=100, batch_size=2048, lr=4e-4,
+                                                                   optimizer="adamw", schedule="linear", weight_decay=0.01)
+    assert load_recipe("detector", "tee-vg")["train"]["lr"] == 0.2
     assert config.get_butd("butd-r101").paper.total_gflops == 767.0
 
 

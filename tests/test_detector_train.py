@@ -17,7 +17,8 @@ from minivlm.regions import Regions
 from minivlm.train.trainer import read_log
 from minivlm.vision.extract import extract_to_store, folder_sources, world_sources
 from minivlm.vision.tee import TEE, load_detector, save_detector
-from minivlm.vision.train import DetectionCollate, DetectionDataset, evaluate_detector, load_init, train_detector
+from minivlm.vision.train import (DetectionCollate, DetectionDataset, DetectorSetup, evaluate_detector, load_init,
+                                  train_detector)
 
 SIZE = 64  # tiny canvas: TEE-0's architecture, seconds per run
 
@@ -37,8 +38,9 @@ def tiny_cfg(steps: int, **kw) -> TrainConfig:
 
 
 def train(out, world_root, steps, **kw):
-    return train_detector(out, world_root, "tee-demo", tiny_cfg(steps, **kw), image_size=SIZE, eval_split=None,
-                          max_train_images=2, flip=False, rpn_post_nms_topk=50, roi_batch_per_image=32)
+    return train_detector(DetectorSetup(out=out, data=world_root, train=tiny_cfg(steps, **kw), image_size=SIZE,
+                                        eval_split=None, max_train_images=2, flip=False,
+                                        tee=dict(rpn_post_nms_topk=50, roi_batch_per_image=32)))
 
 
 def test_dataset_scales_boxes_onto_the_canvas(world_root):
@@ -102,8 +104,8 @@ def test_init_from_a_detector_with_another_class_set(tmp_path, world_root):
         assert any(s.startswith(key) for s in report["skipped"])
     assert "backbone.conv_stem.weight" in report["loaded"]
     # through train_detector (--init): the report is written next to the run
-    model, _ = train_detector(tmp_path / "run", world_root, "tee-demo", tiny_cfg(1), image_size=SIZE,
-                              init=tmp_path / "src", eval_split=None, max_train_images=2)
+    model, _ = train_detector(DetectorSetup(out=tmp_path / "run", data=world_root, train=tiny_cfg(1), image_size=SIZE,
+                                            init=tmp_path / "src", eval_split=None, max_train_images=2))
     saved = json.loads((tmp_path / "run" / "init_report.json").read_text())
     assert "backbone.conv_stem.weight" in saved["loaded"] and saved["skipped"]
 

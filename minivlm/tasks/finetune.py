@@ -25,7 +25,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -35,64 +35,94 @@ from minivlm.errors import MiniVLMError
 from minivlm.io import atomic_path, write_json, write_text
 from minivlm.tasks.data import TASKS, init_from_pretrained, pick_split, task_bert_config
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
-from minivlm.train.trainer import Trainer, add_trainer_arguments, distributed_env, read_log
+from minivlm.setup_args import add_setup_arguments, option, setup_from_args
+from minivlm.train.trainer import Trainer, distributed_env, read_log
 
 # Per-task defaults at the synthetic world's scale (the paper's real-data recipes are far longer).
 DEFAULT_LR = {"caption": 1e-4, "vqa": 2e-4, "nlvr2": 2e-4, "retrieval": 3e-4}
 DEFAULT_EPOCHS = {"caption": 10, "vqa": 10, "nlvr2": 20, "retrieval": 20}
 
 
+def task_train_config(task: str) -> TrainConfig:
+    """A task's trainer at the synthetic world's scale (the real-data recipes are configs/finetune.toml)."""
+    return TrainConfig(epochs=DEFAULT_EPOCHS[task], lr=DEFAULT_LR[task], batch_size=32)
+
+
 @dataclass
 class FinetuneSetup:
-    """Everything a task's fine-tuning needs, resolved from the command line (or built in Python)."""
+    """Everything a task's fine-tuning needs; the `minivlm finetune` flags are generated from it."""
 
-    task: str
-    data: Path
-    features: Path
-    out: Path
-    pretrained: Path | None = None
-    preset: str = "bert-demo"
-    nlvr2_features: Path | None = None
-    train_split: str | None = None
-    eval_splits: list[str] | None = None  # None: every held-out split found
-    epochs: int | None = None
-    steps: int | None = None
-    lr: float | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 200
-    eval_every: int | None = None
-    eval_examples: int = 500  # examples per periodic evaluation (the final one uses every example)
-    max_train: int | None = None  # cap on training examples (quick runs)
-    max_eval: int | None = None  # cap on evaluation examples / retrieval images
-    workers: int = 0
-    amp: bool = True
-    num_answers: int = VQATaskConfig.num_answers
-    # VQA: epochs on the attribute questions alone (colour, shape, size, pattern) before the full set. From
-    # random or briefly pre-trained weights the model otherwise settles on the question-type prior and
+    RECIPES: ClassVar[str] = "finetune"  # configs/finetune.toml
+
+    task: str = option(help="the task to fine-tune", choices=TASKS)
+    data: Path = option(help="dataset root (annotations/, vqa/, nlvr2/)")
+    features: Path = option(help="feature store of the COCO-style images (`minivlm extract`)")
+    out: Path = option(help="output folder")
+    pretrained: Path | None = option(None, help="pre-trained folder (`minivlm pretrain` output `OUT/model`, or a text "
+                                                "BERT folder); 'none' or omitted: random initialisation of --preset")
+    preset: str = option("bert-demo", choices=tuple(BERT_PRESETS),
+                         help="transformer shape when starting from random weights")
+    nlvr2_features: Path | None = option(None, help="feature store of the NLVR2 images (default: --features)")
+    train_split: str | None = option(None, help="default: the task's train* split")
+    eval_splits: list[str] | None = option(None, flags=("--eval-split",), help="held-out split to evaluate "
+                                           "(repeatable; default: every other split of the task)")
+    max_train: int | None = option(None, help="use at most this many training examples")
+    max_eval: int | None = option(None, help="evaluate at most this many examples (retrieval: images)")
+    eval_batch_size: int = option(128, help="batch at evaluation")
+    eval_examples: int = option(500, help="examples per periodic evaluation (the final one uses every example)")
+    num_answers: int = option(VQATaskConfig.num_answers, help="VQA answer set size, capped by the distinct "
+                                                              "training answers (paper: 3129)")
+    # From random or briefly pre-trained weights the model otherwise settles on the question-type prior and
     # never learns to find the named object among the regions (README: Grounding).
-    curriculum_epochs: int = 0
-    negatives: int = RetrievalTaskConfig.negatives_per_positive
-    hard_pool: int = 1
-    beam_size: int = 1
-    scst_steps: int = 0  # caption: CIDEr-D optimisation steps after cross-entropy (0: none)
-    caption_mask_prob: float = CaptionTaskConfig.mask_prob
-    caption_objective: str = CaptionTaskConfig.objective
-    progress: bool = True
+    curriculum_epochs: int = option(0, help="vqa: epochs on the attribute questions (colour, shape, size, "
+                                            "pattern) before the full set")
+    negatives: int = option(RetrievalTaskConfig.negatives_per_positive,
+                            help="retrieval: mismatched pairs per matched pair")
+    # Random negatives, as OSCAR: from random weights they train faster than hard ones.
+    hard_pool: int = option(1, help="retrieval: candidates per negative, the most word-overlapping one is kept")
+    beam_size: int = option(1, help="caption: beam size at evaluation")
+    scst_steps: int = option(0, help="caption: CIDEr-D optimisation (SCST) steps after cross-entropy (0: none)")
+    caption_mask_prob: float = option(CaptionTaskConfig.mask_prob, flags=("--mask-prob",),
+                                      help="caption: share of caption tokens masked and predicted per step "
+                                           "(paper: 0.15; more predictions per step train faster on a CPU budget)")
+    caption_objective: str = option(CaptionTaskConfig.objective, choices=CAPTION_OBJECTIVES,
+                                    help="caption: 'masked' (the paper) or 'every-token' (every token predicted "
+                                         "from the clean caption before it, in one pass: the decoder's own "
+                                         "situation; trains faster on a small budget)")
+    progress: bool = option(True, help="progress bars at evaluation")
+    train: TrainConfig | None = option(None, help=f"trainer (default: the task's, epochs {DEFAULT_EPOCHS}, "
+                                                  f"lr {DEFAULT_LR}, batch 32)")
+
+    def __post_init__(self):
+        if self.train is None and self.task in DEFAULT_LR:
+            self.train = task_train_config(self.task)
 
     def train_config(self, n_examples: int) -> TrainConfig:
-        epochs = self.epochs or DEFAULT_EPOCHS[self.task]
-        if self.steps and not self.epochs:  # --steps alone: as many epochs as it takes
-            epochs = max(1, math.ceil(self.steps * self.batch_size / max(1, n_examples)))
-        return TrainConfig(epochs=epochs, max_steps=self.steps, batch_size=self.batch_size,
-                           lr=self.lr or DEFAULT_LR[self.task], optimizer="adamw", weight_decay=self.weight_decay,
-                           schedule="linear", warmup_steps=self.warmup_steps, grad_clip=1.0, amp=self.amp,
-                           num_workers=self.workers, seed=self.seed, log_every=self.log_every,
-                           ckpt_every=self.ckpt_every, eval_every=self.eval_every)
+        """The trainer for `n_examples`: max_steps wins over epochs (as many epochs as it takes)."""
+        cfg = self.train
+        if cfg.max_steps:
+            epochs = math.ceil(cfg.max_steps * cfg.batch_size / max(1, n_examples))
+            cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs, epochs))
+        return cfg
+
+
+def check(setup: FinetuneSetup) -> None:
+    """Refuses a setup that cannot run, with one line naming the flag."""
+    if setup.task not in FINETUNE:
+        raise MiniVLMError(f"unknown task {setup.task!r}; choose one of: {', '.join(TASKS)}")
+    p = setup.pretrained
+    if p is not None and not (Path(p) / "config.json").is_file():
+        raise MiniVLMError(f"{p}: not a pre-trained model folder (no config.json); for `minivlm pretrain "
+                           "--out OUT` the folder is OUT/model")
+    if not 0.0 < setup.caption_mask_prob <= 1.0:
+        raise MiniVLMError(f"--mask-prob must be in (0, 1] (got {setup.caption_mask_prob})")
+    t = setup.train
+    for flag, value in (("epochs", t.epochs), ("max-steps", t.max_steps), ("batch-size", t.batch_size),
+                        ("eval-batch-size", setup.eval_batch_size), ("num-answers", setup.num_answers)):
+        if value is not None and value < 1:
+            raise MiniVLMError(f"--{flag} must be at least 1 (got {value})")
+    if setup.curriculum_epochs < 0:
+        raise MiniVLMError(f"--curriculum-epochs must be at least 0 (got {setup.curriculum_epochs})")
 
 
 class Run:
@@ -111,7 +141,7 @@ class Run:
         self.tokenizer: Tokenizer = get_tokenizer(str(vocab)) if vocab else get_tokenizer()
         self.out = Path(setup.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(setup.seed)  # before the task model is built: its random init is reproducible
+        torch.manual_seed(setup.train.seed)  # before the task model is built: its random init is reproducible
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
@@ -142,7 +172,7 @@ class Run:
         if phase:
             cfg = dataclasses.replace(cfg, epochs=epochs or cfg.epochs, max_steps=None, eval_every=None)
         out = self.out / phase if phase else self.out
-        torch.manual_seed(self.setup.seed)
+        torch.manual_seed(self.setup.train.seed)
         trainer = Trainer(model, cfg, out, desc=f"finetune {self.setup.task}{f' {phase}' if phase else ''}")
         n = sum(p.numel() for p in model.parameters())
         self.say(f"{len(dataset)} training examples, {n / 1e6:.2f} M parameters, lr {cfg.lr}, batch {cfg.batch_size}, "
@@ -236,7 +266,7 @@ def finetune_vqa(setup: FinetuneSetup) -> dict:
                                                   VQACollator(run.tokenizer, cfg, len(answers)), None,
                                                   phase="curriculum", epochs=setup.curriculum_epochs)}
     train_stats = run.fit(model, VQADataset(train, run.store), VQACollator(run.tokenizer, cfg, len(answers)),
-                          eval_fn if periodic and setup.eval_every else None)
+                          eval_fn if periodic and setup.train.eval_every else None)
     metrics = {"task": "vqa", "train_split": train_split, "n_train": len(train), "num_answers": len(answers),
                **metrics, "train": train_stats, "eval": {}}
     if run.rank == 0:
@@ -301,7 +331,7 @@ def finetune_nlvr2(setup: FinetuneSetup) -> dict:
     periodic = eval_splits[0] if eval_splits else None
     train_stats = run.fit(model, NLVR2Dataset(train, store), NLVR2Collator(run.tokenizer, cfg),
                           (lambda m, step: {"nlvr2_acc": score(periodic, setup.eval_examples)[1]["accuracy"]})
-                          if periodic and setup.eval_every else None)
+                          if periodic and setup.train.eval_every else None)
     metrics: dict[str, Any] = {"task": "nlvr2", "train_split": train_split, "n_train": len(train),
                                "train": train_stats, "eval": {}}
     if run.rank == 0:
@@ -386,7 +416,7 @@ def finetune_retrieval(setup: FinetuneSetup) -> dict:
 
     dataset = RetrievalDataset(pairs, run.store, setup.negatives, setup.hard_pool)
     train_stats = run.fit(model, dataset, RetrievalCollator(run.tokenizer, cfg),
-                          eval_fn if periodic and setup.eval_every else None)
+                          eval_fn if periodic and setup.train.eval_every else None)
     metrics: dict[str, Any] = {"task": "retrieval", "train_split": train_split, "n_train": len(pairs),
                                "train": train_stats, "eval": {}}
     if run.rank == 0:
@@ -450,12 +480,12 @@ def finetune_caption(setup: FinetuneSetup) -> dict:
     scst_cfg = None
     if setup.scst_steps:
         scst_cfg = dataclasses.replace(train_cfg, max_steps=setup.scst_steps, lr=train_cfg.lr / 4,
-                                       epochs=max(1, math.ceil(setup.scst_steps * setup.batch_size / max(1, n_images))))  # one row per image
+                                       epochs=max(1, math.ceil(setup.scst_steps * train_cfg.batch_size / max(1, n_images))))  # one row per image
     run.say(f"{train_split}: {n_train} captions; evaluation on {', '.join(eval_splits) or 'nothing'}")
     model = train_caption(setup.pretrained, w, run.store, run.out, cfg, train_cfg, scst_cfg, tokenizer=run.tokenizer,
                           task_cfg=CaptionTaskConfig(objective=setup.caption_objective, mask_prob=setup.caption_mask_prob),
                           train_split=train_split, val_split=eval_splits[0] if eval_splits else None,
-                          val_images=max(0, setup.eval_examples // 5) if setup.eval_every else 0)
+                          val_images=max(0, setup.eval_examples // 5) if setup.train.eval_every else 0)
     metrics: dict[str, Any] = {"task": "caption", "train_split": train_split, "n_train": n_train, "eval": {}}
     if run.rank != 0:
         return metrics
@@ -494,8 +524,7 @@ FINETUNE: dict[str, Callable[[FinetuneSetup], dict]] = {
 
 def finetune(setup: FinetuneSetup) -> dict:
     """Fine-tunes `setup.task`; returns the metrics written to metrics.json."""
-    if setup.task not in FINETUNE:
-        raise MiniVLMError(f"unknown task {setup.task!r}; choose one of: {', '.join(TASKS)}")
+    check(setup)
     return FINETUNE[setup.task](setup)
 
 
@@ -503,75 +532,9 @@ def finetune(setup: FinetuneSetup) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=list(TASKS))
-    d = parser.add_argument_group("data")
-    d.add_argument("--data", required=True, help="dataset root (annotations/, vqa/, nlvr2/)")
-    d.add_argument("--features", required=True, help="feature store of the COCO-style images (`minivlm extract`)")
-    d.add_argument("--nlvr2-features", help="feature store of the NLVR2 images (default: --features)")
-    d.add_argument("--train-split", help="default: the task's train* split")
-    d.add_argument("--eval-split", action="append", dest="eval_splits",
-                   help="held-out split to evaluate (repeatable; default: every other split of the task)")
-    d.add_argument("--max-train", type=int, help="use at most this many training examples")
-    d.add_argument("--max-eval", type=int, help="evaluate at most this many examples (retrieval: images)")
-    m = parser.add_argument_group("model")
-    m.add_argument("--pretrained", help="pre-trained folder (`minivlm pretrain` output `OUT/model`, or a text BERT "
-                                        "folder); 'none' or omitted: random initialisation of --preset")
-    m.add_argument("--preset", default="bert-demo", choices=list(BERT_PRESETS),
-                   help="transformer shape when starting from random weights")
-    m.add_argument("--num-answers", type=int, default=VQATaskConfig.num_answers,
-                   help="VQA answer set size, capped by the distinct training answers (paper: 3129)")
-    m.add_argument("--negatives", type=int, default=RetrievalTaskConfig.negatives_per_positive,
-                   help="retrieval: mismatched pairs per matched pair")
-    m.add_argument("--hard-pool", type=int, default=1,
-                   help="retrieval: candidates per negative, the most word-overlapping one is kept (default 1: "
-                        "random negatives, as OSCAR; from random weights they train faster)")
-    m.add_argument("--curriculum-epochs", type=int, default=0,
-                   help="vqa: epochs on the attribute questions (colour, shape, size, pattern) before the full set")
-    m.add_argument("--beam-size", type=int, default=1, help="caption: beam size at evaluation")
-    m.add_argument("--mask-prob", type=float, default=CaptionTaskConfig.mask_prob,
-                   help="caption: share of caption tokens masked and predicted per step (paper: 0.15; more "
-                        "predictions per step train faster on a CPU budget)")
-    m.add_argument("--caption-objective", choices=CAPTION_OBJECTIVES, default=CaptionTaskConfig.objective,
-                   help="caption: 'masked' (the paper: --mask-prob of the tokens masked and predicted) or "
-                        "'every-token' (every token predicted from the clean caption before it, in one pass: "
-                        "the decoder's own situation; trains faster on a small budget)")
-    m.add_argument("--scst-steps", type=int, default=0, help="caption: CIDEr-D optimisation (SCST) steps after "
-                                                             "cross-entropy (default 0: none)")
-    t = parser.add_argument_group("training", f"--epochs and --lr default per task: {DEFAULT_EPOCHS}, {DEFAULT_LR}")
-    t.add_argument("--out", required=True, help="output folder")
-    # None: the per-task defaults DEFAULT_EPOCHS / DEFAULT_LR
-    add_trainer_arguments(t, lr=None, batch_help="global batch (retrieval: positives; each brings --negatives "
-                                                 "mismatched pairs)")
-    t.add_argument("--eval-batch-size", type=int, default=128)
-
-
-def setup_from_args(args: argparse.Namespace) -> FinetuneSetup:
-    pretrained = None if args.pretrained in (None, "", "none") else Path(args.pretrained)
-    if pretrained is not None and not (pretrained / "config.json").is_file():
-        raise MiniVLMError(f"{pretrained}: not a pre-trained model folder (no config.json); for `minivlm pretrain "
-                           "--out OUT` the folder is OUT/model")
-    if not 0.0 < args.mask_prob <= 1.0:
-        raise MiniVLMError(f"--mask-prob must be in (0, 1] (got {args.mask_prob})")
-    for name in ("epochs", "max_steps", "batch_size", "eval_batch_size", "num_answers"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise MiniVLMError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    if args.curriculum_epochs < 0:
-        raise MiniVLMError(f"--curriculum-epochs must be at least 0 (got {args.curriculum_epochs})")
-    return FinetuneSetup(
-        task=args.task, data=Path(args.data), features=Path(args.features), out=Path(args.out), pretrained=pretrained,
-        preset=args.preset, nlvr2_features=Path(args.nlvr2_features) if args.nlvr2_features else None,
-        train_split=args.train_split, eval_splits=args.eval_splits, epochs=args.epochs, steps=args.max_steps, lr=args.lr,
-        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
-        eval_every=args.eval_every, eval_examples=args.eval_examples, max_train=args.max_train,
-        max_eval=args.max_eval, workers=args.workers, amp=not args.no_amp, num_answers=args.num_answers,
-        negatives=args.negatives, hard_pool=args.hard_pool, curriculum_epochs=args.curriculum_epochs, beam_size=args.beam_size,
-        scst_steps=args.scst_steps, caption_mask_prob=args.mask_prob,
-        caption_objective=args.caption_objective)
+    add_setup_arguments(parser, FinetuneSetup)
 
 
 def run(args: argparse.Namespace) -> int:
-    finetune(setup_from_args(args))
+    finetune(setup_from_args(FinetuneSetup, args))
     return 0
-

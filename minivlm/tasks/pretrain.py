@@ -12,6 +12,7 @@ Pieces, each usable from Python:
   * `PretrainModel`   MultimodalBert + MLM head (untied decoder) + ITM head; forward(batch) -> losses and
                       accuracies, as the Trainer wants.
   * `evaluate`        held-out MLM and ITM accuracy on fixed (seeded) masks and pollutions.
+  * `pretrain(PretrainSetup(...))` the whole stage (the command's flags are generated from PretrainSetup).
 The result is a "pretrain" checkpoint folder (`minivlm.checkpoint`: config.json + model.safetensors +
 vocab.txt) that fine-tuning starts from.
 """
@@ -24,7 +25,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,8 @@ from minivlm.io import write_json, write_text
 from minivlm.regions import Regions
 from minivlm.tasks.corpus import TAG_SOURCES, PretrainExample, RegionSource, build_corpus, pseudo_caption_corpus
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
-from minivlm.train.trainer import Trainer, add_trainer_arguments, distributed_env
+from minivlm.setup_args import add_setup_arguments, option, setup_from_args
+from minivlm.train.trainer import Trainer, distributed_env
 
 IGNORE = -100
 
@@ -224,41 +226,49 @@ def evaluate(model: PretrainModel, batches: Sequence[FusionBatch]) -> dict[str, 
 # ---------------------------------------------------------------------------------------------- command
 
 
+@dataclass
+class PretrainSetup:
+    """Everything `pretrain` needs; the `minivlm pretrain` flags are generated from it."""
+
+    RECIPES: ClassVar[str] = "pretrain"  # configs/pretrain.toml
+
+    data: Path = option(help="dataset root (COCO-style annotations/, vqa/)")
+    out: Path = option(help="output folder (log.jsonl, checkpoint/, model/)")
+    features: Path | None = option(None, help="feature store of the dataset's images (`minivlm extract`)")
+    detector: Path | None = option(None, help="a detector folder (`minivlm train-detector`): extract regions on the "
+                                              "fly from the image files instead of reading a feature store")
+    val_features: Path | None = option(None, help="feature store of the validation images (default: --features)")
+    train_split: str | None = option(None, help="default: the dataset's train* split")
+    val_split: str | None = option(None, help="default: the dataset's val* split; 'none' to skip held-out evaluation")
+    tags: str = option("store", choices=TAG_SOURCES,
+                       help="tag source: ground-truth labels, a feature store's predicted tags, or none")
+    tag_store: Path | None = option(None, help="feature store whose predicted tags to use with --tags store "
+                                               "(a stronger tagger; default: --features)")
+    captions: bool = option(True, help="the caption files in the corpus")
+    vqa: bool = option(True, help="VQA question+answer text in the corpus")
+    # A world with many questions per image would otherwise crowd the captions out of the corpus.
+    vqa_per_image: int | None = option(None, help="at most this many VQA question+answer texts per image "
+                                                  "(default: all)")
+    extra_captions: Path | None = option(None, help="pseudo-captions (COCO captions JSON, e.g. from `minivlm distill`)")
+    extra_features: Path | None = option(None, help="feature store of the --extra-captions images")
+    extra_tag_store: Path | None = option(None, help="store whose predicted tags to use for the --extra-captions "
+                                                     "images (e.g. a stronger tagger's; default: --extra-features)")
+    preset: str = option("minilm", choices=tuple(BERT_PRESETS), help="transformer shape (Table 2)")
+    init_text: Path | None = option(None, help="text-pretrained BERT/MiniLM folder to start from (default: random)")
+    dropout: float | None = option(None, help="override the preset's dropout")
+    eval_examples: int = option(1000, help="held-out examples per evaluation")
+    task: PretrainTaskConfig = option(default_factory=PretrainTaskConfig, help="MLM and ITM")
+    train: TrainConfig = option(default_factory=lambda: TrainConfig(batch_size=32, lr=4e-4), help="trainer (paper: "
+                                "batch 2048, lr 4e-4, linear decay, AdamW; configs/pretrain.toml)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = parser.add_argument_group("data")
-    d.add_argument("--data", required=True, help="dataset root (COCO-style annotations/, vqa/)")
-    src = d.add_mutually_exclusive_group(required=True)
-    src.add_argument("--features", help="feature store of the dataset's images (`minivlm extract`)")
-    src.add_argument("--detector", help="a detector folder (`minivlm train-detector`): extract regions on the "
-                                        "fly from the image files instead of reading a feature store")
-    d.add_argument("--val-features", help="feature store of the validation images (default: --features)")
-    d.add_argument("--train-split", help="default: the dataset's train* split")
-    d.add_argument("--val-split", help="default: the dataset's val* split; 'none' to skip held-out evaluation")
-    d.add_argument("--tags", choices=TAG_SOURCES, default="store",
-                   help="tag source: ground-truth labels, a feature store's predicted tags, or none")
-    d.add_argument("--tag-store", help="feature store whose predicted tags to use with --tags store "
-                                       "(a stronger tagger; default: --features)")
-    d.add_argument("--no-captions", action="store_true", help="leave the caption files out of the corpus")
-    d.add_argument("--no-vqa", action="store_true", help="leave VQA question+answer text out of the corpus")
-    d.add_argument("--vqa-per-image", type=int, default=None,
-                   help="at most this many VQA question+answer texts per image (default: all); keeps a world "
-                        "with many questions per image from crowding the captions out of the corpus")
-    d.add_argument("--extra-captions", help="pseudo-captions (COCO captions JSON, e.g. from `minivlm distill`)")
-    d.add_argument("--extra-features", help="feature store of the --extra-captions images")
-    d.add_argument("--extra-tag-store", help="store whose predicted tags to use for the --extra-captions images "
-                                             "(e.g. a stronger tagger's; default: --extra-features)")
-    m = parser.add_argument_group("model")
-    m.add_argument("--preset", default="minilm", choices=list(BERT_PRESETS), help="transformer shape (Table 2)")
-    m.add_argument("--init-text", help="text-pretrained BERT/MiniLM folder to start from (default: random)")
-    m.add_argument("--dropout", type=float, help="override the preset's dropout")
-    m.add_argument("--itm-on-questions", action="store_true",
-                   help="also judge (and pollute) VQA question + answer text in ITM (default: MLM only)")
-    m.add_argument("--itm-weight", type=float, default=1.0,
-                   help="loss = MLM + w * ITM (OSCAR: 1). From scratch at small batch sizes MLM dominates the "
-                        "shared gradient and ITM stays at chance for hundreds of steps; ~5 lets it rise early")
-    t = parser.add_argument_group("training")
-    t.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoint/, model/)")
-    add_trainer_arguments(t, lr=4e-4, epochs=1, batch_help="global batch (paper: 2048)", eval_examples=1000)
+    add_setup_arguments(parser, PretrainSetup)
+
+
+def run(args: argparse.Namespace) -> int:
+    pretrain(setup_from_args(PretrainSetup, args))
+    return 0
 
 
 def _auto_split(world, prefix: str) -> str | None:
@@ -267,93 +277,92 @@ def _auto_split(world, prefix: str) -> str | None:
     return found[0] if found else None
 
 
-def run(args: argparse.Namespace) -> int:
+def pretrain(setup: PretrainSetup) -> dict:
+    """Pre-trains; `setup.out / "model"` becomes a pretrain folder. Returns the last logged metrics."""
     from minivlm.data.feature_store import FeatureStore
     from minivlm.data.world import World
 
     rank = distributed_env()[0]
     say = tqdm.write if rank == 0 else (lambda *_: None)
-    world = World(args.data)
-    train_split = args.train_split or _auto_split(world, "train")
+    t = setup.train
+    if (setup.features is None) == (setup.detector is None):
+        raise MiniVLMError("pretrain needs exactly one region source: --features STORE or --detector FOLDER")
+    world = World(setup.data)
+    train_split = setup.train_split or _auto_split(world, "train")
     if train_split is None:
         raise MiniVLMError(f"{world.root}: no train* split found (annotations/captions_train*.json or vqa/)")
-    val_split = None if args.val_split == "none" else (args.val_split or _auto_split(world, "val"))
-    if args.detector:
+    val_split = None if setup.val_split == "none" else (setup.val_split or _auto_split(world, "val"))
+    if setup.detector:
         from minivlm.vision.extract import OnTheFlyRegions, world_sources
         from minivlm.vision.tee import load_detector
 
-        store = OnTheFlyRegions(load_detector(args.detector), world_sources(args.data))
-        say(f"[pretrain] regions extracted on the fly by {args.detector} (kept in memory once computed)")
+        store = OnTheFlyRegions(load_detector(setup.detector), world_sources(setup.data))
+        say(f"[pretrain] regions extracted on the fly by {setup.detector} (kept in memory once computed)")
     else:
-        store = FeatureStore(args.features)
-    tag_store = FeatureStore(args.tag_store) if args.tag_store else None
+        store = FeatureStore(setup.features)
+    tag_store = FeatureStore(setup.tag_store) if setup.tag_store else None
 
-    cfg = get_bert(args.preset)
+    cfg = get_bert(setup.preset)
     if store.feature_dim is not None:
         cfg.region_dim = store.feature_dim  # 1024 for TEE, 2048 for Oscar/VinVL stores
-    if args.dropout is not None:
-        cfg.dropout = args.dropout
-    tokenizer = get_tokenizer(str(vocab_of(args.init_text))) if args.init_text and vocab_of(args.init_text) else get_tokenizer()
+    if setup.dropout is not None:
+        cfg.dropout = setup.dropout
+    tokenizer = get_tokenizer(str(vocab_of(setup.init_text))) if setup.init_text and vocab_of(setup.init_text) else get_tokenizer()
     if tokenizer.vocab_size != cfg.vocab_size:
         cfg.vocab_size = tokenizer.vocab_size
 
-    corpus_args = dict(tag_source=args.tags, tag_store=tag_store, max_regions=cfg.max_regions,
+    corpus_args = dict(tag_source=setup.tags, tag_store=tag_store, max_regions=cfg.max_regions,
                        tag_min_score=cfg.tag_min_score,
-                       use_captions=not args.no_captions, use_vqa=not args.no_vqa,
-                       vqa_per_image=args.vqa_per_image)
+                       use_captions=setup.captions, use_vqa=setup.vqa,
+                       vqa_per_image=setup.vqa_per_image)
     examples, skipped = build_corpus(world, train_split, store, **corpus_args)
     stores: list[RegionSource] = [store]
-    if args.extra_captions:
-        if not args.extra_features:
+    if setup.extra_captions:
+        if not setup.extra_features:
             raise MiniVLMError("--extra-captions needs --extra-features (the feature store of those images)")
         extra, extra_skipped = pseudo_caption_corpus(
-            args.extra_captions, FeatureStore(args.extra_features), "none" if args.tags == "none" else "store",
-            cfg.max_regions, tag_store=FeatureStore(args.extra_tag_store) if args.extra_tag_store else None,
+            setup.extra_captions, FeatureStore(setup.extra_features), "none" if setup.tags == "none" else "store",
+            cfg.max_regions, tag_store=FeatureStore(setup.extra_tag_store) if setup.extra_tag_store else None,
             tag_min_score=cfg.tag_min_score)
-        stores.append(FeatureStore(args.extra_features))
+        stores.append(FeatureStore(setup.extra_features))
         examples += extra
-        say(f"[pretrain] {len(extra)} pseudo-captions from {args.extra_captions} ({extra_skipped} without features)")
+        say(f"[pretrain] {len(extra)} pseudo-captions from {setup.extra_captions} ({extra_skipped} without features)")
     if not examples:
-        raise MiniVLMError(f"{args.features or args.detector}: none of the {train_split} images has regions there")
-    say(f"[pretrain] {train_split}: {len(examples)} examples, tags={args.tags}"
+        raise MiniVLMError(f"{setup.features or setup.detector}: none of the {train_split} images has regions there")
+    say(f"[pretrain] {train_split}: {len(examples)} examples, tags={setup.tags}"
         + (f" ({skipped} skipped: image not in the feature store)" if skipped else ""))
-    task = PretrainTaskConfig(itm_weight=args.itm_weight, itm_on_questions=args.itm_on_questions)
+    task = setup.task
     train_set = PretrainDataset(examples, stores, task)
     collator = PretrainCollator(tokenizer, cfg, task)
 
     eval_batches: list[FusionBatch] = []
     if val_split is not None:
-        val_store = FeatureStore(args.val_features) if args.val_features else store
+        val_store = FeatureStore(setup.val_features) if setup.val_features else store
         val_examples, _ = build_corpus(world, val_split, val_store, **corpus_args)
         if len({e.image_key for e in val_examples}) >= 2:
             eval_batches = fixed_batches(PretrainDataset(val_examples, [val_store], task), collator,
-                                         args.batch_size, args.eval_examples, seed=args.seed + 1234)
-            say(f"[pretrain] held-out {val_split}: {min(len(val_examples), args.eval_examples)} examples")
+                                         t.batch_size, setup.eval_examples, seed=t.seed + 1234)
+            say(f"[pretrain] held-out {val_split}: {min(len(val_examples), setup.eval_examples)} examples")
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(t.seed)
     model = PretrainModel(cfg, task.itm_weight)
-    out = Path(args.out)
-    if args.init_text:
-        report = load_text_weights(model, args.init_text)
+    out = Path(setup.out)
+    if setup.init_text:
+        report = load_text_weights(model, setup.init_text)
         say(f"[pretrain] init from text weights:\n{report.summary()}")
         if rank == 0:
             write_text(out / "init_report.txt", report.summary() + "\n")
-    steps = math.ceil(len(train_set) / args.batch_size) * args.epochs
-    if args.max_steps:
-        steps = min(steps, args.max_steps)
-    train_cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                            optimizer="adamw", weight_decay=args.weight_decay, schedule="linear",
-                            warmup_steps=args.warmup_steps, grad_clip=1.0, amp=not args.no_amp,
-                            num_workers=args.workers, seed=args.seed, log_every=args.log_every,
-                            ckpt_every=args.ckpt_every, eval_every=args.eval_every)
-    trainer = Trainer(model, train_cfg, out, desc="pretrain")
+    steps = math.ceil(len(train_set) / t.batch_size) * t.epochs
+    if t.max_steps:
+        steps = min(steps, t.max_steps)
+    trainer = Trainer(model, t, out, desc="pretrain")
     eval_fn = (lambda m, step: evaluate(m, eval_batches)) if eval_batches else None
-    say(f"[pretrain] {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-        f"{steps} steps of {args.batch_size}")
+    say(f"[pretrain] {setup.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+        f"{steps} steps of {t.batch_size}")
     last = trainer.fit(train_set, collator, eval_fn)
     if rank == 0:
         folder = checkpoint.write(out / "model", "pretrain", {
-            "bert": to_dict(cfg), "tags": args.tags, "train_split": train_split, "init_text": args.init_text,
+            "bert": to_dict(cfg), "tags": setup.tags, "train_split": train_split, "init_text": str(setup.init_text) if setup.init_text else None,
             "examples": len(train_set)}, model.state_dict(), vocab=tokenizer.vocab_path)
         write_json(out / "result.json", {"train": {k: v for k, v in last.items() if k != "eval"},
                                          "eval": last.get("eval", {}), "config": to_dict(cfg)}, indent=1)
@@ -361,4 +370,4 @@ def run(args: argparse.Namespace) -> int:
             e = last["eval"]
             say(f"[pretrain] held-out MLM accuracy {e['mlm_acc']:.3f}, ITM accuracy {e['itm_acc']:.3f}")
         say(f"[pretrain] model folder: {folder}")
-    return 0
+    return last

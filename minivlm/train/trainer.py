@@ -297,25 +297,6 @@ class Trainer:
         return result
 
 
-def add_trainer_arguments(group, *, lr: float, epochs: int | None = None, batch_help: str = "global batch",
-                          eval_examples: int = 500, warmup_steps: int = 0, weight_decay: float = 0.01) -> None:
-    """The flags every transformer training command shares (`pretrain`, `finetune`), with its defaults."""
-    group.add_argument("--epochs", type=int, default=epochs)
-    group.add_argument("--max-steps", "--steps", dest="max_steps", type=int,
-                       help="stop after this many optimizer steps (the schedule decays to zero there)")
-    group.add_argument("--batch-size", type=int, default=32, help=batch_help)
-    group.add_argument("--lr", type=float, default=lr, help="AdamW peak learning rate, linear decay")
-    group.add_argument("--warmup-steps", type=int, default=warmup_steps)
-    group.add_argument("--weight-decay", type=float, default=weight_decay)
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--log-every", type=int, default=10)
-    group.add_argument("--ckpt-every", type=int, default=200)
-    group.add_argument("--eval-every", type=int, help="steps between held-out evaluations (always at the end)")
-    group.add_argument("--eval-examples", type=int, default=eval_examples, help="held-out examples per evaluation")
-    group.add_argument("--workers", type=int, default=0, help="data loader workers")
-    group.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
-
-
 def read_log(path: str | Path) -> list[dict]:
     """The entries of a trainer's log.jsonl (for plots and reports)."""
     path = Path(path)

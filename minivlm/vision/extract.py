@@ -135,16 +135,26 @@ def add_arguments(parser) -> None:
                         help="stored feature precision")
 
 
-def run(args) -> int:
+def extract(detector: str | Path, out: str | Path, data: str | Path | None = None, images: str | Path | None = None,
+            splits: list[str] | None = None, batch_size: int = 8, max_regions: int | None = None,
+            shard_size: int = 256, dtype: str = "float16") -> dict:
+    """`minivlm extract` from Python: the regions of a world's images (`data`) or of a folder of images
+    into the feature store `out`. Under torchrun each rank writes its share."""
     from minivlm.train.trainer import init_distributed
 
     rank, world_size, device = init_distributed()
-    model = load_detector(args.detector, device)
-    sources = world_sources(args.data, args.split) if args.data else folder_sources(args.images)
-    summary = extract_to_store(model, sources, args.out, args.batch_size, args.max_regions, args.shard_size,
-                               rank, world_size, args.dtype)
+    model = load_detector(detector, device)
+    sources = world_sources(data, splits) if data else folder_sources(images)
+    summary = extract_to_store(model, sources, out, batch_size, max_regions, shard_size, rank, world_size, dtype)
+    return {**summary, "rank": rank, "world_size": world_size}
+
+
+def run(args) -> int:
+    summary = extract(args.detector, args.out, args.data, args.images, args.split, args.batch_size, args.max_regions,
+                      args.shard_size, args.dtype)
+    rank = summary["rank"]
     print(f"[rank {rank}] {summary['written']} images written to {args.out}, {summary['skipped_done']} already "
           f"there, {len(summary['failed'])} unreadable")
-    if world_size > 1:
+    if summary["world_size"] > 1:
         torch.distributed.barrier()
     return 0

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -19,17 +21,18 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from minivlm import checkpoint
-from minivlm.config import TrainConfig, get_tee
+from minivlm.config import TEE_PRESETS, TrainConfig, get_tee
 from minivlm.data.images import image_to_tensor
 from minivlm.data.world import World
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.io import load_weights, read_json, write_json
+from minivlm.setup_args import add_setup_arguments, option, setup_from_args
 from minivlm.vision.tee import TEE, load_detector, pad_to_canvas, save_detector
 
-__all__ = ["DetectionDataset", "DetectionCollate", "DETECTOR_RECIPE", "train_detector", "evaluate_detector",
+__all__ = ["DetectionDataset", "DetectionCollate", "DETECTOR_RECIPE", "DetectorSetup", "train_detector", "evaluate_detector",
            "load_init", "load_detector"]
 
-# Small-world recipe (the paper's real-data recipes are PAPER_RECIPES["tee-*"]): SGD + cosine as the paper,
+# Small-world recipe (the paper's real-data recipes are configs/detector.toml): SGD + cosine as the paper,
 # scaled to a batch of 8 and a few CPU minutes. From scratch on the synthetic world (700 training images,
 # 256-px canvas) this reaches mAP@0.5 ~0.6 after 200 steps; AdamW at lr 4e-3 does about as well.
 DETECTOR_RECIPE = TrainConfig(epochs=5, batch_size=8, lr=0.1, optimizer="sgd", momentum=0.9, schedule="cosine",
@@ -186,42 +189,78 @@ def attribute_groups(attributes) -> tuple[int, ...]:
     return tuple(names.index(a.group) for a in ordered)
 
 
-def train_detector(out_dir: str | Path, data: str | Path, preset: str = "tee-demo", train_cfg: TrainConfig | None = None,
-                   image_size: int | None = None, init: str | Path | None = None,
-                   backbone_weights: str | Path | None = None, eval_split: str | None = "val",
-                   eval_max_images: int | None = None, max_train_images: int | None = None,
-                   flip: bool = True, **overrides) -> tuple[TEE, dict]:
-    """Trains a detector on the world at `data`; `out_dir` becomes a detector folder. Returns the model
-    and the last logged metrics (with "eval" when an eval split exists). `overrides` set TEEConfig fields."""
+@dataclass
+class DetectorSetup:
+    """Everything `train_detector` needs; the `minivlm train-detector` flags are generated from it."""
+
+    RECIPES: ClassVar[str] = "detector"  # configs/detector.toml
+
+    out: Path = option(Path("runs/detector"), help="output detector folder")
+    data: Path | None = option(None, help="dataset root laid out like minivlm.data.world.World (default: a "
+                                          "synthetic world generated into OUT/world)")
+    images: int = option(1000, help="images of the generated world when --data is not given")
+    preset: str = option("tee-demo", help="TEE preset", choices=tuple(TEE_PRESETS))
+    image_size: int | None = option(None, help="canvas size (default: the preset's)")
+    init: Path | None = option(None, help="start from another detector folder/checkpoint (class-specific heads "
+                                          "re-initialised)")
+    backbone_weights: Path | None = option(None, help="local ImageNet state dict for the EfficientNet backbone "
+                                                      "(.pth or .safetensors)")
+    attribute_loss_weight: float | None = option(None, help="weight of the attribute loss (default: the preset's)")
+    # Any other TEEConfig field (tests shrink the RPN and RoI sampling this way).
+    tee: dict[str, Any] = option(default_factory=dict, help="TEEConfig field over the preset (repeatable)")
+    eval_split: str | None = option("val", help="split for mAP ('none' to skip)")
+    eval_images: int | None = option(None, help="evaluate on at most this many images")
+    max_train_images: int | None = option(None, help="train on at most this many images")
+    flip: bool = option(True, help="random horizontal flips")
+    train: TrainConfig = option(default_factory=lambda: dataclasses.replace(DETECTOR_RECIPE), help="trainer")
+
+
+def train_detector(setup: DetectorSetup) -> tuple[TEE, dict]:
+    """Trains a detector; `setup.out` becomes a detector folder. Returns the model and the last logged
+    metrics (with "eval" when an eval split exists)."""
     from minivlm.train.trainer import Trainer, distributed_env
 
-    out_dir = Path(out_dir)
+    out_dir, train_cfg = Path(setup.out), setup.train
+    data = setup.data
+    if data is None:
+        from minivlm.data.synthetic import generate_world
+
+        data = out_dir / "world"
+        meta = data / "world.json"
+        if not (meta.is_file() and read_json(meta).get("complete")):
+            generate_world(data, setup.images, train_cfg.seed, nlvr2_pairs=0)
     world = World(data)
     split = world.train_split()
-    cfg = get_tee(preset)
+    cfg = get_tee(setup.preset)
     class_names, attribute_names = world.class_names(), world.attribute_names()
-    overrides.setdefault("attribute_groups", attribute_groups(world.instances(split).attributes))
+    overrides = {"attribute_groups": attribute_groups(world.instances(split).attributes), **setup.tee}
+    if setup.attribute_loss_weight is not None:
+        overrides["attribute_loss_weight"] = setup.attribute_loss_weight
+    if setup.image_size:
+        overrides["image_size"] = setup.image_size
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise MiniVLMError(f"--tee: TEEConfig has no field {', '.join(map(repr, unknown))}")
     cfg = dataclasses.replace(cfg, num_classes=len(class_names), num_attributes=len(attribute_names),
-                              pretrained_backbone=str(backbone_weights) if backbone_weights else None, **overrides)
-    if image_size:
-        cfg.image_size = image_size
-    train_cfg = train_cfg or dataclasses.replace(DETECTOR_RECIPE)
+                              pretrained_backbone=str(setup.backbone_weights) if setup.backbone_weights else None,
+                              **overrides)
     is_main = distributed_env()[0] == 0
     torch.manual_seed(train_cfg.seed)
     model = TEE(cfg, class_names, attribute_names)
-    if init:
-        report = load_init(model, init)
+    if setup.init:
+        report = load_init(model, setup.init)
         if is_main:
             write_json(out_dir / "init_report.json", report, indent=1)
-            tqdm.write(f"[detector] --init {init}: loaded {len(report['loaded'])} tensors, skipped "
+            tqdm.write(f"[detector] --init {setup.init}: loaded {len(report['loaded'])} tensors, skipped "
                        f"{len(report['skipped'])}" + "".join(f"\n  skipped {s}" for s in report["skipped"]))
-    if eval_split and eval_split not in world.splits():
+    eval_split = setup.eval_split
+    if eval_split not in world.splits():  # None, 'none', or a split this world lacks: no evaluation
         eval_split = None
-    dataset = DetectionDataset(world, split, cfg.image_size, flip=flip, max_images=max_train_images)
+    dataset = DetectionDataset(world, split, cfg.image_size, flip=setup.flip, max_images=setup.max_train_images)
     eval_fn = None
     if eval_split:
         def eval_fn(m, step):
-            return evaluate_detector(m, world, eval_split, max_images=eval_max_images)
+            return evaluate_detector(m, world, eval_split, max_images=setup.eval_images)
     trainer = Trainer(model, train_cfg, out_dir, desc="detector")
     last = trainer.fit(dataset, DetectionCollate(cfg.image_size), eval_fn)
     if is_main:
@@ -231,54 +270,13 @@ def train_detector(out_dir: str | Path, data: str | Path, preset: str = "tee-dem
 
 
 def add_arguments(parser) -> None:
-    r = DETECTOR_RECIPE
-    parser.add_argument("--data", type=Path, default=None,
-                        help="dataset root laid out like minivlm.data.world.World (default: a synthetic world "
-                             "generated into OUT/world)")
-    parser.add_argument("--out", type=Path, default=Path("runs/detector"), help="output detector folder")
-    parser.add_argument("--preset", default="tee-demo", help="TEE preset: tee0..tee3, tee-demo (default)")
-    parser.add_argument("--images", type=int, default=1000, help="images of the generated world when --data is not given")
-    parser.add_argument("--image-size", type=int, default=None, help="canvas size (default: the preset's)")
-    parser.add_argument("--epochs", type=int, default=r.epochs)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=r.batch_size, help="global batch")
-    parser.add_argument("--lr", type=float, default=r.lr)
-    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default=r.optimizer)
-    parser.add_argument("--weight-decay", type=float, default=r.weight_decay)
-    parser.add_argument("--warmup-steps", type=int, default=r.warmup_steps)
-    parser.add_argument("--workers", type=int, default=0, help="data loader workers")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-split", default="val", help="split for mAP (default val; 'none' to skip)")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: end only)")
-    parser.add_argument("--eval-images", type=int, default=None, help="evaluate on at most this many images")
-    parser.add_argument("--init", type=Path, default=None,
-                        help="start from another detector folder/checkpoint (class-specific heads re-initialised)")
-    parser.add_argument("--attribute-loss-weight", type=float, default=None,
-                        help="weight of the attribute loss (default: the preset's, 0.5)")
-    parser.add_argument("--backbone-weights", type=Path, default=None,
-                        help="local ImageNet state dict for the EfficientNet backbone (.pth or .safetensors)")
+    add_setup_arguments(parser, DetectorSetup)
 
 
 def run(args) -> int:
-    data = args.data
-    if data is None:
-        from minivlm.data.synthetic import generate_world
-
-        data = args.out / "world"
-        meta = data / "world.json"
-        if not (meta.is_file() and read_json(meta).get("complete")):
-            generate_world(data, args.images, args.seed, nlvr2_pairs=0)
-    cfg = dataclasses.replace(
-        DETECTOR_RECIPE, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        num_workers=args.workers, seed=args.seed, eval_every=args.eval_every)
-    _, last = train_detector(args.out, data, args.preset, cfg, image_size=args.image_size, init=args.init,
-                             backbone_weights=args.backbone_weights,
-                             eval_split=None if args.eval_split == "none" else args.eval_split,
-                             eval_max_images=args.eval_images,
-                             **({} if args.attribute_loss_weight is None else
-                                {"attribute_loss_weight": args.attribute_loss_weight}))
+    setup = setup_from_args(DetectorSetup, args)
+    _, last = train_detector(setup)
     ev = last.get("eval") or {}
-    print(f"detector saved to {args.out} (config.json + model.safetensors); last loss {last.get('loss', float('nan')):.4f}"
+    print(f"detector saved to {setup.out} (config.json + model.safetensors); last loss {last.get('loss', float('nan')):.4f}"
           + (f"; mAP@0.5 {ev['map50']:.3f}, mAP {ev['map']:.3f} on {ev['images']} images" if ev else ""))
     return 0
