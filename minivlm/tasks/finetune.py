@@ -179,7 +179,6 @@ class Run:
                  f"{cfg.epochs} epoch(s){f', at most {cfg.max_steps} steps' if cfg.max_steps else ''}")
         last = trainer.fit(dataset, collate, eval_fn)
         if "loss" not in last:  # a rerun of a finished run trains no step: report the logged end of training
-
             last = next((e for e in reversed(read_log(out / "log.jsonl")) if "loss" in e), last)
         return {k: v for k, v in last.items() if k != "eval"}
 
