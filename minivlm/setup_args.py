@@ -23,8 +23,9 @@ from minivlm.errors import MiniVLMError
 
 T = TypeVar("T")
 
-# The recipes folder of the repository (configs/ beside the package).
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# The recipes: minivlm/configs/ (the repository's configs/ links to it), inside the package so that a
+# non-editable install carries them too.
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flags: tuple[str, ...] = (),
