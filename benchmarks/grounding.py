@@ -2,7 +2,8 @@
 
     python benchmarks/grounding.py [--data WORLD] [--features TEE_STORE] [--pretrained PRE/model] [--out runs/grounding]
 
-The same transformer recipe is fine-tuned three times on the same world and scored on the same test split:
+The same transformer recipe (the demo's VQA recipe: a curriculum of attribute questions, then all of them)
+is fine-tuned three times on the same world and scored on the same test split:
 
     oracle   regions built from the ground truth (true boxes; a one-hot class + multi-hot attribute vector
              of the usual region width, `minivlm.data.oracle`): what a perfect extractor would give;
@@ -48,7 +49,7 @@ def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
     """Fine-tunes VQA on one region source; the demo's `stage` records its seconds and skips it when done."""
     return stage(name, out / name, lambda: finetune(FinetuneSetup(
         task="vqa", data=world, features=store, out=out / name, pretrained=args.pretrained, preset=args.preset,
-        eval_splits=["test"], train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"],
+        eval_splits=["test"], curriculum_epochs=args.curriculum_epochs, train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"],
                                              batch_size=32, warmup_steps=args.warmup, seed=args.seed))),
         prefix="grounding")
 
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", type=Path, help="TEE feature store of the world's images (omit: no tee row)")
     p.add_argument("--pretrained", type=Path, help="pre-trained transformer folder (default: random init)")
     p.add_argument("--preset", default="bert-demo")
-    p.add_argument("--epochs", type=int, default=4, help="VQA epochs (default: the demo's)")
+    p.add_argument("--epochs", type=int, default=3, help="VQA epochs on all questions (default: the demo's)")
+    p.add_argument("--curriculum-epochs", type=int, default=3,
+                   help="VQA epochs on the attribute questions first (default: the demo's; 0: none)")
     p.add_argument("--lr", type=float, default=None, help="default: finetune's VQA default")
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["ceiling", "per_question_type", *results]
     row = lambda name, acc: f"{name:<20}" + "".join(f"{acc[c]:>10.1f}" for c in cols)  # noqa: E731
     print(f"VQA accuracy on {len(test_q)} test questions of {world_root} (transformer {args.preset}, "
-          f"{args.epochs} epochs, {'pre-trained ' + str(args.pretrained) if args.pretrained else 'random init'})")
+          f"{args.curriculum_epochs} + {args.epochs} epochs, {'pre-trained ' + str(args.pretrained) if args.pretrained else 'random init'})")
     print(f"{'question type':<20}" + "".join(f"{c[:9]:>10}" for c in cols))
     table = {}
     for t in types:
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               f"over the per-type prior ({results[n].get('seconds', 0):.0f} s)")
     write_json(args.out / "grounding.json", {
         "data": str(world_root), "features": str(args.features or ""), "preset": args.preset, "epochs": args.epochs,
+        "curriculum_epochs": args.curriculum_epochs,
         "pretrained": str(args.pretrained or ""), "n_test_questions": len(test_q),
         "most_frequent_answer": refs["most_frequent"]["overall"], "vqa": table,
         "seconds": {n: r.get("seconds") for n, r in results.items()}}, indent=1)
