@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from minivlm.io import write_json
+from minivlm.tasks.data import TASKS
 from minivlm.report import Report, card, esc, grid, plot_curves, strip, table
 from minivlm.train.trainer import read_log
 
@@ -31,39 +32,14 @@ def summary_metrics(stages: dict[str, dict]) -> dict[str, Any]:
     for key in ("mlm_acc", "itm_acc"):
         if key in pre:
             out[f"pretrain_heldout_{key}"] = pre[key]
-    for task in ("caption", "vqa", "nlvr2", "retrieval"):
+    for task in TASKS:
         evals = (stages.get(task) or {}).get("eval") or {}
         split = "test" if "test" in evals else ("test1" if "test1" in evals else next(iter(evals), None))
         if split is None:
             continue
-        e = evals[split]
-        if task == "caption":
-            from minivlm.eval.caption_metrics import spice_unavailable_reason
-
-            model, base = e.get("model") or {}, e.get("baseline_most_common_caption") or {}
-            for k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
-                if k in model:
-                    out[f"caption_{k}"] = model[k]
-            if "CIDEr" in base:
-                out["caption_baseline_most_common_caption_CIDEr"] = base["CIDEr"]
-            out["caption_SPICE"] = model.get("SPICE")
-            if model.get("SPICE") is None:
-                out["caption_SPICE_unavailable"] = spice_unavailable_reason() or model.get("SPICE_unavailable")
-        elif task == "vqa":
-            out["vqa_accuracy"] = e.get("accuracy")
-            out["vqa_baseline_most_frequent"] = (e.get("baseline_most_frequent") or {}).get("accuracy")
-            out["vqa_baseline_per_question_type"] = (e.get("baseline_per_question_type") or {}).get("accuracy")
-        elif task == "nlvr2":
-            out["nlvr2_accuracy"] = e.get("accuracy")
-            out["nlvr2_baseline_majority"] = e.get("baseline_majority")
-        elif task == "retrieval":
-            full = e.get("full") or {}
-            for k in ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"):
-                if k in full:
-                    out[f"retrieval_{k}"] = full[k]
-            # finetune writes the chance baseline as {"TR@1": .., "IR@1": .., ...} beside the model's recalls
-            for k, v in (e.get("chance") or {}).items():
-                out[f"retrieval_chance_{k}"] = v
+        # Every task's score has one shape (minivlm/tasks/task.py): its metrics and baselines, flat.
+        for k, v in {**evals[split].get("metrics", {}), **evals[split].get("baselines", {})}.items():
+            out[f"{task}_{k}"] = v
         out[f"{task}_eval_split"] = split
     return out
 
@@ -71,7 +47,7 @@ def summary_metrics(stages: dict[str, dict]) -> dict[str, Any]:
 def _curves(demo: "Demo", pics: Path) -> list[str]:
     blocks = []
     for name, folder in [("detector", demo.detector), ("pretrain", demo.pretrain),
-                         *[(t, demo.out / t) for t in ("caption", "vqa", "nlvr2", "retrieval")]]:
+                         *[(t, demo.out / t) for t in TASKS]]:
         if (folder / "ce" / "log.jsonl").is_file():  # captioning logs its cross-entropy stage apart from SCST
             folder = folder / "ce"
         log = [e for e in read_log(folder / "log.jsonl") if "loss" in e]

@@ -118,3 +118,16 @@ def test_model_folder_runs_on_real_photos_it_never_saw(quick_demo, tmp_path):
                         "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads(r.stdout)
+
+
+def test_every_registered_task_reports_its_metrics_and_baselines_in_metrics_json(quick_demo):
+    from minivlm.tasks.registry import TASKS
+
+    out, _ = quick_demo
+    metrics = json.loads((out / "metrics.json").read_text())
+    for task in TASKS:
+        split = metrics[f"{task}_eval_split"]
+        entry = json.loads((out / task / "metrics.json").read_text())["eval"][split]
+        assert entry["metrics"] and entry["baselines"], task  # the one shape every task's `score` returns
+        for name, value in {**entry["metrics"], **entry["baselines"]}.items():
+            assert metrics[f"{task}_{name}"] == value, (task, name)

@@ -275,7 +275,7 @@ def test_finetune_vqa_writes_results_metrics_and_task_folder(tiny_world):
 
 def test_vqa_curriculum_trains_attribute_questions_first_and_resumes(tiny_world):
     from minivlm.data.world import World
-    from minivlm.tasks.finetune import ATTRIBUTE_QUESTION_TYPES
+    from minivlm.tasks.vqa import ATTRIBUTE_QUESTION_TYPES
 
     rc, m = _finetune(tiny_world, "vqa", "--num-answers", "5", "--curriculum-epochs", "2", name="out_curriculum")
     out = tiny_world / "out_curriculum"
@@ -363,3 +363,17 @@ def test_a_finetuned_folder_initialises_another_task(tiny_world):
     assert summary.startswith("loaded") and "head." in summary  # NLVR2's head has another shape: left as is
     assert torch.equal(model.bert.layers[1].ffn_in.weight, vqa["bert.layers.1.ffn_in.weight"])
     assert torch.equal(model.pooler.dense.weight, vqa["pooler.dense.weight"])
+
+
+def test_every_registered_task_has_every_protocol_member():
+    import inspect
+
+    from minivlm.tasks import data
+    from minivlm.tasks.registry import TASKS
+    from minivlm.tasks.task import MEMBERS, Task
+
+    assert tuple(TASKS) == data.TASKS  # the names the checkpoint and the model folder know
+    for name, cls in TASKS.items():
+        assert issubclass(cls, Task) and cls.name == name and not inspect.isabstract(cls), name
+        for member in MEMBERS:
+            assert getattr(cls, member, None) is not None, (name, member)

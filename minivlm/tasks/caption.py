@@ -58,6 +58,7 @@ from minivlm.fusion.loading import LoadReport, load_text_weights
 from minivlm.fusion.transformer import KVCache, MultimodalBert, prefix_causal_mask
 from minivlm.regions import Regions
 from minivlm.tasks.decode import SpecialIds, beam_search, greedy_search, strip
+from minivlm.tasks.task import Task
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -537,7 +538,8 @@ def cider_eval_fn(world, split: str, store, tokenizer: Tokenizer, max_images: in
 def train_caption(pretrained: str | Path | None, world, store, out_dir: str | Path, bert_cfg: BertConfig,
                   train_cfg: TrainConfig, scst_cfg: TrainConfig | None = None, *, task_cfg: CaptionTaskConfig | None = None,
                   tokenizer: Tokenizer | None = None, train_split: str | None = None, val_split: str | None = None,
-                  val_images: int = 100, tags: str = "predicted", scst_baseline: str = "greedy") -> CaptionModel:
+                  val_images: int = 100, tags: str = "predicted", scst_baseline: str = "greedy",
+                  model: CaptionModel | None = None) -> CaptionModel:
     """Cross-entropy fine-tuning (out_dir/ce), then optional SCST (out_dir/scst), each through the Trainer
     (so each stage resumes after a kill). Returns the model; the caller writes its task folder once."""
     from minivlm.eval.caption_metrics import CiderD
@@ -552,7 +554,8 @@ def train_caption(pretrained: str | Path | None, world, store, out_dir: str | Pa
     if val_split is None:
         val_split = _auto_split(world, "val")
     special = SpecialIds.from_tokenizer(tokenizer)
-    model = CaptionModel.from_pretrained_vl(pretrained, special) if pretrained else CaptionModel(bert_cfg, special)
+    if model is None:
+        model = CaptionModel.from_pretrained_vl(pretrained, special) if pretrained else CaptionModel(bert_cfg, special)
     cfg = model.cfg
     max_len = min(task.max_gen_len, cfg.max_text_len - 1)
     eval_fn = (cider_eval_fn(world, val_split, store, tokenizer, val_images, max_len, tags)
@@ -570,3 +573,106 @@ def train_caption(pretrained: str | Path | None, world, store, out_dir: str | Pa
         finally:
             model.scst = None
     return model
+
+
+# ---------------------------------------------------------------------------------------------- task
+
+
+class CaptionTask(Task):
+    """Trained by `train_caption` (cross-entropy, then optional SCST, each resumable); scored with the COCO
+    metrics beside the most common training caption given to every image."""
+
+    name, label, no_train = "caption", "caption", "no captions_train*.json and no Karpathy split"
+
+    def splits(self):
+        w = self.world
+        splits = [s for s in w.splits("coco") if w.captions_path(s).is_file()]
+        if w.karpathy_path().is_file():
+            splits += [s for s in ("train", "val", "test") if s not in splits]
+        return splits, w.root / "annotations"
+
+    def eval_splits(self, splits):
+        return [s for s in splits if s.startswith(("val", "test"))]
+
+    def train_examples(self, split):
+        from collections import Counter
+
+        from minivlm.tasks.data import find_key
+
+        refs = caption_references(self.world, split)
+        self.most_common = Counter(c.strip().lower() for caps in refs.values() for c in caps).most_common(1)[0][0]
+        # train_caption reads the split itself (every caption: --max-train does not apply); these count it.
+        return [(k, c) for k, caps in refs.items() if find_key(self.store, k) is not None for c in caps]
+
+    def examples(self, split, limit):
+        from minivlm.tasks.data import find_key
+
+        refs = {k: v for k, v in caption_references(self.world, split).items() if find_key(self.store, k) is not None}
+        keys = sorted(refs) if limit is None else sorted(refs)[:limit]
+        return {k: refs[k] for k in keys}
+
+    def build_model(self, cfg):
+        special = SpecialIds.from_tokenizer(self.run.tokenizer)
+        pretrained = self.setup.pretrained
+        model = CaptionModel.from_pretrained_vl(pretrained, special) if pretrained else CaptionModel(cfg, special)
+        self.cfg = model.cfg
+        return model
+
+    def folder_extra(self):
+        return {"scst": bool(self.setup.scst_steps)}
+
+    def task_config(self) -> CaptionTaskConfig:
+        return CaptionTaskConfig(objective=self.setup.caption_objective, mask_prob=self.setup.caption_mask_prob)
+
+    def dataset(self, train, cfg: BertConfig | None = None):
+        return CaptionDataset(train, self.store, self.run.tokenizer, cfg or self.cfg, self.task_config())
+
+    def collate(self, cfg):
+        return self.dataset([], cfg).collate
+
+    def fit(self, model, train, eval_fn):
+        import math
+        from dataclasses import replace
+
+        from minivlm.io import save_weights
+
+        run, setup = self.run, self.setup
+        train_cfg = setup.train_config(len(train))
+        scst_cfg = None
+        if setup.scst_steps:  # one row per image: the epochs that --scst-steps takes over the images
+            n_images = len({k for k, _ in train})
+            scst_cfg = replace(train_cfg, max_steps=setup.scst_steps, lr=train_cfg.lr / 4,
+                               epochs=max(1, math.ceil(setup.scst_steps * train_cfg.batch_size / max(1, n_images))))
+        val = run.eval_splits[0] if run.eval_splits else None
+        run.say(f"{run.train_split}: {len(train)} captions; evaluation on {', '.join(run.eval_splits) or 'nothing'}")
+        train_caption(setup.pretrained, self.world, self.store, run.out, model.cfg, train_cfg, scst_cfg,
+                      tokenizer=run.tokenizer, model=model, train_split=run.train_split, val_split=val,
+                      task_cfg=self.task_config(),
+                      val_images=max(0, setup.eval_examples // 5) if setup.train.eval_every else 0)
+        if run.rank == 0:  # the trainer's stages write under ce/ and scst/: the task folder holds the weights once
+            save_weights(model.state_dict(), run.out / "model.safetensors")
+        return {}
+
+    def predict(self, model, examples):
+        return predict_captions(model, self.run.tokenizer, list(examples), self.store,
+                                batch_size=self.setup.eval_batch_size, beam_size=self.setup.beam_size,
+                                progress=self.setup.progress)
+
+    def score(self, split, examples, results):
+        from minivlm.eval.caption_metrics import JavaError, score_captions, spice_unavailable_reason
+
+        entry: dict[str, Any] = {}
+        for name, res in (("model", results), ("baseline_most_common_caption", {k: self.most_common for k in examples})):
+            meteor = name == "model"  # METEOR (java) for the model's captions only: the baseline compares on CIDEr
+            try:
+                entry[name] = score_captions(res, examples, meteor=meteor, spice=False)
+            except JavaError:  # no java for the PTB tokenizer: score on a plain lower-cased split instead
+                entry[name] = {**score_captions(res, examples, tokenizer="simple", meteor=False, spice=False),
+                               "tokenizer": "simple"}
+        model, base = entry["model"], entry["baseline_most_common_caption"]
+        metrics = {k: model[k] for k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr") if k in model}
+        metrics["SPICE"] = model.get("SPICE")  # never a made-up number: a score or the reason it is missing
+        if metrics["SPICE"] is None:
+            metrics["SPICE_unavailable"] = spice_unavailable_reason() or model.get("SPICE_unavailable")
+        baselines = {"baseline_most_common_caption_CIDEr": base["CIDEr"]} if "CIDEr" in base else {}
+        return {**entry, "metrics": metrics, "baselines": baselines}

@@ -11,10 +11,12 @@ command), then evaluates on the held-out splits. The output folder:
     vocab.txt            WordPiece vocabulary; answers.txt for VQA
     results_{split}.json official result formats: VQA [{"question_id", "answer"}], NLVR2 [{"identifier",
                          "prediction"}], retrieval {"scores", "text_to_image", "image_ids", "texts"}
-    metrics.json         per split: the task metric beside its chance / prior baseline
+    metrics.json         per split: the task's detail plus {"metrics": {..}, "baselines": {..}} (one shape)
     log.jsonl, checkpoint/, train_config.json, init_report.txt
 
-Captioning is trained by `minivlm.tasks.caption.train_caption`; this module passes it the same inputs.
+One driver, `finetune(setup)`, runs every task through the `Task` protocol (minivlm/tasks/task.py; the
+implementations live in their task modules, named by `minivlm.tasks.registry.TASKS`). Captioning trains
+through its own `train_caption` (cross-entropy, then optional SCST), called from its task's `fit`.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class FinetuneSetup:
 
 def check(setup: FinetuneSetup) -> None:
     """Refuses a setup that cannot run, with one line naming the flag."""
-    if setup.task not in FINETUNE:
+    if setup.task not in TASKS:
         raise MiniVLMError(f"unknown task {setup.task!r}; choose one of: {', '.join(TASKS)}")
     p = setup.pretrained
     if p is not None and not (Path(p) / "config.json").is_file():
@@ -188,343 +190,43 @@ class Run:
         return metrics
 
 
-def _cap(items: list, n: int | None) -> list:
-    return items if n is None else items[:n]
+def finetune(setup: FinetuneSetup) -> dict:
+    """Fine-tunes `setup.task` (one `Task` of `minivlm.tasks.registry.TASKS`): picks the splits, builds and
+    initialises the model, writes the task folder, trains, then scores every held-out split beside the task's
+    baselines. Returns the metrics written to metrics.json."""
+    from minivlm.tasks.registry import TASKS as REGISTRY
 
-
-# ---------------------------------------------------------------------------------------------- VQA
-
-# VQA v2 question types whose answer is one attribute of one named object: the curriculum's questions.
-ATTRIBUTE_QUESTION_TYPES = ("what color", "what shape", "what size", "what pattern")
-
-
-def finetune_vqa(setup: FinetuneSetup) -> dict:
-    from minivlm.eval.vqa_eval import vqa_accuracy
-    from minivlm.model import read_lines, write_lines
-    from minivlm.tasks.vqa import (VQACollator, VQADataset, VQAModel, baseline_results, build_answer_vocab,
-                                   make_examples, predict_vqa)
-
+    check(setup)
     run = Run(setup)
-    w = run.world
-    splits = w.splits("vqa")
-    train_split = pick_split(splits, setup.train_split, ["train"], "VQA", w.vqa_questions_path("*").parent)
-    if train_split is None:
-        raise MiniVLMError(f"{w.root / 'vqa'}: no VQA train split (v2_OpenEnded_mscoco_train*_questions.json)")
-    train_q = w.vqa(train_split)
-    if not any(q.answers for q in train_q):
-        raise MiniVLMError(f"{w.vqa_annotations_path(train_split)}: the training split needs its annotations")
-    # The answer set is fixed by the first run: a resumed run must build the very same head.
-    answers_path = run.out / "answers.txt"
-    answers = read_lines(answers_path) if answers_path.is_file() else build_answer_vocab(train_q, setup.num_answers)
-    if run.rank == 0:
-        write_lines(answers_path, answers)
-    train, missing = make_examples(train_q, run.store, answers, drop_unanswerable=True)
-    train = _cap(train, setup.max_train)
-    if not train:
-        raise MiniVLMError(f"{setup.features}: none of the {train_split} VQA images has features in this store")
-    run.say(f"{train_split}: {len(train)} questions, {len(answers)} answers"
-            + (f" ({missing} skipped: image not in the store)" if missing else ""))
-    eval_splits = [s for s in (setup.eval_splits or [s for s in splits if s != train_split]) if s != train_split]
+    task = REGISTRY[setup.task](run)
+    splits, where = task.splits()
+    run.train_split = pick_split(splits, setup.train_split, ["train"], task.label, where)
+    if run.train_split is None:
+        raise MiniVLMError(f"{where}: {task.no_train}")
+    train = task.train_examples(run.train_split)
+    run.eval_splits = [s for s in (setup.eval_splits or task.eval_splits(splits)) if s != run.train_split]
 
-    cfg = run.bert_config(run.store)
-    model = VQAModel(cfg, len(answers))
-    run.init(model)
-    model.init_answer_bias([e.targets for e in train])
-    run.write_folder(cfg, num_answers=len(answers), train_split=train_split)
-
-    def score(split: str, limit: int | None) -> tuple[list[dict], dict | None, list]:
-        qs = w.vqa(split)
-        examples, _ = make_examples(qs, run.store, answers)
-        examples = _cap(examples, limit)
-        results = predict_vqa(model, run.tokenizer, examples, run.store, answers, setup.eval_batch_size,
-                              progress=setup.progress)
-        kept = {e.question_id for e in examples}
-        scored = [q for q in qs if q.question_id in kept and q.answers]
-        if not scored:
-            return results, None, scored
-        scored_ids = {q.question_id for q in scored}
-        acc = vqa_accuracy({r["question_id"]: r["answer"] for r in results if r["question_id"] in scored_ids}, scored)
-        return results, acc, scored
-
-    periodic = eval_splits[0] if eval_splits else None
-
-    def eval_fn(m, step):
-        _, acc, _ = score(periodic, setup.eval_examples)
-        return {"vqa_acc": acc["overall"]} if acc else {}
-
-    metrics: dict[str, Any] = {}
-    if setup.curriculum_epochs:
-        qtype = {q.question_id: q.question_type for q in train_q}
-        easy = [e for e in train if qtype[e.question_id].startswith(ATTRIBUTE_QUESTION_TYPES)]
-        if not easy:
-            raise MiniVLMError(f"--curriculum-epochs: no attribute question ({', '.join(ATTRIBUTE_QUESTION_TYPES)}"
-                               f"...) in {train_split}")
-        run.say(f"curriculum: {setup.curriculum_epochs} epoch(s) on the {len(easy)} attribute questions first")
-        metrics["curriculum"] = {"n_train": len(easy), "epochs": setup.curriculum_epochs,
-                                 "train": run.fit(model, VQADataset(easy, run.store),
-                                                  VQACollator(run.tokenizer, cfg, len(answers)), None,
-                                                  phase="curriculum", epochs=setup.curriculum_epochs)}
-    train_stats = run.fit(model, VQADataset(train, run.store), VQACollator(run.tokenizer, cfg, len(answers)),
-                          eval_fn if periodic and setup.train.eval_every else None)
-    metrics = {"task": "vqa", "train_split": train_split, "n_train": len(train), "num_answers": len(answers),
-               **metrics, "train": train_stats, "eval": {}}
-    if run.rank == 0:
-        for split in eval_splits:
-            results, acc, scored = score(split, setup.max_eval)
-            write_json(run.out / f"results_{split}.json", [{"question_id": r["question_id"], "answer": r["answer"]}
-                                                           for r in results])
-            entry: dict[str, Any] = {"n_questions": len(results)}
-            if acc is not None:
-                entry.update(accuracy=acc["overall"], per_question_type=acc["perQuestionType"],
-                             per_answer_type=acc["perAnswerType"])
-                for name, base in baseline_results(train_q, scored).items():
-                    b = vqa_accuracy(base, scored)
-                    entry[f"baseline_{name}"] = {"accuracy": b["overall"], "per_question_type": b["perQuestionType"]}
-                run.say(f"{split}: VQA accuracy {acc['overall']:.2f} vs most-frequent-answer "
-                        f"{entry['baseline_most_frequent']['accuracy']:.2f}, per-question-type prior "
-                        f"{entry['baseline_per_question_type']['accuracy']:.2f} ({len(scored)} questions)")
-            else:
-                run.say(f"{split}: {len(results)} answers written (no annotations to score against)")
-            metrics["eval"][split] = entry
-    return run.finish(metrics)
-
-
-# ---------------------------------------------------------------------------------------------- NLVR2
-
-
-def finetune_nlvr2(setup: FinetuneSetup) -> dict:
-    from minivlm.data.feature_store import FeatureStore
-    from minivlm.eval.nlvr2 import nlvr2_accuracy
-    from minivlm.tasks.nlvr2 import NLVR2Collator, NLVR2Dataset, NLVR2Model, make_pairs, predict_nlvr2
-
-    run = Run(setup)
-    store = FeatureStore(setup.nlvr2_features) if setup.nlvr2_features else run.store
-    w = run.world
-    splits = w.splits("nlvr2")
-    train_split = pick_split(splits, setup.train_split, ["train"], "NLVR2", w.nlvr2_path("*").parent)
-    if train_split is None:
-        raise MiniVLMError(f"{w.root / 'nlvr2'}: no NLVR2 train split (train.json)")
-    train, missing = make_pairs(w.nlvr2(train_split), store)
-    train = _cap(train, setup.max_train)
-    if not train:
-        raise MiniVLMError(f"{store.root}: none of the NLVR2 {train_split} images has features in this store "
-                           "(pass --nlvr2-features, the store `minivlm extract` wrote for nlvr2/images)")
-    run.say(f"{train_split}: {len(train)} statement/pair examples"
-            + (f" ({missing} skipped: an image not in the store)" if missing else ""))
-    eval_splits = [s for s in (setup.eval_splits or [s for s in splits if s != train_split]) if s != train_split]
-
-    cfg = run.bert_config(store)
-    model = NLVR2Model(cfg)
-    run.init(model)
-    run.write_folder(cfg, train_split=train_split)
-
-    def score(split: str, limit: int | None) -> tuple[list[dict], dict, list]:
-        examples = w.nlvr2(split)
-        pairs, _ = make_pairs(examples, store)
-        pairs = _cap(pairs, limit)
-        results = predict_nlvr2(model, run.tokenizer, pairs, store, setup.eval_batch_size, progress=setup.progress)
-        kept = {p.identifier for p in pairs}
-        scored = [e for e in examples if e.identifier in kept]
-        return results, nlvr2_accuracy({r["identifier"]: r["prediction"] for r in results}, scored), scored
-
-    periodic = eval_splits[0] if eval_splits else None
-    train_stats = run.fit(model, NLVR2Dataset(train, store), NLVR2Collator(run.tokenizer, cfg),
-                          (lambda m, step: {"nlvr2_acc": score(periodic, setup.eval_examples)[1]["accuracy"]})
-                          if periodic and setup.train.eval_every else None)
-    metrics: dict[str, Any] = {"task": "nlvr2", "train_split": train_split, "n_train": len(train),
-                               "train": train_stats, "eval": {}}
-    if run.rank == 0:
-        for split in eval_splits:
-            results, acc, scored = score(split, setup.max_eval)
-            write_json(run.out / f"results_{split}.json", results)
-            majority = sum(e.label for e in scored) / len(scored)
-            entry = {**acc, "chance": 50.0, "baseline_majority": 100.0 * max(majority, 1 - majority)}
-            metrics["eval"][split] = entry
-            run.say(f"{split}: NLVR2 accuracy {acc['accuracy']:.2f} vs chance 50.00, majority class "
-                    f"{entry['baseline_majority']:.2f}; consistency {acc['consistency']:.2f} ({len(scored)} examples)")
-    return run.finish(metrics)
-
-
-# ---------------------------------------------------------------------------------------------- retrieval
-
-
-def retrieval_captions(world, split: str) -> dict[int, list[str]]:
-    """Image id -> captions of a retrieval split: a Karpathy split name (train includes restval) when
-    dataset_coco.json exists, else a COCO captions file's split."""
-    if world.karpathy_path().is_file() and split in {"train", "val", "test"}:
-        return {k.image_id: k.sentences for k in world.karpathy() if k.split == split}
-    return dict(world.captions(split).captions)
-
-
-def retrieval_splits(world) -> list[str]:
-    if world.karpathy_path().is_file():
-        return sorted({k.split for k in world.karpathy()})
-    return [s for s in world.splits("coco") if world.captions_path(s).is_file()]
-
-
-def finetune_retrieval(setup: FinetuneSetup) -> dict:
-    from minivlm.eval.retrieval import retrieval_metrics
-    from minivlm.tasks.retrieval import (RetrievalCollator, RetrievalDataset, RetrievalModel, chance_recall,
-                                         retrieval_set, score_all_pairs)
-    from minivlm.tasks.data import find_key
-
-    run = Run(setup)
-    w = run.world
-    splits = retrieval_splits(w)
-    where = w.karpathy_path() if w.karpathy_path().is_file() else w.root / "annotations"
-    train_split = pick_split(splits, setup.train_split, ["train"], "caption", where)
-    if train_split is None:
-        raise MiniVLMError(f"{where}: no train split with captions")
-    pairs, missing = [], 0
-    for iid, caps in retrieval_captions(w, train_split).items():
-        key = find_key(run.store, iid)
-        if key is None:
-            missing += 1
-            continue
-        pairs += [(key, c) for c in caps if c.strip()]
-    pairs = _cap(pairs, setup.max_train)
-    if not pairs:
-        raise MiniVLMError(f"{setup.features}: none of the {train_split} images has features in this store")
-    run.say(f"{train_split}: {len(pairs)} captions of {len({k for k, _ in pairs})} images, {setup.negatives} "
-            f"negative(s) each" + (f" ({missing} images skipped: not in the store)" if missing else ""))
-    # Karpathy "test" is the paper's test set; fall back to val when there is no test split.
-    eval_splits = setup.eval_splits or ([s for s in ("test",) if s in splits] or
-                                        [s for s in splits if s.startswith(("test", "val"))][:1])
-    eval_splits = [s for s in eval_splits if s != train_split]
-
-    cfg = run.bert_config(run.store)
-    model = RetrievalModel(cfg)
-    run.init(model)
-    run.write_folder(cfg, train_split=train_split, negatives_per_positive=setup.negatives)
-    regions_of = lambda keys: [_top(run.store[k], cfg.max_regions) for k in keys]  # noqa: E731
-
-    def score(split: str, limit: int | None):
-        rset, _ = retrieval_set(retrieval_captions(w, split), run.store, limit)
-        if len(rset.image_keys) < 2:
-            raise MiniVLMError(f"retrieval split {split!r}: fewer than 2 images with features and captions")
-        scores = score_all_pairs(model, run.tokenizer, regions_of(rset.image_keys), rset.texts,
-                                 setup.eval_batch_size, progress=setup.progress)
-        return rset, scores, retrieval_metrics(scores, rset.text_to_image)
-
-    periodic = eval_splits[0] if eval_splits else None
-    eval_images = max(2, setup.eval_examples // 10)  # every pair is scored: keep periodic checks small
-
-    def eval_fn(m, step):
-        _, _, r = score(periodic, eval_images)
-        return {"TR@1": r["full"]["TR@1"], "IR@1": r["full"]["IR@1"]}
-
-    dataset = RetrievalDataset(pairs, run.store, setup.negatives, setup.hard_pool)
-    train_stats = run.fit(model, dataset, RetrievalCollator(run.tokenizer, cfg),
-                          eval_fn if periodic and setup.train.eval_every else None)
-    metrics: dict[str, Any] = {"task": "retrieval", "train_split": train_split, "n_train": len(pairs),
-                               "train": train_stats, "eval": {}}
-    if run.rank == 0:
-        for split in eval_splits:
-            rset, scores, r = score(split, setup.max_eval)
-            write_json(run.out / f"results_{split}.json", {
-                "scores": [[round(float(v), 4) for v in row] for row in scores], "text_to_image": rset.text_to_image,
-                "image_ids": rset.image_keys, "texts": rset.texts})
-            r["chance"] = chance_recall(rset.text_to_image, len(rset.image_keys))
-            if "folds" in r:
-                r["chance_folds"] = chance_recall([t % r["fold_size"] for t in rset.text_to_image
-                                                   if t < r["fold_size"]], r["fold_size"])
-            metrics["eval"][split] = r
-            f = r["full"]
-            run.say(f"{split} ({r['n_images']} images, {r['n_texts']} captions): text retrieval R@1/5/10 "
-                    f"{f['TR@1']:.1f}/{f['TR@5']:.1f}/{f['TR@10']:.1f}, image retrieval "
-                    f"{f['IR@1']:.1f}/{f['IR@5']:.1f}/{f['IR@10']:.1f}; chance R@1 TR {r['chance']['TR@1']:.1f}, "
-                    f"IR {r['chance']['IR@1']:.1f}"
-                    + (f"; {r['n_folds']} folds of {r['fold_size']}: TR@1 {r['folds']['TR@1']:.1f}, "
-                       f"IR@1 {r['folds']['IR@1']:.1f}" if "folds" in r else ""))
-    return run.finish(metrics)
-
-
-def _top(regions, k: int):
-    return regions.top(k) if len(regions) > k else regions
-
-
-# ---------------------------------------------------------------------------------------------- caption
-
-
-def caption_splits(world) -> list[str]:
-    splits = [s for s in world.splits("coco") if world.captions_path(s).is_file()]
-    if world.karpathy_path().is_file():
-        splits += [s for s in ("train", "val", "test") if s not in splits]
-    return splits
-
-
-def finetune_caption(setup: FinetuneSetup) -> dict:
-    """Cross-entropy (then optional SCST) training by `minivlm.tasks.caption.train_caption`, which resumes
-    each stage; then captions of the held-out splits scored with the COCO metrics."""
-    from collections import Counter
-
-    from minivlm.eval.caption_metrics import JavaError, score_captions
-    from minivlm.io import save_weights
-    from minivlm.tasks.caption import caption_references, predict_captions, train_caption
-    from minivlm.tasks.data import find_key
-
-    run = Run(setup)
-    w = run.world
-    splits = caption_splits(w)
-    train_split = pick_split(splits, setup.train_split, ["train"], "caption", w.root / "annotations")
-    if train_split is None:
-        raise MiniVLMError(f"{w.root / 'annotations'}: no captions_train*.json and no Karpathy split")
-    train_refs = caption_references(w, train_split)
-    in_store = [caps for k, caps in train_refs.items() if find_key(run.store, k) is not None]
-    n_images, n_train = len(in_store), sum(len(caps) for caps in in_store)
-    eval_splits = [s for s in (setup.eval_splits or [s for s in splits if s.startswith(("val", "test"))])
-                   if s != train_split]
-    cfg = run.bert_config(run.store)
-    train_cfg = setup.train_config(n_train)
-    scst_cfg = None
-    if setup.scst_steps:
-        scst_cfg = dataclasses.replace(train_cfg, max_steps=setup.scst_steps, lr=train_cfg.lr / 4,
-                                       epochs=max(1, math.ceil(setup.scst_steps * train_cfg.batch_size / max(1, n_images))))  # one row per image
-    run.say(f"{train_split}: {n_train} captions; evaluation on {', '.join(eval_splits) or 'nothing'}")
-    model = train_caption(setup.pretrained, w, run.store, run.out, cfg, train_cfg, scst_cfg, tokenizer=run.tokenizer,
-                          task_cfg=CaptionTaskConfig(objective=setup.caption_objective, mask_prob=setup.caption_mask_prob),
-                          train_split=train_split, val_split=eval_splits[0] if eval_splits else None,
-                          val_images=max(0, setup.eval_examples // 5) if setup.train.eval_every else 0)
-    metrics: dict[str, Any] = {"task": "caption", "train_split": train_split, "n_train": n_train, "eval": {}}
+    model = task.build_model(run.bert_config(task.store))
+    run.write_folder(model.cfg, train_split=run.train_split, **task.folder_extra())
+    periodic = run.eval_splits[0] if run.eval_splits else None
+    eval_fn = (lambda m, step: task.quick_eval(model, periodic)) if periodic and setup.train.eval_every else None
+    metrics: dict[str, Any] = {"task": setup.task, "train_split": run.train_split, "n_train": len(train),
+                               **task.fit(model, train, eval_fn), "eval": {}}
     if run.rank != 0:
         return metrics
-    save_weights(model.state_dict(), run.out / "model.safetensors")
-    run.write_folder(model.cfg, train_split=train_split, scst=scst_cfg is not None)
-    # The "prior" baseline: the most frequent training caption, given to every image.
-    common = Counter(c.strip().lower() for caps in train_refs.values() for c in caps).most_common(1)[0][0]
-    for split in eval_splits:
-        refs = {k: v for k, v in caption_references(w, split).items() if find_key(run.store, k) is not None}
-        keys = _cap(sorted(refs), setup.max_eval)
-        if not keys:
+    for split in run.eval_splits:
+        examples = task.examples(split, setup.max_eval)
+        if not examples:
             continue
-        rows = predict_captions(model, run.tokenizer, keys, run.store, batch_size=setup.eval_batch_size,
-                                beam_size=setup.beam_size, progress=setup.progress)
-        write_json(run.out / f"results_{split}.json", rows)
-        refs = {k: refs[k] for k in keys}
-        entry: dict[str, Any] = {}
-        for name, res in (("model", rows), ("baseline_most_common_caption", {k: common for k in keys})):
-            meteor = name == "model"  # METEOR (java) for the model's captions only: the baseline compares on CIDEr
-            try:
-                entry[name] = score_captions(res, refs, meteor=meteor, spice=False)
-            except JavaError:  # no java for the PTB tokenizer: score on a plain lower-cased split instead
-                entry[name] = {**score_captions(res, refs, tokenizer="simple", meteor=False, spice=False),
-                               "tokenizer": "simple"}
-        metrics["eval"][split] = entry
-        run.say(f"{split}: CIDEr {entry['model']['CIDEr']:.3f} BLEU-4 {entry['model']['Bleu_4']:.3f} vs the most "
-                f"common training caption CIDEr {entry['baseline_most_common_caption']['CIDEr']:.3f} "
-                f"({len(keys)} images); e.g. {rows[0]['caption']!r}")
+        results = task.predict(model, examples)
+        write_json(run.out / f"results_{split}.json", task.results_file(examples, results))
+        entry = metrics["eval"][split] = task.score(split, examples, results)
+        run.say(f"{split}: {_numbers(entry['metrics'])} vs baselines {_numbers(entry['baselines'])}")
     return run.finish(metrics)
 
 
-FINETUNE: dict[str, Callable[[FinetuneSetup], dict]] = {
-    "caption": finetune_caption, "vqa": finetune_vqa, "nlvr2": finetune_nlvr2, "retrieval": finetune_retrieval,
-}
-
-
-def finetune(setup: FinetuneSetup) -> dict:
-    """Fine-tunes `setup.task`; returns the metrics written to metrics.json."""
-    check(setup)
-    return FINETUNE[setup.task](setup)
+def _numbers(values: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, (int, float))) or "none"
 
 
 # ---------------------------------------------------------------------------------------------- command

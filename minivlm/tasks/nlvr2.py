@@ -27,8 +27,10 @@ from minivlm.data.readers import NLVR2Example
 from minivlm.fusion.heads import ClassifierHead, Pooler
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
+from minivlm.errors import MiniVLMError
 from minivlm.regions import Regions
 from minivlm.tasks.data import KeyResolver, RegionSource, chunks, get_regions, model_device
+from minivlm.tasks.task import Task
 from minivlm.text.tokenizer import Tokenizer
 
 
@@ -141,3 +143,64 @@ def predict_nlvr2(model: NLVR2Model, tokenizer: Tokenizer, pairs: Sequence[NLVR2
     bar.close()
     model.train(was)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- task
+
+
+class NLVR2Task(Task):
+    name, label, no_train = "nlvr2", "NLVR2", "no NLVR2 train split (train.json)"
+
+    def __init__(self, run):
+        from minivlm.data.feature_store import FeatureStore
+
+        super().__init__(run)
+        if self.setup.nlvr2_features:  # NLVR2 has its own images, often extracted into their own store
+            self.store = FeatureStore(self.setup.nlvr2_features)
+
+    def splits(self):
+        return self.world.splits("nlvr2"), self.world.nlvr2_path("*").parent
+
+    def train_examples(self, split):
+        train, missing = make_pairs(self.world.nlvr2(split), self.store)
+        train = train if self.setup.max_train is None else train[:self.setup.max_train]
+        if not train:
+            raise MiniVLMError(f"{self.store.root}: none of the NLVR2 {split} images has features in this store "
+                               "(pass --nlvr2-features, the store `minivlm extract` wrote for nlvr2/images)")
+        self.run.say(f"{split}: {len(train)} statement/pair examples"
+                     + (f" ({missing} skipped: an image not in the store)" if missing else ""))
+        return train
+
+    def examples(self, split, limit):
+        pairs, _ = make_pairs(self.world.nlvr2(split), self.store)
+        return pairs if limit is None else pairs[:limit]
+
+    def build_model(self, cfg):
+        model = NLVR2Model(cfg)
+        self.run.init(model)
+        return model
+
+    def dataset(self, train):
+        return NLVR2Dataset(train, self.store)
+
+    def collate(self, cfg):
+        return NLVR2Collator(self.run.tokenizer, cfg)
+
+    def predict(self, model, examples):
+        return predict_nlvr2(model, self.run.tokenizer, examples, self.store, self.setup.eval_batch_size,
+                             progress=self.setup.progress)
+
+    def score(self, split, examples, results):
+        from minivlm.eval.nlvr2 import nlvr2_accuracy
+
+        kept = {p.identifier for p in examples}
+        scored = [e for e in self.world.nlvr2(split) if e.identifier in kept]
+        acc = nlvr2_accuracy({r["identifier"]: r["prediction"] for r in results}, scored)
+        majority = sum(e.label for e in scored) / len(scored)
+        baselines = {"chance": 50.0, "baseline_majority": 100.0 * max(majority, 1 - majority)}
+        return {**acc, **baselines, "metrics": {"accuracy": acc["accuracy"], "consistency": acc["consistency"]},
+                "baselines": baselines}
+
+    def quick_eval(self, model, split):
+        examples = self.examples(split, self.setup.eval_examples)
+        return {"nlvr2_acc": self.score(split, examples, self.predict(model, examples))["accuracy"]}

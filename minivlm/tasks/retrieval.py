@@ -38,6 +38,7 @@ from minivlm.fusion.layout import encode_tags, join_slots, pad_rows, text_budget
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
 from minivlm.tasks.data import Key, RegionSource, get_regions, model_device
+from minivlm.tasks.task import Task
 from minivlm.text.tokenizer import Tokenizer
 
 MATCHED, MISMATCHED = 0, 1  # the ITM head's classes
@@ -277,3 +278,90 @@ def chance_recall(text_to_image: Sequence[int], n_images: int, ks: Sequence[int]
     for k in ks:
         out[f"IR@{k}"] = 100.0 * min(1.0, k / n_images)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- task
+
+
+def retrieval_captions(world, split: str) -> dict[int, list[str]]:
+    """Image id -> captions of a retrieval split: a Karpathy split name (train includes restval) when
+    dataset_coco.json exists, else a COCO captions file's split."""
+    if world.karpathy_path().is_file() and split in {"train", "val", "test"}:
+        return {k.image_id: k.sentences for k in world.karpathy() if k.split == split}
+    return dict(world.captions(split).captions)
+
+
+class RetrievalTask(Task):
+    name, label, no_train = "retrieval", "caption", "no train split with captions"
+
+    def splits(self):
+        w = self.world
+        if w.karpathy_path().is_file():
+            return sorted({k.split for k in w.karpathy()}), w.karpathy_path()
+        return [s for s in w.splits("coco") if w.captions_path(s).is_file()], w.root / "annotations"
+
+    def eval_splits(self, splits):
+        # Karpathy "test" is the paper's test set; fall back to val when there is no test split.
+        return [s for s in ("test",) if s in splits] or [s for s in splits if s.startswith(("test", "val"))][:1]
+
+    def train_examples(self, split):
+        from minivlm.tasks.data import find_key
+
+        pairs, missing = [], 0
+        for iid, caps in retrieval_captions(self.world, split).items():
+            key = find_key(self.store, iid)
+            if key is None:
+                missing += 1
+                continue
+            pairs += [(key, c) for c in caps if c.strip()]
+        pairs = pairs if self.setup.max_train is None else pairs[:self.setup.max_train]
+        if not pairs:
+            raise MiniVLMError(f"{self.setup.features}: none of the {split} images has features in this store")
+        self.run.say(f"{split}: {len(pairs)} captions of {len({k for k, _ in pairs})} images, {self.setup.negatives} "
+                     f"negative(s) each" + (f" ({missing} images skipped: not in the store)" if missing else ""))
+        return pairs
+
+    def examples(self, split, limit):
+        rset, _ = retrieval_set(retrieval_captions(self.world, split), self.store, limit)
+        if len(rset.image_keys) < 2:
+            raise MiniVLMError(f"retrieval split {split!r}: fewer than 2 images with features and captions")
+        return rset
+
+    def build_model(self, cfg):
+        model = RetrievalModel(cfg)
+        self.run.init(model)
+        return model
+
+    def folder_extra(self):
+        return {"negatives_per_positive": self.setup.negatives}
+
+    def dataset(self, train):
+        return RetrievalDataset(train, self.store, self.setup.negatives, self.setup.hard_pool)
+
+    def collate(self, cfg):
+        return RetrievalCollator(self.run.tokenizer, cfg)
+
+    def predict(self, model, examples):
+        k = model.cfg.max_regions
+        regions = [r.top(k) if len(r) > k else r for r in (self.store[key] for key in examples.image_keys)]
+        return score_all_pairs(model, self.run.tokenizer, regions, examples.texts, self.setup.eval_batch_size,
+                               progress=self.setup.progress)
+
+    def results_file(self, examples, results):
+        return {"scores": [[round(float(v), 4) for v in row] for row in results],
+                "text_to_image": examples.text_to_image, "image_ids": examples.image_keys, "texts": examples.texts}
+
+    def score(self, split, examples, results):
+        from minivlm.eval.retrieval import retrieval_metrics
+
+        r = retrieval_metrics(results, examples.text_to_image)
+        r["chance"] = chance_recall(examples.text_to_image, len(examples.image_keys))
+        if "folds" in r:
+            r["chance_folds"] = chance_recall([t % r["fold_size"] for t in examples.text_to_image
+                                               if t < r["fold_size"]], r["fold_size"])
+        return {**r, "metrics": {k: v for k, v in r["full"].items() if k != "rsum"}, "baselines": {f"chance_{k}": v for k, v in r["chance"].items()}}
+
+    def quick_eval(self, model, split):
+        examples = self.examples(split, max(2, self.setup.eval_examples // 10))  # every pair is scored: keep it small
+        r = self.score(split, examples, self.predict(model, examples))
+        return {"TR@1": r["full"]["TR@1"], "IR@1": r["full"]["IR@1"]}

@@ -31,7 +31,9 @@ from minivlm.fusion.heads import ClassifierHead, Pooler
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
+from minivlm.errors import MiniVLMError
 from minivlm.tasks.data import RegionSource, chunks, find_key, get_regions, model_device
+from minivlm.tasks.task import Task
 from minivlm.text.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -213,3 +215,103 @@ def baseline_results(train: Sequence[VQAQuestion], questions: Sequence[VQAQuesti
         "per_question_type": [{"question_id": q.question_id, "answer": per_type.get(q.question_type, top)}
                               for q in questions],
     }
+
+
+# ---------------------------------------------------------------------------------------------- task
+
+# VQA v2 question types whose answer is one attribute of one named object: the curriculum's questions.
+ATTRIBUTE_QUESTION_TYPES = ("what color", "what shape", "what size", "what pattern")
+
+
+class VQATask(Task):
+    name, label, no_train = "vqa", "VQA", "no VQA train split (v2_OpenEnded_mscoco_train*_questions.json)"
+
+    def splits(self):
+        return self.world.splits("vqa"), self.world.vqa_questions_path("*").parent
+
+    def train_examples(self, split):
+        from minivlm.model import read_lines, write_lines
+
+        run, setup = self.run, self.setup
+        self.train_q = self.world.vqa(split)
+        if not any(q.answers for q in self.train_q):
+            raise MiniVLMError(f"{self.world.vqa_annotations_path(split)}: the training split needs its annotations")
+        # The answer set is fixed by the first run: a resumed run must build the very same head.
+        path = run.out / "answers.txt"
+        self.answers = read_lines(path) if path.is_file() else build_answer_vocab(self.train_q, setup.num_answers)
+        if run.rank == 0:
+            write_lines(path, self.answers)
+        train, missing = make_examples(self.train_q, self.store, self.answers, drop_unanswerable=True)
+        self.train = train = train if setup.max_train is None else train[:setup.max_train]
+        if not train:
+            raise MiniVLMError(f"{setup.features}: none of the {split} VQA images has features in this store")
+        run.say(f"{split}: {len(train)} questions, {len(self.answers)} answers"
+                + (f" ({missing} skipped: image not in the store)" if missing else ""))
+        return train
+
+    def examples(self, split, limit):
+        examples, _ = make_examples(self.world.vqa(split), self.store, self.answers)
+        return examples if limit is None else examples[:limit]
+
+    def build_model(self, cfg):
+        model = VQAModel(cfg, len(self.answers))
+        self.run.init(model)
+        model.init_answer_bias([e.targets for e in self.train])  # after init: a pre-trained head keeps the prior
+        return model
+
+    def folder_extra(self):
+        return {"num_answers": len(self.answers)}
+
+    def dataset(self, train):
+        return VQADataset(train, self.store)
+
+    def collate(self, cfg):
+        return VQACollator(self.run.tokenizer, cfg, len(self.answers))
+
+    def fit(self, model, train, eval_fn):
+        run, setup = self.run, self.setup
+        out: dict = {"num_answers": len(self.answers)}
+        if setup.curriculum_epochs:
+            # From random or briefly pre-trained weights the model otherwise settles on the question-type prior
+            # and never binds words to regions (DESIGN.md: the VQA curriculum).
+            qtype = {q.question_id: q.question_type for q in self.train_q}
+            easy = [e for e in train if qtype[e.question_id].startswith(ATTRIBUTE_QUESTION_TYPES)]
+            if not easy:
+                raise MiniVLMError(f"--curriculum-epochs: no attribute question ({', '.join(ATTRIBUTE_QUESTION_TYPES)}"
+                                   f"...) in {run.train_split}")
+            run.say(f"curriculum: {setup.curriculum_epochs} epoch(s) on the {len(easy)} attribute questions first")
+            out["curriculum"] = {"n_train": len(easy), "epochs": setup.curriculum_epochs,
+                                 "train": run.fit(model, self.dataset(easy), self.collate(model.cfg), None,
+                                                  phase="curriculum", epochs=setup.curriculum_epochs)}
+        return {**out, **super().fit(model, train, eval_fn)}
+
+    def predict(self, model, examples):
+        return predict_vqa(model, self.run.tokenizer, examples, self.store, self.answers, self.setup.eval_batch_size,
+                           progress=self.setup.progress)
+
+    def results_file(self, examples, results):
+        return [{"question_id": r["question_id"], "answer": r["answer"]} for r in results]
+
+    def score(self, split, examples, results):
+        from minivlm.eval.vqa_eval import vqa_accuracy
+
+        kept = {e.question_id for e in examples}
+        scored = [q for q in self.world.vqa(split) if q.question_id in kept and q.answers]
+        entry: dict = {"n_questions": len(results), "metrics": {}, "baselines": {}}
+        if not scored:  # a test split without annotations: answers written, nothing to score
+            return entry
+        ids = {q.question_id for q in scored}
+        acc = vqa_accuracy({r["question_id"]: r["answer"] for r in results if r["question_id"] in ids}, scored)
+        entry.update(accuracy=acc["overall"], per_question_type=acc["perQuestionType"],
+                     per_answer_type=acc["perAnswerType"])
+        entry["metrics"] = {"accuracy": acc["overall"]}
+        for name, base in baseline_results(self.train_q, scored).items():
+            b = vqa_accuracy(base, scored)
+            entry[f"baseline_{name}"] = {"accuracy": b["overall"], "per_question_type": b["perQuestionType"]}
+            entry["baselines"][f"baseline_{name}"] = b["overall"]
+        return entry
+
+    def quick_eval(self, model, split):
+        examples = self.examples(split, self.setup.eval_examples)
+        e = self.score(split, examples, self.predict(model, examples))
+        return {"vqa_acc": e["accuracy"]} if "accuracy" in e else {}
