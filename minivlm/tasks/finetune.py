@@ -143,6 +143,8 @@ class Run:
         self.tokenizer: Tokenizer = get_tokenizer(str(vocab)) if vocab else get_tokenizer()
         self.out = Path(setup.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.train_split: str | None = None  # set by the driver, read by the task's hooks
+        self.eval_splits: list[str] = []
         torch.manual_seed(setup.train.seed)  # before the task model is built: its random init is reproducible
 
     def say(self, msg: str) -> None:
