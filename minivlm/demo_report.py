@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
+from minivlm.errors import MiniVLMError
 from minivlm.io import write_json
 from minivlm.tasks.data import TASKS
 from minivlm.report import Report, card, esc, grid, plot_curves, strip, table
@@ -38,6 +39,9 @@ def summary_metrics(stages: dict[str, dict]) -> dict[str, Any]:
         if split is None:
             continue
         # Every task's score has one shape (minivlm/tasks/task.py): its metrics and baselines, flat.
+        if "metrics" not in evals[split]:
+            raise MiniVLMError(f"the {task} stage's metrics.json is from an earlier version (no 'metrics' / "
+                               f"'baselines' per split); delete that stage's folder to rerun it")
         for k, v in {**evals[split].get("metrics", {}), **evals[split].get("baselines", {})}.items():
             out[f"{task}_{k}"] = v
         out[f"{task}_eval_split"] = split

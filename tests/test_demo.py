@@ -131,3 +131,13 @@ def test_every_registered_task_reports_its_metrics_and_baselines_in_metrics_json
         assert entry["metrics"] and entry["baselines"], task  # the one shape every task's `score` returns
         for name, value in {**entry["metrics"], **entry["baselines"]}.items():
             assert metrics[f"{task}_{name}"] == value, (task, name)
+
+
+def test_report_refuses_a_task_folder_of_an_earlier_version():
+    from minivlm.demo_report import summary_metrics
+    from minivlm.errors import MiniVLMError
+
+    one_shape = {"metrics": {"accuracy": 58.0}, "baselines": {"chance": 50.0}}
+    assert summary_metrics({"nlvr2": {"eval": {"test1": one_shape}}})["nlvr2_chance"] == 50.0
+    with pytest.raises(MiniVLMError, match="earlier version"):  # silently dropping its numbers would hide it
+        summary_metrics({"nlvr2": {"eval": {"test1": {"accuracy": 58.0}}}})
