@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,9 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["upgrade"])
     parser.add_argument("folders", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    for folder in args.folders:
-        print(f"{folder}: now a {upgrade(folder)} folder (format version {VERSION})")
-    return 0
+    failed = 0
+    for folder in args.folders:  # one bad folder is reported and the others still upgraded
+        try:
+            print(f"{folder}: now a {upgrade(folder)} folder (format version {VERSION})")
+        except MiniVLMError as err:
+            print(f"python -m minivlm.checkpoint upgrade: error: {err}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -146,6 +146,15 @@ def test_an_old_folder_gives_one_clear_line_and_upgrades(tmp_path, detector):
     assert same_state(load_detector(tmp_path / "det"), detector)
 
 
+def test_upgrade_reports_a_bad_folder_in_one_line_and_goes_on(tmp_path, detector, capsys):
+    (tmp_path / "det").mkdir()
+    _old_detector_folder(tmp_path / "det", detector)
+    assert checkpoint.main(["upgrade", str(tmp_path / "missing"), str(tmp_path / "det")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "missing" in err and "Traceback" not in err
+    assert checkpoint.read(tmp_path / "det", "detector").kind == "detector"  # the good one was still upgraded
+
+
 def test_an_old_model_folder_upgrades(tmp_path, detector):
     torch.manual_seed(0)
     vqa = build_task_model("vqa", BERT, len(ANSWERS))
