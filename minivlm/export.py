@@ -9,13 +9,12 @@
     OUT/vocab.txt tags.txt attributes.txt answers.txt
 
 The detector is ONE graph, NMS and RoIAlign included (ONNX NonMaxSuppression from opset 11, RoiAlign with
-half-pixel "aligned" coordinates from opset 16; we export at opset 17 for LayerNormalization). What differs
-from `TEE.detect` is only how it is written, not what it computes: one image per call (the runtime loops;
-images never interact in eval mode), the resized size is an input rather than a Python constant, and the
-RoIs are pooled on every FPN level and each one picks its own level's result (eq. 1), because the eager
-code's loop over the levels present is data-dependent Python that a trace would freeze. Image decoding,
-letterboxing and the mapping of boxes back to original pixels stay outside the graph (numpy in
-`minivlm.edge`), as in `TEE.extract`.
+half-pixel "aligned" coordinates from opset 16; we export at opset 17 for LayerNormalization). It is a trace
+of `TEE.detect` itself for one image (the runtime loops; images never interact in eval mode), with the
+resized size as an input rather than a Python constant. Where the eager code branches on data (NMS over a
+growing prefix, the FPN levels present among the RoIs), it takes a traceable form under
+`torch.jit.is_tracing()` that computes the same regions. Image decoding, letterboxing and the mapping of
+boxes back to original pixels stay outside the graph (numpy in `minivlm.edge`), as in `TEE.extract`.
 
 The caption graphs mirror `CachedSteps` in `minivlm.tasks.caption`: the prefix (tags at positions
 max_text_len.., then regions) is encoded once; every step feeds two tokens [w_{t-1}, [MASK]] with an explicit
@@ -37,14 +36,12 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
-from torchvision.ops import nms, remove_small_boxes, roi_align
 
 from minivlm import __version__
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.fusion.layout import TAG_SEGMENT, TEXT_SEGMENT
 from minivlm.io import atomic_path, write_json
 from minivlm.model import MiniVLM, write_lines
-from minivlm.vision.roi_head import assign_levels
 
 OPSET = 17
 EDGE_FORMAT = "minivlm-edge"
@@ -58,55 +55,17 @@ INT8_OPS = ["MatMul", "Gemm"]
 
 
 class DetectorGraph(nn.Module):
-    """`TEE.detect` for one image, written so that a trace keeps every data-dependent step in the graph."""
+    """`TEE.detect` for one image, the resized size an input of the graph. The model's own code runs: where
+    it branches on data (NMS of a growing prefix, the FPN levels present), it takes a traceable form
+    under `torch.jit.is_tracing()` that gives the same regions."""
 
     def __init__(self, tee: nn.Module):
         super().__init__()
         self.tee = tee
 
     def forward(self, canvas: torch.Tensor, image_hw: torch.Tensor):
-        tee, cfg = self.tee, self.tee.cfg
-        h, w = image_hw[0], image_hw[1]
-        feats = tee.features(canvas)
-        logits, deltas = tee.rpn.head(feats)
-        boxes, scores = [], []
-        for lg, dl, an in zip(logits, deltas, tee.rpn.anchors(feats)):  # anchors: constants of the canvas size
-            top, idx = lg[0].topk(min(cfg.rpn_pre_nms_topk, lg.shape[1]))
-            boxes.append(tee.rpn.coder.decode(an[idx], dl[0, idx]))
-            scores.append(top)
-        boxes, scores = _clip(torch.cat(boxes), h, w), torch.cat(scores)
-        keep = remove_small_boxes(boxes, cfg.rpn_min_size)
-        boxes, scores = boxes[keep], scores[keep]
-        proposals = boxes[nms(boxes, scores, cfg.rpn_nms_iou)[: cfg.rpn_post_nms_topk]]
-
-        head = tee.roi_head
-        feat, cls_logits, box_deltas = head.box_head(self._pool(feats, proposals))
-        probs = cls_logits.softmax(1)[:, 1:]
-        scores, labels = probs.max(1)
-        attrs = head.attribute_head(feat, labels + 1)[:, 1:].argmax(1)
-        boxes = _clip(head.coder.decode(proposals, box_deltas), h, w)
-        keep = torch.where(scores > cfg.region_score_thresh)[0]
-        keep = keep[nms(boxes[keep], scores[keep], cfg.region_nms_iou)][: cfg.max_regions]
-        return boxes[keep], scores[keep], labels[keep], attrs[keep], feat[keep]
-
-    def _pool(self, feats: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """RoIAlign of each box on its FPN eq. 1 level: every level is pooled, each box keeps its own."""
-        cfg, head = self.tee.cfg, self.tee.roi_head
-        levels = assign_levels(boxes, cfg.min_level, head.roi_max_level, cfg.canonical_box_size, cfg.canonical_level)
-        rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1)
-        out = None
-        for level in range(cfg.min_level, head.roi_max_level + 1):
-            pooled = roi_align(feats[level - cfg.min_level], rois, cfg.roi_size, spatial_scale=1.0 / 2**level,
-                               sampling_ratio=cfg.roi_sampling_ratio, aligned=True)
-            out = pooled if out is None else torch.where((levels == level)[:, None, None, None], pooled, out)
-        return out
-
-
-def _clip(boxes: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # `clip_boxes` with the size as tensors, so it stays an input of the graph
-    x = torch.minimum(boxes[:, 0::2].clamp(min=0), w)
-    y = torch.minimum(boxes[:, 1::2].clamp(min=0), h)
-    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+        det = self.tee.detect(canvas, [(image_hw[0], image_hw[1])])[0]
+        return det["boxes"], det["scores"], det["labels"], det["attributes"], det["features"]
 
 
 class CaptionPrefixGraph(nn.Module):

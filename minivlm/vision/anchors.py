@@ -55,7 +55,8 @@ class BoxCoder:
         return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=1)
 
 
-def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
-    x = boxes[:, 0::2].clamp(0, width)
-    y = boxes[:, 1::2].clamp(0, height)
+def clip_boxes(boxes: Tensor, height: float | Tensor, width: float | Tensor) -> Tensor:
+    """Boxes clipped to the image. The size may be 0-d tensors: the exported detector takes it as an input."""
+    x = boxes[:, 0::2].clamp(min=0).clamp(max=width)
+    y = boxes[:, 1::2].clamp(min=0).clamp(max=height)
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)

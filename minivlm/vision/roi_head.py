@@ -28,6 +28,15 @@ def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: in
     """RoIAlign of each box on its own level. feats[i] is level min_level+i (stride 2**level);
     boxes are per image, canvas pixels; levels [R] for the concatenated boxes. Returns [R, C, s, s]."""
     rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+    if torch.jit.is_tracing():
+        # A trace (the ONNX export) would freeze the levels present in its example: pool every box on
+        # every level and let each keep its own level's result (the same values, more work).
+        out = None
+        for i, f in enumerate(feats):
+            pooled = roi_align(f, rois.to(f.dtype), output_size, spatial_scale=1.0 / 2 ** (min_level + i),
+                               sampling_ratio=sampling_ratio, aligned=True)
+            out = pooled if out is None else torch.where((levels == min_level + i)[:, None, None, None], pooled, out)
+        return out
     out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], output_size, output_size)
     for level in levels.unique().tolist():
         idx = torch.where(levels == level)[0]
@@ -87,7 +96,8 @@ class RoIHead(nn.Module):
         cfg = self.cfg
         levels = assign_levels(torch.cat(boxes), cfg.min_level, self.roi_max_level, cfg.canonical_box_size,
                                cfg.canonical_level)
-        return multilevel_roi_align(feats, boxes, cfg.min_level, levels, cfg.roi_size, cfg.roi_sampling_ratio)
+        return multilevel_roi_align(feats[: self.roi_max_level - cfg.min_level + 1], boxes, cfg.min_level, levels,
+                                    cfg.roi_size, cfg.roi_sampling_ratio)
 
     def loss(self, feats: list[Tensor], proposals: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         """Samples RoIs (ground-truth boxes included; IoU >= roi_fg_iou foreground), then class CE,
