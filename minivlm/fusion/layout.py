@@ -13,9 +13,9 @@ each for a caller's reason:
 - `caption_text` + `tag_prefix`: captioning keeps the caption and the tags apart and puts the tags at the
   fixed positions `max_text_len + 0..`, whatever the caption's length, so the tags (with the regions) can
   be encoded once and cached while the caption grows.
-- `join_slots`: retrieval scores every image against every text from captions and tags tokenised once,
-  gathered into fixed-width slots; the pads stay inside each slot and the position ids skip them, so the
-  model sees what `pad_encoded` would give it.
+- `join_slots` (`PairSlots`): retrieval scores every image against every text from captions and tags
+  tokenised once, gathered into fixed-width slots; the pads stay inside each slot and the position ids skip
+  them, so the model sees what `pad_encoded` would give it.
 """
 
 from __future__ import annotations
@@ -136,3 +136,22 @@ def join_slots(tokenizer: Tokenizer, text: np.ndarray, text_valid: np.ndarray, t
     positions = np.maximum(mask.cumsum(axis=1, dtype=np.int64) - 1, 0)
     return {"input_ids": np.where(mask, ids, tokenizer.pad_id), "token_type_ids": segments,
             "position_ids": positions, "text_mask": mask}
+
+
+class PairSlots:
+    """Texts and the images' tag lists tokenised once, from which any (image, text) pair's row is
+    gathered (`join_slots`): retrieval scores every image against every text."""
+
+    def __init__(self, tokenizer: Tokenizer, texts: Sequence[str], tags_per_image: Sequence[Sequence[str]],
+                 max_text_len: int, max_tag_len: int):
+        self.tokenizer = tokenizer
+        # one batched call: evaluation tokenises thousands of captions
+        texts_ids = tokenizer.encode_batch([t or "" for t in texts], text_budget(max_text_len)) if texts else []
+        self.text, self.text_valid = pad_rows(texts_ids, tokenizer.pad_id)  # [n_texts, Lc]
+        self.tags, self.tags_valid = pad_rows([encode_tags(tokenizer, t, max_tag_len) for t in tags_per_image],
+                                              tokenizer.pad_id)  # [n_images, Lg]
+
+    def rows(self, image_idx: np.ndarray, text_idx: np.ndarray) -> dict[str, np.ndarray]:
+        """`join_slots` of the pairs (image_idx[n], text_idx[n])."""
+        return join_slots(self.tokenizer, self.text[text_idx], self.text_valid[text_idx], self.tags[image_idx],
+                          self.tags_valid[image_idx])

@@ -20,10 +20,9 @@ compact layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +33,7 @@ from minivlm.config import BertConfig
 from minivlm.errors import MiniVLMError
 from minivlm.fusion.heads import ITMHead
 from minivlm.fusion.inputs import FusionBatch, build_batch, collate_regions
-from minivlm.fusion.layout import encode_tags, join_slots, pad_rows, text_budget
+from minivlm.fusion.layout import PairSlots
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
 from minivlm.tasks.data import Key, RegionSource, get_regions, model_device
@@ -168,34 +167,18 @@ class RetrievalModel(nn.Module):
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-@dataclass
 class PairEncoder:
-    """Tokenised captions and tag lists plus padded region tensors, from which any (image, text) pair's
-    input is gathered without tokenising again."""
+    """Tokenised captions and tag lists (`PairSlots`) plus padded region tensors, from which any (image,
+    text) pair's input is gathered without tokenising again."""
 
-    cfg: BertConfig
-    tokenizer: Tokenizer
-    regions: Sequence[Regions]
-    texts: Sequence[str]
-    cap_ids: np.ndarray = field(init=False)  # [n_texts, Lc] word pieces, pads at the end
-    cap_valid: np.ndarray = field(init=False)
-    tag_ids: np.ndarray = field(init=False)  # [n_images, Lg]
-    tag_valid: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        cfg, tok = self.cfg, self.tokenizer
-        # one batched call: evaluation tokenises thousands of captions
-        caps = tok.encode_batch([t or "" for t in self.texts], text_budget(cfg.max_text_len)) if self.texts else []
-        tags = [encode_tags(tok, r.object_tags(cfg.max_regions, cfg.tag_min_score), cfg.max_tag_len)
-                for r in self.regions]
-        self.cap_ids, self.cap_valid = pad_rows(caps, tok.pad_id)
-        self.tag_ids, self.tag_valid = pad_rows(tags, tok.pad_id)
-        self.feats, self.boxes, self.rmask = collate_regions(list(self.regions), cfg.region_dim, cfg.max_regions)
+    def __init__(self, cfg: BertConfig, tokenizer: Tokenizer, regions: Sequence[Regions], texts: Sequence[str]):
+        tags = [r.object_tags(cfg.max_regions, cfg.tag_min_score) for r in regions]
+        self.slots = PairSlots(tokenizer, texts, tags, cfg.max_text_len, cfg.max_tag_len)
+        self.feats, self.boxes, self.rmask = collate_regions(list(regions), cfg.region_dim, cfg.max_regions)
 
     def batch(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> FusionBatch:
-        i, t = image_idx.numpy(), text_idx.numpy()
-        slots = join_slots(self.tokenizer, self.cap_ids[t], self.cap_valid[t], self.tag_ids[i], self.tag_valid[i])
-        text = {name: torch.from_numpy(array) for name, array in slots.items()}
+        rows = self.slots.rows(image_idx.numpy(), text_idx.numpy())
+        text = {name: torch.from_numpy(array) for name, array in rows.items()}
         return FusionBatch(**text, maskable=torch.zeros_like(text["text_mask"]), region_feats=self.feats[image_idx],
                            region_boxes=self.boxes[image_idx], region_mask=self.rmask[image_idx])
 
