@@ -329,8 +329,15 @@ def write_world(root, images: dict[str, dict[int, list[str]]]) -> World:
     return World(root)
 
 
+class DictStore(dict):
+    """Regions by exact key; a FeatureStore's `find` also tries the key's other spellings."""
+
+    def find(self, key):
+        return key if key in self else None
+
+
 def test_train_caption_ce_then_scst_and_reload(tok, tmp_path, image_regions):
-    store = {i + 1: image_regions[i] for i in range(4)}
+    store = DictStore({i + 1: image_regions[i] for i in range(4)})
     store[5] = regions(4, 50, ["sky"])
     world = write_world(tmp_path / "world", {
         "train": {i + 1: [CAPTIONS[i], CAPTIONS[i].replace("a ", "one ")] for i in range(4)},

@@ -98,6 +98,20 @@ def test_round_trip_float16_and_names(tmp_path):
     assert len(list((tmp_path / "st").glob("shard-r0-*.safetensors"))) == 3
 
 
+def test_find_resolves_the_names_datasets_give_images(tmp_path):
+    keys = [42, "1001", "x_7", "dev/dev-3-1-img0.png", "train/5/train-9-0-img1.png"]
+    with FeatureStoreWriter(tmp_path / "st", meta=META) as w:
+        for i, k in enumerate(keys):
+            w.add(k, make_regions(i, k=1))
+    store = FeatureStore(tmp_path / "st")
+    assert store.find(42) == 42 and store.find("42") == "42" and store.find(1001) == 1001  # either spelling reads
+    assert store.find("x_7.jpg") == "x_7"  # a file name, stored without its extension
+    assert store.find("dev-3-1-img0.png") == "dev/dev-3-1-img0.png"  # a bare NLVR2 name, stored by its path
+    assert store.find("train-9-0-img1.png") == "train/5/train-9-0-img1.png"  # real train images sit deeper
+    assert store.find(7) is None and store.find("nowhere.png") is None
+    assert all(store[store.find(k)] is not None for k in (42, "42", "x_7.jpg", "dev-3-1-img0.png"))
+
+
 def test_float32_option_is_exact(tmp_path):
     r = make_regions(1, k=3)
     with FeatureStoreWriter(tmp_path, meta=META, dtype="float32") as w:

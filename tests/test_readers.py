@@ -216,6 +216,41 @@ def test_world_reads_layout(tmp_path):
     assert w.nlvr2_image_path("dev", ex.right_image) == tmp_path / "nlvr2/images/dev/dev-3-1-img1.png"
 
 
+def test_world_chooses_splits_by_one_rule(tmp_path):
+    from minivlm.io import write_json
+
+    def captions(ids):
+        return {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 8, "height": 8} for i in ids],
+                "annotations": [{"id": i, "image_id": i, "caption": f"file caption {i}"} for i in ids]}
+
+    ann, vqa = tmp_path / "annotations", tmp_path / "vqa"
+    for split, ids in (("train2014", [1, 2]), ("val2014", [3]), ("val", [3])):
+        write_json(ann / f"captions_{split}.json", captions(ids))
+    write_json(ann / "dataset_coco.json", {"images": [
+        {"filepath": "train2014", "filename": f"{i}.jpg", "cocoid": i, "split": split,
+         "sentences": [{"raw": f"karpathy {i}"}]} for i, split in ((1, "restval"), (2, "train"), (3, "val"), (4, "test"))]})
+    for split in ("train2014", "val2014", "test2015"):
+        write_json(vqa / f"v2_OpenEnded_mscoco_{split}_questions.json", {"questions": []})
+    w = World(tmp_path)
+    # captions: the files' splits sorted, then Karpathy's that no file has; Karpathy "train" sorts first
+    assert w.splits("captions") == ["train2014", "val", "val2014", "train", "test"]
+    assert w.train_split("captions") == "train" and w.train_split("captions", "train2014") == "train2014"
+    assert w.eval_splits("captions") == ["val", "val2014", "test"] and w.val_split("captions") == "val"
+    assert (w.train_split("vqa"), w.eval_splits("vqa"), w.val_split("vqa")) == ("train2014", ["test2015", "val2014"],
+                                                                                "val2014")
+    assert w.splits("pretrain") == ["test2015", "train2014", "val", "val2014"]
+    # one precedence for references: the captions file, else the Karpathy split (restval is training data)
+    assert w.caption_references("val") == {3: ["file caption 3"]}
+    assert w.caption_references("train") == {1: ["karpathy 1"], 2: ["karpathy 2"]}
+    assert w.caption_references("test") == {4: ["karpathy 4"]}
+    with pytest.raises(DataFormatError, match=r"captions_test2015.json: not found, and no Karpathy split"):
+        w.caption_references("test2015")
+    with pytest.raises(DataFormatError, match=r"no vqa split 'train' \(found: test2015, train2014, val2014\)"):
+        w.train_split("vqa", "train")
+    with pytest.raises(DataFormatError, match=r"nlvr2/train.json: expected file not found \(no nlvr2 training split"):
+        w.train_split("nlvr2")
+
+
 def test_world_missing_files_name_expected_path(tmp_path):
     w = _make_world(tmp_path)
     with pytest.raises(DataFormatError, match=r"instances_val.json: expected file not found"):

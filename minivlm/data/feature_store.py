@@ -115,6 +115,17 @@ def _alt_key(key: Key) -> Key | None:
     return None
 
 
+def _spellings(key: Key) -> list[Key]:
+    """The names under which a store may hold one image: as given, the id spelled the other way, the file
+    name without its extension."""
+    out = [key]
+    if (alt := _alt_key(key)) is not None:
+        out.append(alt)
+    if isinstance(key, str) and (stem := Path(key).stem) != key:
+        out.append(stem)
+    return out
+
+
 def _check_key(key: Any) -> Key:
     if isinstance(key, bool) or not isinstance(key, (int, str)):
         if hasattr(key, "item"):  # numpy / torch scalars
@@ -314,6 +325,7 @@ class FeatureStore:
         self.attribute_names: list[str] = list(self.meta.get("attribute_names") or [])
         self._lock = threading.Lock()
         self._index: dict[Key, tuple[int, int]] | None = None  # key -> (shard id, image position)
+        self._by_name: dict[str, Key] | None = None  # file name and stem -> path-like key (`find`)
         self._shards: list[Path] = []
         self._offsets: list[list[int]] = []
         self._handles: OrderedDict[Path, Any] = OrderedDict()  # LRU of memory-mapped shards
@@ -343,7 +355,7 @@ class FeatureStore:
     def refresh(self) -> None:
         """Forget the cached index, to see shards that a running writer has added since."""
         with self._lock:
-            self._index, self._handles = None, OrderedDict()
+            self._index, self._by_name, self._handles = None, None, OrderedDict()
 
     def _locate(self, key: Key) -> tuple[int, int] | None:
         index = self._get_index()
@@ -354,6 +366,27 @@ class FeatureStore:
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, (int, str)) and self._locate(key) is not None
+
+    def find(self, key: Key) -> Key | None:
+        """A key under which `store[key]` reads the image that a dataset names `key`, or None.
+
+        Datasets and stores name images differently: a COCO id is 42 in the dataset and "42" in an Oscar TSV
+        import; a file name may be stored without its extension; and `extract --images nlvr2/images` keys the
+        NLVR2 image "dev-850-0-img0.png" by its path, "dev/dev-850-0-img0.png" (real NLVR2 train images sit
+        one folder deeper), so a bare file name is also looked up by the file names of path-like keys."""
+        for k in _spellings(key):
+            if k in self:
+                return k
+        if not isinstance(key, str):
+            return None
+        if self._by_name is None:
+            by_name: dict[str, Key] = {}
+            for k in self.keys():
+                if isinstance(k, str):
+                    by_name.setdefault(Path(k).name, k)
+                    by_name.setdefault(Path(k).stem, k)
+            self._by_name = by_name
+        return self._by_name.get(Path(key).name, self._by_name.get(Path(key).stem))
 
     def __len__(self) -> int:
         return len(self._get_index())

@@ -58,7 +58,7 @@ def blind_regions(instances: CocoInstances, image_id: int, region_dim: int = 102
 def _write_store(make, source: str, world_root: str | Path, out: str | Path, region_dim: int,
                  splits: list[str] | None) -> int:
     world = World(world_root)
-    splits = splits or [s for s in world.splits() if world.instances_path(s).is_file()]
+    splits = splits or world.splits("instances")
     if not splits:
         raise MiniVLMError(f"{world_root}: no annotations/instances_*.json to build {source} regions from")
     first = world.instances(splits[0])

@@ -8,6 +8,18 @@ The synthetic world is written in this layout, and real data works when arranged
     root/{S}/<file_name>  (real COCO: split "train2014" -> root/train2014/)
 
 Parsed files are cached per World, so asking twice costs nothing.
+
+The World also chooses splits, by one rule for every kind of data (`SPLIT_FILES`: COCO instances or
+captions, VQA, NLVR2, and what pre-training reads):
+
+    splits(kind)        the split names of the kind's files, sorted (captions: then Karpathy's train, val and
+                        test that no captions file has)
+    train_split(kind)   the one named, else the first name in sorted order that starts with "train"
+    eval_splits(kind)   the held-out splits: every split whose name does not start with "train", in `splits` order
+    val_split(kind)     the one to watch during training: the first held-out name, sorted, that starts with "val"
+
+and reads caption references with one precedence: captions_{S}.json, else the Karpathy file's split S.
+Tasks ask the World; none lists files itself.
 """
 
 from __future__ import annotations
@@ -19,6 +31,19 @@ from minivlm.data.readers import (CocoCaptions, CocoInstances, ImageInfo, Karpat
                                   VQAQuestion, read_coco_captions, read_coco_instances, read_karpathy,
                                   read_nlvr2, read_vqa)
 from minivlm.errors import DataFormatError
+
+# The files whose names make a split of each kind ({S}: the split), relative to the root.
+_COCO = ("annotations/instances_{S}.json", "annotations/captions_{S}.json")
+_VQA = ("vqa/v2_OpenEnded_mscoco_{S}_questions.json",)
+SPLIT_FILES = {
+    "coco": _COCO,  # every COCO-style image split (detection, extraction)
+    "instances": _COCO[:1],
+    "captions": _COCO[1:],  # and the Karpathy splits
+    "vqa": _VQA,
+    "nlvr2": ("nlvr2/{S}.json",),
+    "pretrain": _COCO + _VQA,  # the corpus: captions, VQA questions, and instances for ground-truth tags
+}
+KARPATHY_SPLITS = ("train", "val", "test")  # as read: Karpathy's "restval" is part of "train"
 
 
 class World:
@@ -108,29 +133,57 @@ class World:
 
     # ------------------------------------------------------------ what is there
 
-    def splits(self, task: str = "coco") -> list[str]:
-        """Splits that have files: task "coco" (instances or captions), "vqa" (questions) or "nlvr2"."""
-        if task == "coco":
-            pats = [(self.root / "annotations", "instances_", ".json"), (self.root / "annotations", "captions_", ".json")]
-        elif task == "vqa":
-            pats = [(self.root / "vqa", "v2_OpenEnded_mscoco_", "_questions.json")]
-        elif task == "nlvr2":
-            pats = [(self.root / "nlvr2", "", ".json")]
-        else:
-            raise ValueError(f"unknown task {task!r}: expected coco, vqa or nlvr2")
+    def splits(self, kind: str = "coco") -> list[str]:
+        """The splits that have files of `kind` (a key of `SPLIT_FILES`), sorted; for "captions" followed by
+        the Karpathy splits that no captions file has, when dataset_coco.json exists."""
+        if kind not in SPLIT_FILES:
+            raise ValueError(f"unknown kind of split {kind!r}: expected one of {', '.join(SPLIT_FILES)}")
         found = set()
-        for folder, pre, suf in pats:
+        for pattern in SPLIT_FILES[kind]:
+            folder, name = (self.root / pattern).parent, Path(pattern).name
+            pre, suf = name.split("{S}")
             if folder.is_dir():
                 found.update(p.name[len(pre):-len(suf)] for p in folder.iterdir()
                              if p.is_file() and p.name.startswith(pre) and p.name.endswith(suf))
-        return sorted(s for s in found if s)
+        out = sorted(s for s in found if s)
+        if kind == "captions" and self.karpathy_path().is_file():
+            out += [s for s in KARPATHY_SPLITS if s not in out]
+        return out
 
-    def train_split(self) -> str:
-        """The training split: "train" in the synthetic world, "train2014"/"train2017" in real COCO."""
-        names = [s for s in self.splits() if s.startswith("train") and self.instances_path(s).is_file()]
+    def train_split(self, kind: str = "instances", wanted: str | None = None) -> str:
+        """The training split of `kind`: `wanted` when given (it must exist), else the first split in sorted
+        order whose name starts with "train" ("train" in the synthetic world, "train2014" in real COCO; for
+        captions Karpathy's "train", which sorts first)."""
+        splits = self.splits(kind)
+        if wanted:
+            if wanted not in splits:
+                raise DataFormatError(self.root, f"no {kind} split {wanted!r} (found: {', '.join(splits) or 'none'})")
+            return wanted
+        names = sorted(s for s in splits if s.startswith("train"))
         if not names:
-            raise DataFormatError(self.instances_path("train"), "expected file not found (no instances_train*.json)")
+            files = " or ".join(f.replace("{S}", "train*") for f in SPLIT_FILES[kind])
+            karpathy = " or a Karpathy split file" if kind == "captions" else ""
+            raise DataFormatError(self.root / SPLIT_FILES[kind][0].replace("{S}", "train"),
+                                  f"expected file not found (no {kind} training split: {files}{karpathy})")
         return names[0]
+
+    def eval_splits(self, kind: str) -> list[str]:
+        """The held-out splits of `kind`: every split whose name does not start with "train", in `splits` order."""
+        return [s for s in self.splits(kind) if not s.startswith("train")]
+
+    def val_split(self, kind: str) -> str | None:
+        """The held-out split to watch during training: the first, in sorted order, whose name starts with "val"."""
+        return next((s for s in sorted(self.eval_splits(kind)) if s.startswith("val")), None)
+
+    def caption_references(self, split: str) -> dict[int, list[str]]:
+        """Image id -> reference captions of `split` (images without any left out): captions_{split}.json,
+        else the Karpathy file's split when the dataset has one."""
+        if self.captions_path(split).is_file():
+            return {iid: caps for iid, caps in self.captions(split).captions.items() if caps}
+        if self.karpathy_path().is_file() and split in KARPATHY_SPLITS:
+            return {im.image_id: im.sentences for im in self.karpathy() if im.split == split and im.sentences}
+        raise DataFormatError(self.captions_path(split), f"not found, and no Karpathy split {split!r} in "
+                                                         f"{self.karpathy_path()}")
 
     def class_names(self) -> list[str]:
         return self.instances(self.train_split()).class_names()

@@ -456,31 +456,13 @@ class CaptionDataset(Dataset):
         return CaptionBatch(keys, masked, valid, labels, prefix)
 
 
-def caption_references(world, split: str) -> dict[int, list[str]]:
-    """Image id -> reference captions of a split: `captions_{split}.json`, else the Karpathy file's split
-    (train / val / test) when the dataset has one."""
-    if world.captions_path(split).is_file():
-        return {iid: caps for iid, caps in world.captions(split).captions.items() if caps}
-    if world.karpathy_path().is_file() and split in ("train", "val", "test"):
-        return {im.image_id: im.sentences for im in world.karpathy() if im.split == split and im.sentences}
-    raise MiniVLMError(f"{world.captions_path(split)}: not found, and no Karpathy split {split!r} in "
-                       f"{world.karpathy_path()}")
-
-
-def _has(store, key) -> bool:
-    try:
-        return key in store
-    except TypeError:
-        return True
-
-
 def caption_dataset_from_world(world, split: str, store, tokenizer: Tokenizer, cfg: BertConfig,
                                task_cfg: CaptionTaskConfig | None = None, tags: str = "predicted",
                                one_per_image: bool = False) -> CaptionDataset:
     """Every (image, caption) of `split` whose image is in `store` (one item per image when
     `one_per_image`, as SCST and evaluation want)."""
-    refs = caption_references(world, split)
-    items = [(iid, caps[0] if one_per_image else c) for iid, caps in refs.items() if _has(store, iid)
+    refs = world.caption_references(split)
+    items = [(iid, caps[0] if one_per_image else c) for iid, caps in refs.items() if store.find(iid) is not None
              for c in (caps[:1] if one_per_image else caps)]
     if not items:
         raise MiniVLMError(f"none of the {len(refs)} images of split {split!r} is in the feature store {store!r}")
@@ -509,21 +491,12 @@ def predict_captions(model: CaptionModel, tokenizer: Tokenizer, keys: Sequence[H
     return rows
 
 
-def _auto_split(world, prefix: str) -> str | None:
-    found = [s for s in world.splits("coco") if s.startswith(prefix) and world.captions_path(s).is_file()]
-    if found:
-        return found[0]
-    if world.karpathy_path().is_file() and prefix in ("train", "val", "test"):
-        return prefix
-    return None
-
-
 def cider_eval_fn(world, split: str, store, tokenizer: Tokenizer, max_images: int, max_len: int,
                   tags: str = "predicted") -> Callable[[nn.Module, int], dict]:
     """Held-out CIDEr-D of greedy captions on up to `max_images` images (fast, java-free: for progress)."""
     from minivlm.eval.caption_metrics import CiderD
 
-    refs = {k: v for k, v in caption_references(world, split).items() if _has(store, k)}
+    refs = {k: v for k, v in world.caption_references(split).items() if store.find(k) is not None}
     keys = sorted(refs)[:max_images]
     cider = CiderD({k: refs[k] for k in keys})
 
@@ -548,11 +521,9 @@ def train_caption(pretrained: str | Path | None, world, store, out_dir: str | Pa
     task = task_cfg or CaptionTaskConfig()
     tokenizer = tokenizer or get_tokenizer()
     out = Path(out_dir)
-    train_split = train_split or _auto_split(world, "train")
-    if train_split is None:
-        raise MiniVLMError(f"{world.root}: no training captions (annotations/captions_train*.json or a Karpathy file)")
+    train_split = train_split or world.train_split("captions")
     if val_split is None:
-        val_split = _auto_split(world, "val")
+        val_split = world.val_split("captions")
     special = SpecialIds.from_tokenizer(tokenizer)
     if model is None:
         model = CaptionModel.from_pretrained_vl(pretrained, special) if pretrained else CaptionModel(bert_cfg, special)
@@ -565,7 +536,7 @@ def train_caption(pretrained: str | Path | None, world, store, out_dir: str | Pa
     Trainer(model, train_cfg, out / "ce", desc="caption-ce").fit(ce_set, ce_set.collate, eval_fn)
 
     if scst_cfg is not None:
-        refs = {k: v for k, v in caption_references(world, train_split).items() if _has(store, k)}
+        refs = {k: v for k, v in world.caption_references(train_split).items() if store.find(k) is not None}
         model.scst = ScstObjective(cider_reward(CiderD(refs)), tokenizer, task.scst_samples, scst_baseline, max_len)
         scst_set = caption_dataset_from_world(world, train_split, store, tokenizer, cfg, task, tags, one_per_image=True)
         try:
@@ -582,32 +553,18 @@ class CaptionTask(Task):
     """Trained by `train_caption` (cross-entropy, then optional SCST, each resumable); scored with the COCO
     metrics beside the most common training caption given to every image."""
 
-    name, label, no_train = "caption", "caption", "no captions_train*.json and no Karpathy split"
-
-    def splits(self):
-        w = self.world
-        splits = [s for s in w.splits("coco") if w.captions_path(s).is_file()]
-        if w.karpathy_path().is_file():
-            splits += [s for s in ("train", "val", "test") if s not in splits]
-        return splits, w.root / "annotations"
-
-    def eval_splits(self, splits):
-        return [s for s in splits if s.startswith(("val", "test"))]
+    name, kind = "caption", "captions"
 
     def train_examples(self, split):
         from collections import Counter
 
-        from minivlm.tasks.data import find_key
-
-        refs = caption_references(self.world, split)
+        refs = self.world.caption_references(split)
         self.most_common = Counter(c.strip().lower() for caps in refs.values() for c in caps).most_common(1)[0][0]
         # train_caption reads the split itself (every caption: --max-train does not apply); these count it.
-        return [(k, c) for k, caps in refs.items() if find_key(self.store, k) is not None for c in caps]
+        return [(k, c) for k, caps in refs.items() if self.store.find(k) is not None for c in caps]
 
     def examples(self, split, limit):
-        from minivlm.tasks.data import find_key
-
-        refs = {k: v for k, v in caption_references(self.world, split).items() if find_key(self.store, k) is not None}
+        refs = {k: v for k, v in self.world.caption_references(split).items() if self.store.find(k) is not None}
         keys = sorted(refs) if limit is None else sorted(refs)[:limit]
         return {k: refs[k] for k in keys}
 

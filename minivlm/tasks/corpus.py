@@ -1,6 +1,7 @@
 """The pre-training corpus: (image, text, tags) triples from caption and VQA files, plus pseudo-captions.
 
-* Text: every caption of a COCO captions file, and every VQA question followed by its answer.
+* Text: every reference caption of the split (`World.caption_references`: its COCO captions file, else its
+  Karpathy split), and every VQA question followed by its answer.
 * Tags, from a selectable source (the paper's Table 9 compares them):
     "gt"    ground-truth object names from the split's instances file (no detector involved);
     "store" the class names a TEE feature store predicted for the image's top regions (TEE-0's own
@@ -20,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from minivlm.data.feature_store import FeatureStore
 from minivlm.data.readers import read_coco_captions
 from minivlm.data.world import World
 from minivlm.errors import MiniVLMError
@@ -65,8 +67,8 @@ def split_texts(world: World, split: str, use_captions: bool = True, use_vqa: bo
     if vqa_per_image is not None and vqa_per_image < 0:
         raise MiniVLMError(f"--vqa-per-image must not be negative (got {vqa_per_image})")
     out: list[tuple[int, str, str]] = []
-    if use_captions and world.captions_path(split).is_file():
-        for iid, caps in world.captions(split).captions.items():
+    if use_captions and split in world.splits("captions"):
+        for iid, caps in world.caption_references(split).items():
             out += [(iid, c, "caption") for c in caps]
     if use_vqa and world.vqa_questions_path(split).is_file():
         taken: Counter[int] = Counter()
@@ -90,8 +92,8 @@ def build_corpus(world: World, split: str, store: RegionSource, tag_source: str 
         raise MiniVLMError(f"unknown tag source {tag_source!r}; choose one of: {', '.join(TAG_SOURCES)}")
     texts = split_texts(world, split, use_captions, use_vqa, vqa_per_image)
     if not texts:
-        raise MiniVLMError(f"{world.root}: split {split!r} has no captions_{split}.json and no VQA "
-                           f"questions with answers")
+        raise MiniVLMError(f"{world.root}: split {split!r} has no captions (captions_{split}.json or a Karpathy "
+                           f"split) and no VQA questions with answers")
     truth = gt_tags(world, split) if tag_source == "gt" else {}
     if tag_source == "gt" and not world.instances_path(split).is_file():
         raise MiniVLMError(f"{world.instances_path(split)}: needed for --tags gt (or use --tags store/none)")
@@ -114,19 +116,22 @@ def build_corpus(world: World, split: str, store: RegionSource, tag_source: str 
     return examples, skipped
 
 
-def pseudo_caption_corpus(captions_json: str | Path, store: RegionSource, tag_source: str = "store",
+def pseudo_caption_corpus(captions_json: str | Path, store: FeatureStore, tag_source: str = "store",
                           max_regions: int = 50, source: int = 1, tag_store: RegionSource | None = None,
                           tag_min_score: float = 0.0
                           ) -> tuple[list[PretrainExample], int]:
     """A teacher's pseudo-captions (COCO captions format) over images of `store`. An image is found in
-    the store by its id, or else by its `file_name` (the key `extract --images DIR` gives, which is what
-    `minivlm distill` writes). Tags come from `tag_store` (e.g. a stronger tagger's store) or `store`."""
+    the store (`FeatureStore.find`) by its id, or else by its `file_name` (the key `extract --images DIR` gives,
+    which is what `minivlm distill` writes). Tags come from `tag_store` (e.g. a stronger tagger's store) or
+    `store`."""
     caps = read_coco_captions(captions_json)
     tag_store = tag_store if tag_store is not None else store
     examples, skipped = [], 0
     for iid, texts in caps.captions.items():
         info = caps.images.get(iid)
-        key = iid if iid in store else (info.file_name if info is not None and info.file_name in store else None)
+        key = store.find(iid)
+        if key is None and info is not None:
+            key = store.find(info.file_name)
         if key is None:
             skipped += len(texts)
             continue

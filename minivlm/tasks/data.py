@@ -1,11 +1,9 @@
-"""What the four fine-tuning tasks share: finding an image's regions in a feature store, choosing splits,
-building the task transformer's config and initialising it from a pre-trained folder, and batching.
+"""What the four fine-tuning tasks share: reading an image's regions, building the task transformer's config
+and initialising it from a pre-trained folder, and batching.
 
-Feature-store keys: COCO images are stored under their integer image id, NLVR2 images under their path
-relative to the image folder given to `minivlm extract` ("dev/dev-850-0-img0.png") or their file name.
-Lookups also try the other spelling of an id ("42" / 42), the file name without its extension and (with
-`KeyResolver`) the file name inside a relative path, so stores written by other tools (e.g. an Oscar TSV
-import) still work.
+Which splits a task trains and evaluates on is the dataset root's rule (`minivlm.data.world.World`); which key
+a feature store holds an image under is the store's (`FeatureStore.find`): tasks resolve keys once, when they
+build their examples, and read regions by the resolved key.
 """
 
 from __future__ import annotations
@@ -16,11 +14,11 @@ from typing import Any, Iterator, Protocol, Sequence, TypeVar
 import torch
 
 from minivlm.config import BertConfig, get_bert
+from minivlm.data.feature_store import Key
 from minivlm.errors import MiniVLMError
 from minivlm.regions import Regions
 
 T = TypeVar("T")
-Key = int | str
 TASKS = ("caption", "vqa", "nlvr2", "retrieval")
 
 
@@ -35,56 +33,13 @@ class RegionSource(Protocol):
 # ---------------------------------------------------------------------------------------------- regions
 
 
-def key_candidates(key: Key) -> list[Key]:
-    """The spellings under which a store may hold one image."""
-    out: list[Key] = [key]
-    if isinstance(key, int):
-        out.append(str(key))
-    elif isinstance(key, str):
-        if key.isdigit():
-            out.append(int(key))
-        stem = Path(key).stem
-        if stem != key:
-            out.append(stem)
-    return out
-
-
-def find_key(store: RegionSource, key: Key) -> Key | None:
-    """The key under which `store` holds the image, or None."""
-    for k in key_candidates(key):
-        if k in store:
-            return k
-    return None
-
-
-class KeyResolver:
-    """Finds an image's key in a store: as given, spelled the other way, or by file name when the store is
-    keyed by paths relative to an image folder (`minivlm extract --images nlvr2/images` keys the NLVR2
-    image "dev-850-0-img0.png" as "dev/dev-850-0-img0.png"; real NLVR2 train images sit one folder deeper)."""
-
-    def __init__(self, store: RegionSource):
-        self.store = store
-        self._by_name: dict[str, Key] | None = None
-
-    def __call__(self, key: Key) -> Key | None:
-        found = find_key(self.store, key)
-        if found is not None or not isinstance(key, str):
-            return found
-        if self._by_name is None:
-            self._by_name = {}
-            for k in (self.store.keys() if hasattr(self.store, "keys") else []):
-                if isinstance(k, str):
-                    self._by_name.setdefault(Path(k).name, k)
-                    self._by_name.setdefault(Path(k).stem, k)
-        return self._by_name.get(Path(key).name, self._by_name.get(Path(key).stem))
-
-
 def get_regions(store: RegionSource, key: Key) -> Regions:
-    found = find_key(store, key)
-    if found is None:
+    """An image's regions by the key `FeatureStore.find` resolved."""
+    try:
+        return store[key]
+    except KeyError:
         raise MiniVLMError(f"image {key!r} has no regions in the feature store {getattr(store, 'root', store)!s} "
-                           "(run `minivlm extract` over this split's images)")
-    return store[found]
+                           "(run `minivlm extract` over this split's images)") from None
 
 
 def check_region_dim(cfg: BertConfig, feature_dim: int | None, where: str) -> None:
@@ -94,23 +49,6 @@ def check_region_dim(cfg: BertConfig, feature_dim: int | None, where: str) -> No
         raise MiniVLMError(f"{where}: region features are {feature_dim}-d but the transformer expects "
                            f"{cfg.region_dim}-d (BertConfig.region_dim); features and model must come from the "
                            "same extractor")
-
-
-# ---------------------------------------------------------------------------------------------- splits
-
-
-def pick_split(available: Sequence[str], wanted: str | None, prefixes: Sequence[str], what: str,
-               where: Any) -> str | None:
-    """`wanted` if given (checked), else the first available split starting with one of `prefixes`."""
-    if wanted:
-        if wanted not in available:
-            raise MiniVLMError(f"{where}: no {what} split {wanted!r} (found: {', '.join(available) or 'none'})")
-        return wanted
-    for p in prefixes:
-        found = sorted(s for s in available if s.startswith(p))
-        if found:
-            return found[0]
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from minivlm.config import BERT_PRESETS, CAPTION_OBJECTIVES, BertConfig, CaptionTaskConfig, RetrievalTaskConfig, TrainConfig, VQATaskConfig
 from minivlm.errors import MiniVLMError
 from minivlm.io import atomic_path, write_json, write_text
-from minivlm.tasks.data import TASKS, init_from_pretrained, pick_split, task_bert_config
+from minivlm.tasks.data import TASKS, init_from_pretrained, task_bert_config
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 from minivlm.setup_args import add_setup_arguments, option, setup_from_args
 from minivlm.train.trainer import Trainer, distributed_env, read_log
@@ -65,9 +65,10 @@ class FinetuneSetup:
     preset: str = option("bert-demo", choices=tuple(BERT_PRESETS),
                          help="transformer shape when starting from random weights")
     nlvr2_features: Path | None = option(None, help="feature store of the NLVR2 images (default: --features)")
-    train_split: str | None = option(None, help="default: the task's train* split")
+    train_split: str | None = option(None, help="default: the first train* split of the task's data")
     eval_splits: list[str] | None = option(None, flags=("--eval-split",), help="held-out split to evaluate "
-                                           "(repeatable; default: every other split of the task)")
+                                           "(repeatable; default: every split of the task's data not named "
+                                           "train*; retrieval: test)")
     max_train: int | None = option(None, help="use at most this many training examples")
     max_eval: int | None = option(None, help="evaluate at most this many examples (retrieval: images)")
     eval_batch_size: int = option(128, help="batch at evaluation")
@@ -193,20 +194,17 @@ class Run:
 
 
 def finetune(setup: FinetuneSetup) -> dict:
-    """Fine-tunes `setup.task` (one `Task` of `minivlm.tasks.registry.TASKS`): picks the splits, builds and
-    initialises the model, writes the task folder, trains, then scores every held-out split beside the task's
-    baselines. Returns the metrics written to metrics.json."""
+    """Fine-tunes `setup.task` (one `Task` of `minivlm.tasks.registry.TASKS`): takes the World's training split
+    of the task's data (unless named), builds and initialises the model, writes the task folder, trains, then
+    scores every held-out split beside the task's baselines. Returns the metrics written to metrics.json."""
     from minivlm.tasks.registry import TASKS as REGISTRY
 
     check(setup)
     run = Run(setup)
     task = REGISTRY[setup.task](run)
-    splits, where = task.splits()
-    run.train_split = pick_split(splits, setup.train_split, ["train"], task.label, where)
-    if run.train_split is None:
-        raise MiniVLMError(f"{where}: {task.no_train}")
+    run.train_split = run.world.train_split(task.kind, setup.train_split)
     train = task.train_examples(run.train_split)
-    run.eval_splits = [s for s in (setup.eval_splits or task.eval_splits(splits)) if s != run.train_split]
+    run.eval_splits = [s for s in (setup.eval_splits or task.eval_splits()) if s != run.train_split]
 
     model = task.build_model(run.bert_config(task.store))
     run.write_folder(model.cfg, train_split=run.train_split, **task.folder_extra())

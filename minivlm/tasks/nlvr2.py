@@ -23,13 +23,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from minivlm.config import BertConfig
+from minivlm.data.feature_store import FeatureStore
 from minivlm.data.readers import NLVR2Example
 from minivlm.fusion.heads import ClassifierHead, Pooler
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.errors import MiniVLMError
 from minivlm.regions import Regions
-from minivlm.tasks.data import KeyResolver, RegionSource, chunks, get_regions, model_device
+from minivlm.tasks.data import RegionSource, chunks, get_regions, model_device
 from minivlm.tasks.task import Task
 from minivlm.text.tokenizer import Tokenizer
 
@@ -43,12 +44,11 @@ class NLVR2Pair:
     label: bool
 
 
-def make_pairs(examples: Sequence[NLVR2Example], store: RegionSource) -> tuple[list[NLVR2Pair], int]:
+def make_pairs(examples: Sequence[NLVR2Example], store: FeatureStore) -> tuple[list[NLVR2Pair], int]:
     """Pairs whose two images are in `store`; returns (pairs, number skipped for lack of features)."""
     out, missing = [], 0
-    resolve = KeyResolver(store)
     for e in examples:
-        left, right = resolve(e.left_image), resolve(e.right_image)
+        left, right = store.find(e.left_image), store.find(e.right_image)
         if left is None or right is None:
             missing += 1
             continue
@@ -149,17 +149,12 @@ def predict_nlvr2(model: NLVR2Model, tokenizer: Tokenizer, pairs: Sequence[NLVR2
 
 
 class NLVR2Task(Task):
-    name, label, no_train = "nlvr2", "NLVR2", "no NLVR2 train split (train.json)"
+    name, kind = "nlvr2", "nlvr2"
 
     def __init__(self, run):
-        from minivlm.data.feature_store import FeatureStore
-
         super().__init__(run)
         if self.setup.nlvr2_features:  # NLVR2 has its own images, often extracted into their own store
             self.store = FeatureStore(self.setup.nlvr2_features)
-
-    def splits(self):
-        return self.world.splits("nlvr2"), self.world.nlvr2_path("*").parent
 
     def train_examples(self, split):
         train, missing = make_pairs(self.world.nlvr2(split), self.store)

@@ -271,12 +271,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auto_split(world, prefix: str) -> str | None:
-    names = sorted(set(world.splits("coco")) | set(world.splits("vqa")))
-    found = [s for s in names if s.startswith(prefix)]
-    return found[0] if found else None
-
-
 def pretrain(setup: PretrainSetup) -> dict:
     """Pre-trains; `setup.out / "model"` becomes a pretrain folder. Returns the last logged metrics."""
     from minivlm.data.feature_store import FeatureStore
@@ -288,10 +282,8 @@ def pretrain(setup: PretrainSetup) -> dict:
     if (setup.features is None) == (setup.detector is None):
         raise MiniVLMError("pretrain needs exactly one region source: --features STORE or --detector FOLDER")
     world = World(setup.data)
-    train_split = setup.train_split or _auto_split(world, "train")
-    if train_split is None:
-        raise MiniVLMError(f"{world.root}: no train* split found (annotations/captions_train*.json or vqa/)")
-    val_split = None if setup.val_split == "none" else (setup.val_split or _auto_split(world, "val"))
+    train_split = world.train_split("pretrain", setup.train_split)
+    val_split = None if setup.val_split == "none" else (setup.val_split or world.val_split("pretrain"))
     if setup.detector:
         from minivlm.vision.extract import OnTheFlyRegions, world_sources
         from minivlm.vision.tee import load_detector

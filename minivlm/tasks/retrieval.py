@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from minivlm.config import BertConfig
+from minivlm.data.feature_store import FeatureStore
 from minivlm.errors import MiniVLMError
 from minivlm.fusion.heads import ITMHead
 from minivlm.fusion.inputs import FusionBatch, build_batch, collate_regions
@@ -225,17 +226,15 @@ class RetrievalSet:
     text_to_image: list[int]  # image index of each text
 
 
-def retrieval_set(captions: dict[Key, Sequence[str]], store: RegionSource, limit: int | None = None,
+def retrieval_set(captions: dict[Key, Sequence[str]], store: FeatureStore, limit: int | None = None,
                   captions_per_image: int | None = None) -> tuple[RetrievalSet, int]:
     """Images (in the given order) with features and captions, at most `limit` of them; returns the set
     and the number of images skipped for lack of features."""
-    from minivlm.tasks.data import find_key
-
     keys, texts, t2i, missing = [], [], [], 0
     for key, caps in captions.items():
         if limit is not None and len(keys) >= limit:
             break
-        found = find_key(store, key)
+        found = store.find(key)
         caps = [c for c in caps if c.strip()][:captions_per_image]
         if found is None or not caps:
             missing += found is None
@@ -266,33 +265,19 @@ def chance_recall(text_to_image: Sequence[int], n_images: int, ks: Sequence[int]
 # ---------------------------------------------------------------------------------------------- task
 
 
-def retrieval_captions(world, split: str) -> dict[int, list[str]]:
-    """Image id -> captions of a retrieval split: a Karpathy split name (train includes restval) when
-    dataset_coco.json exists, else a COCO captions file's split."""
-    if world.karpathy_path().is_file() and split in {"train", "val", "test"}:
-        return {k.image_id: k.sentences for k in world.karpathy() if k.split == split}
-    return dict(world.captions(split).captions)
-
-
 class RetrievalTask(Task):
-    name, label, no_train = "retrieval", "caption", "no train split with captions"
+    name, kind = "retrieval", "captions"
 
-    def splits(self):
-        w = self.world
-        if w.karpathy_path().is_file():
-            return sorted({k.split for k in w.karpathy()}), w.karpathy_path()
-        return [s for s in w.splits("coco") if w.captions_path(s).is_file()], w.root / "annotations"
-
-    def eval_splits(self, splits):
-        # Karpathy "test" is the paper's test set; fall back to val when there is no test split.
-        return [s for s in ("test",) if s in splits] or [s for s in splits if s.startswith(("test", "val"))][:1]
+    def eval_splits(self):
+        # One split: scoring is quadratic (every image x caption pair through the transformer). Karpathy
+        # "test" is the paper's test set; fall back to another test or val split.
+        held_out = self.world.eval_splits(self.kind)
+        return [s for s in ("test",) if s in held_out] or [s for s in held_out if s.startswith(("test", "val"))][:1]
 
     def train_examples(self, split):
-        from minivlm.tasks.data import find_key
-
         pairs, missing = [], 0
-        for iid, caps in retrieval_captions(self.world, split).items():
-            key = find_key(self.store, iid)
+        for iid, caps in self.world.caption_references(split).items():
+            key = self.store.find(iid)
             if key is None:
                 missing += 1
                 continue
@@ -305,7 +290,7 @@ class RetrievalTask(Task):
         return pairs
 
     def examples(self, split, limit):
-        rset, _ = retrieval_set(retrieval_captions(self.world, split), self.store, limit)
+        rset, _ = retrieval_set(self.world.caption_references(split), self.store, limit)
         if len(rset.image_keys) < 2:
             raise MiniVLMError(f"retrieval split {split!r}: fewer than 2 images with features and captions")
         return rset

@@ -3,6 +3,7 @@
 A task is built on a `Run` (the setup, the dataset root `world`, the region source `store`, the tokenizer and
 the output folder) and keeps what it learns from the training split (VQA's answer set, the most common
 caption) for scoring. Each implementation lives in its task's module; `minivlm.tasks.registry.TASKS` names them.
+A task names the kind of data it reads (`kind`); the World chooses the splits of that kind, by its one rule.
 
 `score` returns one shape for every task, per split: the task's own detail (official metric layouts) plus
     {"metrics": {name: value}, "baselines": {name: value}}
@@ -12,7 +13,6 @@ which metrics.json and the demo report read as `{task}_{name}`, so a new baselin
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from torch import nn
@@ -22,19 +22,14 @@ from minivlm.config import BertConfig
 
 class Task(ABC):
     name: ClassVar[str]
-    label: ClassVar[str]     # the data's name in messages ("VQA")
-    no_train: ClassVar[str]  # what a train split looks like, for the error when there is none
+    kind: ClassVar[str]  # the World's kind of split the task reads (`minivlm.data.world.SPLIT_FILES`)
 
     def __init__(self, run):
         self.run, self.setup, self.world, self.store = run, run.setup, run.world, run.store
 
-    @abstractmethod
-    def splits(self) -> tuple[list[str], Path]:
-        """The splits in the dataset root, and the folder they live in (for messages)."""
-
-    def eval_splits(self, splits: list[str]) -> list[str]:
+    def eval_splits(self) -> list[str]:
         """The held-out splits evaluated by default."""
-        return list(splits)
+        return self.world.eval_splits(self.kind)
 
     @abstractmethod
     def train_examples(self, split: str) -> list:
@@ -81,5 +76,5 @@ class Task(ABC):
         return {}
 
 
-MEMBERS = ("name", "label", "no_train", "splits", "eval_splits", "train_examples", "examples", "build_model",
-           "folder_extra", "dataset", "collate", "fit", "predict", "results_file", "score", "quick_eval")
+MEMBERS = ("name", "kind", "eval_splits", "train_examples", "examples", "build_model", "folder_extra", "dataset",
+           "collate", "fit", "predict", "results_file", "score", "quick_eval")

@@ -32,7 +32,7 @@ from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
 from minivlm.errors import MiniVLMError
-from minivlm.tasks.data import RegionSource, chunks, find_key, get_regions, model_device
+from minivlm.tasks.data import RegionSource, chunks, get_regions, model_device
 from minivlm.tasks.task import Task
 from minivlm.text.tokenizer import Tokenizer
 
@@ -86,7 +86,7 @@ def make_examples(questions: Sequence[VQAQuestion], store: RegionSource, answers
     index = {a: i for i, a in enumerate(answers)}
     out, missing = [], 0
     for q in questions:
-        key = find_key(store, q.image_id)
+        key = store.find(q.image_id)
         if key is None:
             missing += 1
             continue
@@ -224,10 +224,7 @@ ATTRIBUTE_QUESTION_TYPES = ("what color", "what shape", "what size", "what patte
 
 
 class VQATask(Task):
-    name, label, no_train = "vqa", "VQA", "no VQA train split (v2_OpenEnded_mscoco_train*_questions.json)"
-
-    def splits(self):
-        return self.world.splits("vqa"), self.world.vqa_questions_path("*").parent
+    name, kind = "vqa", "vqa"
 
     def train_examples(self, split):
         from minivlm.model import read_lines, write_lines
