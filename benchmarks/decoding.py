@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minivlm.config import get_bert  # noqa: E402
 from minivlm.io import write_json  # noqa: E402
 from minivlm.regions import Regions  # noqa: E402
-from minivlm.tasks.caption import CaptionModel, build_prefix  # noqa: E402
+from minivlm.tasks.caption_model import CaptionModel, build_prefix  # noqa: E402
 from minivlm.text.tokenizer import get_tokenizer  # noqa: E402
 
 TAG_NAMES = ["man", "horse", "grass", "tree", "sky", "fence", "hat", "shirt", "cloud", "dog", "field", "road"]

@@ -103,7 +103,7 @@ def build_butd():
 
 
 def build_caption(preset: str):
-    from minivlm.tasks.caption import CaptionModel
+    from minivlm.tasks.caption_model import CaptionModel
 
     cfg = get_bert(preset)
     cfg.dropout = 0.0
@@ -121,7 +121,7 @@ def minivlm_captioner(model) -> Callable[[list], list[str]]:
     """Image files -> captions through MiniVLM's own path (`MiniVLM.regions` -> `build_prefix` ->
     `CaptionModel.generate`), as `MiniVLM.caption` does, but with min_len = max_len = 20 so that every
     model writes the same number of tokens."""
-    from minivlm.tasks.caption import build_prefix
+    from minivlm.tasks.caption_model import build_prefix
 
     cap, tok = model.task("caption"), model.tokenizer
 
@@ -204,7 +204,7 @@ def bench_vision(image: Path, warmup: int, repeats: int) -> dict:
 
 
 def bench_transformer(warmup: int, repeats: int) -> dict:
-    from minivlm.tasks.caption import build_prefix
+    from minivlm.tasks.caption_model import build_prefix
     from minivlm.text.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
@@ -270,7 +270,7 @@ def run_probe(name: str, image: Path, batch: int) -> dict:
             x = torch.nn.functional.interpolate(t[None], size=BUTD_HW, mode="bilinear", align_corners=False)
             fn = lambda: m(x)  # noqa: E731
     elif name in ("minilm", "bert-base"):
-        from minivlm.tasks.caption import build_prefix
+        from minivlm.tasks.caption_model import build_prefix
         from minivlm.text.tokenizer import get_tokenizer
 
         m = build_caption(name)

@@ -37,7 +37,7 @@ TEE_SIZE, TOKENS, build_minivlm, make_image = latency.TEE_SIZE, latency.TOKENS, 
 
 from minivlm.data.images import load_image  # noqa: E402
 from minivlm.io import write_json  # noqa: E402
-from minivlm.tasks.caption import CachedSteps, build_prefix  # noqa: E402
+from minivlm.tasks.caption_model import CachedSteps, build_prefix  # noqa: E402
 from minivlm.tasks.decode import greedy_search, strip  # noqa: E402
 from minivlm.vision.tee import letterbox, pad_to_canvas  # noqa: E402
 

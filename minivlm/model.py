@@ -58,7 +58,7 @@ def build_task_model(task: str, cfg: BertConfig, num_answers: int | None = None,
 
         return RetrievalModel(cfg)
     if task == "caption":
-        from minivlm.tasks.caption import CaptionModel
+        from minivlm.tasks.caption_model import CaptionModel
         from minivlm.tasks.decode import SpecialIds
 
         return CaptionModel(cfg, SpecialIds.from_tokenizer(tokenizer) if tokenizer is not None else None)

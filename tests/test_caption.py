@@ -17,8 +17,9 @@ from minivlm.fusion.loading import canonical_state_dict
 from minivlm.fusion.transformer import prefix_causal_mask
 from minivlm.io import save_weights, write_json
 from minivlm.regions import Regions
-from minivlm.tasks.caption import (IGNORE, CachedSteps, CaptionDataset, CaptionModel, FullSteps, ScstObjective, build_prefix,
-                                   mask_captions, predict_captions, train_caption)
+from minivlm.tasks.caption_data import CaptionDataset, mask_captions
+from minivlm.tasks.caption_model import IGNORE, CachedSteps, CaptionModel, FullSteps, build_prefix, predict_captions
+from minivlm.tasks.caption_train import ScstObjective, train_caption
 from minivlm.tasks.decode import SpecialIds, greedy_search
 from minivlm.text.tokenizer import Tokenizer
 

@@ -114,7 +114,7 @@ def test_detector_matches_pytorch(env, edge):
 
 
 def test_greedy_captions_identical_token_for_token(env, edge):
-    from minivlm.tasks.caption import build_prefix
+    from minivlm.tasks.caption_model import build_prefix
 
     _, model, paths = env
     cap = model.tasks["caption"]

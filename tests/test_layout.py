@@ -16,7 +16,8 @@ from minivlm.fusion.inputs import build_batch
 from minivlm.fusion.layout import (EncodedText, caption_text, encode_tags, encode_text, encode_text_and_tags,
                                    join_slots, pad_encoded, pad_rows, tag_prefix)
 from minivlm.regions import Regions
-from minivlm.tasks.caption import CaptionDataset, build_prefix
+from minivlm.tasks.caption_data import CaptionDataset
+from minivlm.tasks.caption_model import build_prefix
 from minivlm.tasks.retrieval import PairEncoder
 from minivlm.text.tokenizer import Tokenizer
 
