@@ -4,7 +4,7 @@ Text is segment 0 and the tags segment 1 (as OSCAR). The text part `[CLS] text [
 `max_text_len` tokens and the tag part `tags [SEP]` at most `max_tag_len`; longer text or tag lists are cut.
 Without tags there is no tag part at all (no lone [SEP]). Pads are `pad_id` and masked out.
 
-The PyTorch model (`minivlm.fusion.inputs`, `minivlm.tasks.caption`, `minivlm.tasks.retrieval`) and the ONNX
+The PyTorch model (`minivlm.fusion.inputs`, `minivlm.tasks.caption_model`, `minivlm.tasks.retrieval`) and the ONNX
 runtime (`minivlm.edge`, which must not import torch) build their inputs here, in three arrangements,
 each for a caller's reason:
 

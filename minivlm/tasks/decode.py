@@ -2,7 +2,7 @@
 
 The searches know nothing about the transformer. They drive a *stepper*: an object called once per step
 with the tokens so far (`[N, t]`: [CLS] then the t - 1 generated tokens) that returns the next-token logits
-`[N, V]`, and told by `reorder(index)` when beam search reshuffles its rows. `minivlm.tasks.caption`
+`[N, V]`, and told by `reorder(index)` when beam search reshuffles its rows. `minivlm.tasks.caption_model`
 provides two steppers over one model, a key/value-cached one and a recompute-everything one, so both run
 through exactly the same search code and must agree token for token.
 
