@@ -48,7 +48,7 @@ SYSTEMS = ("pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8")
 
 
 def load_systems(model_dir: Path, edge_dir: Path, threads: int) -> dict:
-    return {"pytorch_fp32": MiniVLM.from_pretrained(model_dir).eval(),
+    return {"pytorch_fp32": MiniVLM.from_pretrained(model_dir, backend="torch").eval(),
             "onnxruntime_fp32": EdgeMiniVLM(edge_dir, threads=threads),
             "onnxruntime_int8": EdgeMiniVLM(edge_dir, int8=True, threads=threads)}
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     render2 = args.out / "world"
     if not (render2 / "world.json").is_file():
         make_render2_world(render2, args.images, args.seed, questions_per_image=12)
-    model = MiniVLM.from_pretrained(args.model)
+    model = MiniVLM.from_pretrained(args.model, backend="torch")  # evaluates model.detector
     main_world, second = World(args.data), World(render2)
     train_q = main_world.vqa("train")
     rows = {}

@@ -30,9 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nlvr2": ("minivlm.inference", "verify a statement about two images"),
     "retrieve": ("minivlm.inference", "rank a folder of images against a text query"),
     "distill": ("minivlm.tasks.distill", "teacher model writes pseudo-captions for unlabeled images"),
-    "export": ("minivlm.export", "model folder -> ONNX graphs (detector, caption, VQA), optionally int8"),
-    "edge-caption": ("minivlm.edge", "caption images with exported ONNX graphs (onnxruntime, no PyTorch)"),
-    "edge-vqa": ("minivlm.edge", "answer questions with exported ONNX graphs (onnxruntime, no PyTorch)"),
+    "export": ("minivlm.export", "model folder -> ONNX graphs in MODEL/onnx (detector and every task), "
+                                 "which the inference commands then run; optionally int8"),
+    "edge-caption": ("minivlm.edge", "caption images with an export folder's ONNX graphs (onnxruntime, no PyTorch)"),
+    "edge-vqa": ("minivlm.edge", "answer questions with an export folder's ONNX graphs (onnxruntime, no PyTorch)"),
 }
 
 

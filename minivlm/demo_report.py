@@ -72,7 +72,7 @@ def write_report(demo: "Demo", stages: dict[str, dict]) -> dict:
     out, pics = demo.out, demo.out / "report"
     pics.mkdir(parents=True, exist_ok=True)
     world = World(demo.world)
-    model = MiniVLM.from_pretrained(demo.model)
+    model = MiniVLM.from_pretrained(demo.model, backend="torch")  # the report draws torch Regions
     rng = random.Random(demo.seed)
     n = demo.size.report_images
     metrics = summary_metrics(stages)

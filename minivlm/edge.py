@@ -1,14 +1,19 @@
 """Torch-free inference: `EdgeMiniVLM(folder)` runs the ONNX graphs of `minivlm export` with onnxruntime.
 
-    model = EdgeMiniVLM("runs/edge")                  # int8=True picks the *.int8.onnx graphs
-    model.caption(["photo.jpg"])                      # greedy, key/value-cached
+    model = EdgeMiniVLM("runs/demo/model/onnx")       # int8=True picks the *.int8.onnx graphs
+    model.caption(["photo.jpg"])                      # greedy (or beam_size=3), key/value-cached
     model.answer(["photo.jpg"], ["what color is the star?"])
+    model.verify(["left.png"], ["right.png"], ["both images contain a red star"])
+    model.rank(images, texts)                         # [images x texts] matching scores (numpy)
 
+`MiniVLM.from_pretrained(MODEL)` (and every inference command) returns one of these when MODEL/onnx holds
+fresh graphs (`minivlm.backend`); it has the PyTorch model's API, with numpy where that one has tensors.
 Needs only numpy, onnxruntime, tokenizers and Pillow; nothing here imports torch, directly or through
 another minivlm module (the test suite checks `sys.modules`). Images are opened by the torch-free
 `minivlm.data.images` and the input layout comes from the torch-free `minivlm.fusion.layout`, as in the
-PyTorch model; the letterboxing of `minivlm.vision.tee` and the greedy search of `minivlm.tasks.decode` are
-restated here in numpy, step for step; tests/test_export.py holds them to the PyTorch originals.
+PyTorch model; the letterboxing of `minivlm.vision.tee` and the searches of `minivlm.tasks.decode`
+(`minivlm.edge_decode`) are restated here in numpy, step for step; tests/test_export.py holds them to the
+PyTorch originals.
 
     minivlm edge-caption OUT IMG [IMG ...] [--int8] [--json]
     minivlm edge-vqa OUT IMG "question" ["question" ...] [--int8] [--top K] [--json]
@@ -26,11 +31,14 @@ import numpy as np
 from PIL import Image
 
 from minivlm.data.images import image_to_array, load_image
+from minivlm.edge_decode import beam_search, greedy_search
 from minivlm.errors import DataFormatError, MiniVLMError
-from minivlm.fusion.layout import encode_text_and_tags, pad_encoded, tag_prefix
+from minivlm.fusion.layout import PairSlots, encode_text_and_tags, pad_encoded, tag_prefix
 from minivlm.text.tokenizer import Tokenizer
 
-EDGE_FORMAT = "minivlm-edge"  # = minivlm.export.EDGE_FORMAT (that module imports torch)
+EDGE_FORMAT = "minivlm-edge"
+EDGE_VERSION = 2  # 2: NLVR2 and retrieval graphs, the task graphs take text and region masks, "weights"
+MANIFEST = "edge.json"
 DEFAULT_MAX_LEN = 20
 
 
@@ -109,16 +117,16 @@ def prefix_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], cfg: dic
             "attention_mask": np.concatenate([tags["tag_mask"], rmask], axis=1)}
 
 
-def vqa_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], questions: Sequence[str], cfg: dict
-               ) -> dict[str, np.ndarray]:
-    """The VQA graph's inputs, as `build_batch(tokenizer, questions, None, regions, cfg)`."""
+def fusion_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], texts: Sequence[str], cfg: dict
+                  ) -> dict[str, np.ndarray]:
+    """A task graph's inputs (VQA, NLVR2, retrieval), as `build_batch(tokenizer, texts, None, regions, cfg)`."""
     encoded = [encode_text_and_tags(tokenizer, q, r.object_tags(cfg["max_regions"], cfg["tag_min_score"]),
-                                    cfg["max_text_len"], cfg["max_tag_len"]) for r, q in zip(regions, questions)]
+                                    cfg["max_text_len"], cfg["max_tag_len"]) for r, q in zip(regions, texts)]
     text = pad_encoded(encoded, tokenizer.pad_id)
     feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
     return {"input_ids": text["input_ids"], "token_type_ids": text["token_type_ids"],
-            "position_ids": text["position_ids"], "region_feats": feats, "region_boxes": boxes,
-            "attention_mask": np.concatenate([text["text_mask"], rmask], axis=1)}
+            "position_ids": text["position_ids"], "text_mask": text["text_mask"], "region_feats": feats,
+            "region_boxes": boxes, "region_mask": rmask}
 
 
 # ---------------------------------------------------------------------------------------------- runtime
@@ -139,26 +147,36 @@ def _read_lines(path: Path) -> list[str]:
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
 
 
+def read_manifest(folder: str | Path) -> dict:
+    """The edge.json of an export folder, checked to be one this runtime reads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataFormatError(folder, "ONNX folder not found (write one with `minivlm export MODEL`)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise DataFormatError(path, "not found: not a `minivlm export` folder, or the export did not finish")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(path, f"not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("format") != EDGE_FORMAT:
+        raise DataFormatError(path, f"not an ONNX export folder (\"format\" must be {EDGE_FORMAT!r})")
+    if config.get("version") != EDGE_VERSION:
+        raise DataFormatError(path, f"export format version {config.get('version')!r}, this minivlm reads "
+                                    f"{EDGE_VERSION}; run `minivlm export` again")
+    return config
+
+
 class EdgeMiniVLM:
-    """The exported detector + caption / VQA transformers on onnxruntime (CPU). `threads` sets
-    onnxruntime's intra-op threads (default: its own choice)."""
+    """The exported detector + task transformers on onnxruntime (CPU). `threads` sets onnxruntime's
+    intra-op threads (default: its own choice)."""
 
     def __init__(self, folder: str | Path, int8: bool = False, threads: int | None = None, batch_size: int = 16):
         self.folder = folder = Path(folder)
-        if not folder.is_dir():
-            raise DataFormatError(folder, "edge model folder not found (write one with `minivlm export MODEL OUT`)")
-        path = folder / "edge.json"
-        if not path.is_file():
-            raise DataFormatError(path, "not found: not a `minivlm export` folder, or the export did not finish")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataFormatError(path, f"not valid JSON ({err})") from None
-        if not isinstance(config, dict) or config.get("format") != EDGE_FORMAT:
-            raise DataFormatError(path, f"not an edge model folder (\"format\" must be {EDGE_FORMAT!r})")
+        config = read_manifest(folder)
         self.config, self.int8, self.batch_size = config, int8, batch_size
         if int8 and not config.get("int8"):
-            raise MiniVLMError(f"{folder}: has no int8 graphs; export with `minivlm export MODEL OUT --int8`")
+            raise MiniVLMError(f"{folder}: has no int8 graphs; export with `minivlm export MODEL --int8`")
         files = config["files"]
         self.tokenizer = Tokenizer(folder / files["vocab"])
         self.tag_names = _read_lines(folder / files["tags"])
@@ -177,7 +195,7 @@ class EdgeMiniVLM:
         self._sessions: dict[str, Any] = {}
         for graph in self._graphs():  # every file first: a broken folder fails before any work
             if not (folder / graph).is_file():
-                raise DataFormatError(folder / graph, "graph file missing from the edge folder (listed in edge.json)")
+                raise DataFormatError(folder / graph, "graph file missing from the ONNX folder (listed in edge.json)")
 
     def _graphs(self) -> list[str]:
         names = [self.det["graph"]] + [g for t in self.tasks.values() for k, g in t.items() if k in ("graph", "prefix", "step")]
@@ -197,7 +215,9 @@ class EdgeMiniVLM:
 
     def task(self, name: str) -> dict:
         if name not in self.tasks:
-            raise MiniVLMError(f"this edge folder has no {name} graph (tasks present: {', '.join(self.tasks) or 'none'})")
+            present = ", ".join(self.tasks) or "none"
+            raise MiniVLMError(f"this model has no {name} transformer (tasks present: {present}); fine-tune it with "
+                               f"`minivlm finetune --task {name}`, assemble the model and export it again")
         return self.tasks[name]
 
     # -- images -> regions -------------------------------------------------------------------------
@@ -222,59 +242,30 @@ class EdgeMiniVLM:
 
     # -- captioning ----------------------------------------------------------------------------------
 
-    def caption(self, images: Sequence[Any] | Any, max_len: int | None = None, min_len: int = 0) -> list[str]:
-        return [self.tokenizer.decode(s) for s in self.caption_ids(images, max_len, min_len)]
+    def caption(self, images: Sequence[Any] | Any, beam_size: int = 1, max_len: int | None = None,
+                min_len: int = 0) -> list[str]:
+        return [self.tokenizer.decode(s) for s in self.caption_ids(images, max_len, min_len, beam_size)]
 
-    def caption_ids(self, images: Sequence[Any] | Any, max_len: int | None = None, min_len: int = 0) -> list[list[int]]:
-        """Greedy caption token ids per image (no [CLS] / [SEP]), as `CaptionModel.generate`."""
+    def caption_ids(self, images: Sequence[Any] | Any, max_len: int | None = None, min_len: int = 0,
+                    beam_size: int = 1) -> list[list[int]]:
+        """Caption token ids per image (no [CLS] / [SEP]), as `CaptionModel.generate`: greedy when
+        beam_size is 1."""
         cfg = self.task("caption")
         if max_len is None:
             max_len = min(DEFAULT_MAX_LEN, cfg["max_text_len"] - 1)
         if not 1 <= max_len <= cfg["max_text_len"] - 1:
             raise MiniVLMError(f"max_len {max_len} must be in [1, {cfg['max_text_len'] - 1}]")
+        if beam_size < 1:
+            raise MiniVLMError(f"beam_size must be at least 1, got {beam_size}")
         regions = self.regions(images)
         out: list[list[int]] = []
         for start in range(0, len(regions), self.batch_size):
-            out += self._greedy(regions[start:start + self.batch_size], cfg, max_len, min_len)
-        return out
-
-    def _greedy(self, regions: Sequence[EdgeRegions], cfg: dict, max_len: int, min_len: int) -> list[list[int]]:
-        ids = self.ids
-        prefix = prefix_inputs(self.tokenizer, regions, cfg)
-        valid = prefix["attention_mask"]
-        past = self.session(cfg["prefix"]).run(None, prefix)
-        step = self.session(cfg["step"])
-        names = [f"past.{i}.{kv}" for i in range(cfg["num_layers"]) for kv in ("key", "value")]
-        n = len(regions)
-        last = np.full(n, ids["cls"], dtype=np.int64)
-        done = np.zeros(n, dtype=bool)
-        new = np.array([[True, False], [True, True]])  # the token sees itself; the [MASK] sees both
-        generated = []
-        for t in range(1, max_len + 1):
-            before = np.concatenate([valid, np.ones((n, t - 1), dtype=bool)], axis=1)
-            mask = np.concatenate([np.broadcast_to(before[:, None, :], (n, 2, before.shape[1])),
-                                   np.broadcast_to(new, (n, 2, 2))], axis=2)
-            feeds = {"input_ids": np.stack([last, np.full(n, ids["mask"], dtype=np.int64)], axis=1),
-                     "position_ids": np.broadcast_to(np.array([t - 1, t], dtype=np.int64), (n, 2)).copy(),
-                     "attention_mask": np.ascontiguousarray(mask), **dict(zip(names, past))}
-            logits, *past = step.run(None, feeds)
-            banned = [ids["pad"], ids["cls"], ids["mask"]] + ([ids["sep"]] if t <= min_len else [])
-            logits[:, banned] = -np.inf
-            nxt = np.where(done, ids["pad"], logits.argmax(-1)).astype(np.int64)
-            generated.append(nxt)
-            last = nxt
-            done |= nxt == ids["sep"]
-            if done.all():
-                break
-        out = []
-        for row in np.stack(generated, axis=1).tolist():
-            seq = []
-            for tok in row:
-                if tok == ids["sep"]:
-                    break
-                if tok != ids["pad"]:
-                    seq.append(tok)
-            out.append(seq)
+            batch = regions[start:start + self.batch_size]
+            steps = CachedSteps(self, cfg, batch, beam_size)
+            if beam_size == 1:
+                out += greedy_search(steps, len(batch), max_len, self.ids, min_len)
+            else:
+                out += beam_search(steps, len(batch), beam_size, max_len, self.ids, min_len)
         return out
 
     # -- VQA -------------------------------------------------------------------------------------------
@@ -282,17 +273,10 @@ class EdgeMiniVLM:
     def answer_logits(self, images: Sequence[Any] | Any, questions: Sequence[str] | str) -> np.ndarray:
         """[N, num_answers] logits, one row per question (one image per question, or one for all)."""
         cfg = self.task("vqa")
-        questions = [questions] if isinstance(questions, str) else list(questions)
-        regions = self.regions(images)
-        if len(regions) == 1:
-            regions = regions * len(questions)
-        if len(regions) != len(questions):
-            raise MiniVLMError(f"{len(regions)} images for {len(questions)} questions: give one, or one per question")
-        sess = self.session(cfg["graph"])
-        out = []
-        for s in range(0, len(questions), self.batch_size):
-            inputs = vqa_inputs(self.tokenizer, regions[s:s + self.batch_size], questions[s:s + self.batch_size], cfg)
-            out.append(sess.run(None, inputs)[0])
+        questions = _texts(questions)
+        regions = _broadcast(self.regions(images), len(questions), "images", "questions")
+        out = [self._run(cfg, fusion_inputs(self.tokenizer, r, q, cfg))
+               for r, q in zip(_chunks(regions, self.batch_size), _chunks(questions, self.batch_size))]
         return np.concatenate(out, axis=0) if out else np.zeros((0, cfg["num_answers"]), dtype=np.float32)
 
     def answer_scores(self, images: Sequence[Any] | Any, questions: Sequence[str] | str,
@@ -307,6 +291,108 @@ class EdgeMiniVLM:
     def answer(self, images: Sequence[Any] | Any, questions: Sequence[str] | str) -> list[str]:
         return [s[0][0] for s in self.answer_scores(images, questions, top_k=1)]
 
+    # -- NLVR2 -----------------------------------------------------------------------------------------
+
+    def verify_proba(self, left: Sequence[Any] | Any, right: Sequence[Any] | Any,
+                     statements: Sequence[str] | str) -> list[float]:
+        """P(statement is true of the pair (left[i], right[i]))."""
+        cfg = self.task("nlvr2")
+        statements = _texts(statements)
+        lr = _broadcast(self.regions(left), len(statements), "left images", "statements")
+        rr = _broadcast(self.regions(right), len(statements), "right images", "statements")
+        out: list[float] = []
+        for a, b, s in zip(_chunks(lr, self.batch_size), _chunks(rr, self.batch_size),
+                           _chunks(statements, self.batch_size)):
+            # the graph's 2B sequences: the B left ones, then the B right ones (`nlvr2.pair_inputs`)
+            logits = self._run(cfg, fusion_inputs(self.tokenizer, [*a, *b], [*s, *s], cfg)).astype(np.float32)
+            out += [float(p) for p in 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))]  # softmax(logits)[:, 1]
+        return out
+
+    def verify(self, left: Sequence[Any] | Any, right: Sequence[Any] | Any, statements: Sequence[str] | str
+               ) -> list[bool]:
+        return [p > 0.5 for p in self.verify_proba(left, right, statements)]
+
+    # -- retrieval -------------------------------------------------------------------------------------
+
+    def rank(self, images: Sequence[Any] | Any, texts: Sequence[str] | str) -> np.ndarray:
+        """[n_images, n_texts] matching scores (log-odds that text t describes image i), as
+        `retrieval.score_all_pairs`: texts and tags tokenised once, pairs gathered in batches."""
+        cfg = self.task("retrieval")
+        texts, regions = _texts(texts), self.regions(images)
+        n_i, n_t = len(regions), len(texts)
+        scores = np.zeros(n_i * n_t, dtype=np.float32)
+        if not scores.size:
+            return scores.reshape(n_i, n_t)
+        slots = PairSlots(self.tokenizer, texts, [r.object_tags(cfg["max_regions"], cfg["tag_min_score"])
+                                                  for r in regions], cfg["max_text_len"], cfg["max_tag_len"])
+        feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
+        for flat in _chunks(np.arange(n_i * n_t), max(64, self.batch_size)):
+            i, t = flat // n_t, flat % n_t
+            rows = slots.rows(i, t)
+            scores[flat] = self._run(cfg, {"input_ids": rows["input_ids"], "token_type_ids": rows["token_type_ids"],
+                                           "position_ids": rows["position_ids"], "text_mask": rows["text_mask"],
+                                           "region_feats": feats[i], "region_boxes": boxes[i], "region_mask": rmask[i]})
+        return scores.reshape(n_i, n_t)
+
+    def retrieve(self, images: Sequence[Any], query: str, top_k: int = 5) -> list[tuple[int, float]]:
+        """The `top_k` (image index, score) best matching the text query, best first."""
+        scores = self.rank(images, [query])[:, 0]
+        best = np.argsort(-scores, kind="stable")[:top_k]
+        return [(int(i), float(scores[i])) for i in best]
+
+    def _run(self, cfg: dict, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session(cfg["graph"]).run(None, inputs)[0]
+
+
+class CachedSteps:
+    """`minivlm.tasks.caption.CachedSteps` on the graphs: the prefix (tags + regions) is encoded once, and
+    each call feeds [previous token, [MASK]] with the explicit past keys/values (a stepper of edge_decode)."""
+
+    def __init__(self, model: EdgeMiniVLM, cfg: dict, regions: Sequence[EdgeRegions], expand: int = 1):
+        prefix = prefix_inputs(model.tokenizer, regions, cfg)
+        self.valid = prefix["attention_mask"]
+        self.past = model.session(cfg["prefix"]).run(None, prefix)
+        if expand > 1:  # beam search: `expand` rows per image, image-major
+            self.valid = np.repeat(self.valid, expand, axis=0)
+            self.past = [np.repeat(p, expand, axis=0) for p in self.past]
+        self.step = model.session(cfg["step"])
+        self.names = [f"past.{i}.{kv}" for i in range(cfg["num_layers"]) for kv in ("key", "value")]
+        self.mask_id = model.ids["mask"]
+        self.seen = 0  # caption tokens in the cache
+
+    def __call__(self, last: np.ndarray) -> np.ndarray:
+        n, t = len(last), self.seen + 1
+        before = np.concatenate([self.valid, np.ones((n, self.seen), dtype=bool)], axis=1)
+        new = np.array([[True, False], [True, True]])  # the token sees itself; the [MASK] sees both
+        mask = np.concatenate([np.broadcast_to(before[:, None, :], (n, 2, before.shape[1])),
+                               np.broadcast_to(new, (n, 2, 2))], axis=2)
+        feeds = {"input_ids": np.stack([last, np.full(n, self.mask_id, dtype=np.int64)], axis=1).astype(np.int64),
+                 "position_ids": np.broadcast_to(np.array([t - 1, t], dtype=np.int64), (n, 2)).copy(),
+                 "attention_mask": np.ascontiguousarray(mask), **dict(zip(self.names, self.past))}
+        logits, *self.past = self.step.run(None, feeds)
+        self.seen += 1
+        return logits
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.past = [p[rows] for p in self.past]
+        self.valid = self.valid[rows]
+
+
+def _texts(texts: Sequence[str] | str) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def _chunks(items: Sequence, n: int) -> list:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def _broadcast(items: list, n: int, what: str, per: str) -> list:
+    if len(items) == n:
+        return items
+    if len(items) == 1:
+        return items * n
+    raise MiniVLMError(f"{len(items)} {what} for {n} {per}: give one, or one per {per[:-1]}")
+
 
 def _as_list(images: Any) -> list:
     return [images] if isinstance(images, (str, Path, Image.Image, EdgeRegions)) else list(images)
@@ -316,7 +402,7 @@ def _as_list(images: Any) -> list:
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("model", help="edge folder written by `minivlm export`")
+    parser.add_argument("model", help="folder written by `minivlm export` (MODEL/onnx, or its --out)")
     if name == "edge-caption":
         parser.add_argument("images", nargs="+", help="image files")
     elif name == "edge-vqa":

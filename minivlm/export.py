@@ -1,12 +1,17 @@
-"""`minivlm export MODEL OUT [--int8]`: a model folder -> ONNX graphs that `minivlm.edge` runs without PyTorch.
+"""`minivlm export MODEL [--out DIR] [--int8]`: a model folder -> ONNX graphs that `minivlm.edge` runs
+without PyTorch, written into MODEL/onnx/ (where `MiniVLM.from_pretrained` and the inference commands
+find them) unless --out names another folder.
 
-    OUT/edge.json              format, versions, graph files, the shapes and ids the runtime needs
-    OUT/detector.onnx          canvas [1, 3, S, S] + resized (h, w) -> boxes, scores, labels, attributes, features
-    OUT/caption_prefix.onnx    tags + regions -> per-layer keys/values (the cached prefix)
-    OUT/caption_step.onnx      [previous token, [MASK]] + past keys/values -> next-token logits + present keys/values
-    OUT/vqa.onnx               question + tags + regions -> answer logits
-    OUT/*.int8.onnx            with --int8: dynamically quantised copies (int8 weights, activations quantised per call)
-    OUT/vocab.txt tags.txt attributes.txt answers.txt
+    edge.json                format, versions, graph files, the shapes and ids the runtime needs, and
+                             "weights": the sha256 of the model files exported (`minivlm.backend`)
+    detector.onnx            canvas [1, 3, S, S] + resized (h, w) -> boxes, scores, labels, attributes, features
+    caption_prefix.onnx      tags + regions -> per-layer keys/values (the cached prefix)
+    caption_step.onnx        [previous token, [MASK]] + past keys/values -> next-token logits + present keys/values
+    vqa.onnx                 question + tags + regions -> answer logits
+    nlvr2.onnx               statement + tags + regions, 2B rows (left, then right) -> [B, 2] logits
+    retrieval.onnx           caption + tags + regions -> matching score (log-odds)
+    *.int8.onnx              with --int8: dynamically quantised copies (int8 weights, activations quantised per call)
+    vocab.txt tags.txt attributes.txt answers.txt
 
 The detector is ONE graph, NMS and RoIAlign included (ONNX NonMaxSuppression from opset 11, RoiAlign with
 half-pixel "aligned" coordinates from opset 16; we export at opset 17 for LayerNormalization). It is a trace
@@ -19,7 +24,8 @@ boxes back to original pixels stay outside the graph (numpy in `minivlm.edge`), 
 The caption graphs mirror `CachedSteps` in `minivlm.tasks.caption`: the prefix (tags at positions
 max_text_len.., then regions) is encoded once; every step feeds two tokens [w_{t-1}, [MASK]] with an explicit
 [N, 2, Kv] attention mask, reads the logits at the [MASK] and returns the keys/values without the [MASK]'s.
-NLVR2 and retrieval transformers are not exported (the edge path serves captioning and VQA).
+The VQA, NLVR2 and retrieval graphs are one `FusionGraph` each: the task model's own `logits` (or
+`scores`) on the tensors of a `FusionBatch`.
 
 We use PyTorch's TorchScript-based exporter (`dynamo=False`): it needs no onnxscript and handles
 torchvision's nms / roi_align through their registered ONNX symbolics.
@@ -38,14 +44,19 @@ import torchvision
 from torch import nn
 
 from minivlm import __version__
-from minivlm.errors import DataFormatError, MiniVLMError
+from minivlm.backend import ONNX_DIR, fingerprint
+from minivlm.edge import EDGE_FORMAT, EDGE_VERSION, MANIFEST
+from minivlm.errors import DataFormatError
+from minivlm.fusion.inputs import FusionBatch
 from minivlm.fusion.layout import TAG_SEGMENT, TEXT_SEGMENT
 from minivlm.io import atomic_path, write_json
 from minivlm.model import MiniVLM, write_lines
 
 OPSET = 17
-EDGE_FORMAT = "minivlm-edge"
-EDGE_VERSION = 1
+# The task model's method (on a FusionBatch) that each task graph computes; also the graph output's name.
+FUSION_TASKS = {"vqa": "logits", "nlvr2": "logits", "retrieval": "scores"}
+FUSION_INPUTS = ["input_ids", "token_type_ids", "position_ids", "text_mask", "region_feats", "region_boxes",
+                 "region_mask"]
 # Only the matrix products are quantised: they hold almost all the weights and time of the transformer and
 # the box head; int8 convolutions (ConvInteger) run slower than fp32 ones in onnxruntime on CPU.
 INT8_OPS = ["MatMul", "Gemm"]
@@ -98,19 +109,17 @@ class CaptionStepGraph(nn.Module):
         return (self.mlm(out.hidden_states[:, 1]), *present)
 
 
-class VQAGraph(nn.Module):
-    """`VQAModel.logits` on the tensors of a `FusionBatch`."""
+class FusionGraph(nn.Module):
+    """A task model's `logits` or `scores` (`FUSION_TASKS`) on the tensors of one `FusionBatch`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, method: str):
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method
 
-    def forward(self, input_ids, token_type_ids, position_ids, region_feats, region_boxes, attention_mask):
-        m = self.model
-        hidden = m.bert(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
-                        region_feats=region_feats, region_boxes=region_boxes,
-                        attention_mask=attention_mask).hidden_states
-        return m.head(m.pooler(hidden))
+    def forward(self, input_ids, token_type_ids, position_ids, text_mask, region_feats, region_boxes, region_mask):
+        batch = FusionBatch(input_ids, token_type_ids, position_ids, text_mask, text_mask,  # maskable: unused here
+                            region_feats, region_boxes, region_mask)
+        return getattr(self.model, self.method)(batch)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -178,23 +187,28 @@ def export_caption(model: nn.Module, out: Path) -> dict:
     return {"prefix": "caption_prefix.onnx", "step": "caption_step.onnx", **_bert_info(cfg)}
 
 
-def export_vqa(model: nn.Module, out: Path) -> dict:
+def export_fusion(task: str, model: nn.Module, out: Path) -> dict:
+    """The VQA, NLVR2 or retrieval graph; its batch axis is free (NLVR2's holds 2 rows per pair)."""
     cfg = model.cfg
-    b, t, r = 2, 7, 4
+    method = FUSION_TASKS[task]
+    b, t, r = 4, 7, 4
     ids = torch.randint(1000, 2000, (b, t))
     types = torch.zeros(b, t, dtype=torch.long)
     types[:, 4:] = TAG_SEGMENT
     pos = torch.arange(t).expand(b, t)
+    text_mask = torch.ones(b, t, dtype=torch.bool)
+    text_mask[1, t - 1] = False
     feats, boxes = torch.randn(b, r, cfg.region_dim), torch.rand(b, r, 6)
-    mask = torch.ones(b, t + r, dtype=torch.bool)
-    mask[1, t - 1] = False
-    text_axes = {0: "batch", 1: "tokens"}
-    _export(VQAGraph(model), (ids, types, pos, feats, boxes, mask), out / "vqa.onnx",
-            ["input_ids", "token_type_ids", "position_ids", "region_feats", "region_boxes", "attention_mask"],
-            ["logits"], {"input_ids": text_axes, "token_type_ids": text_axes, "position_ids": text_axes,
-                         "region_feats": {0: "batch", 1: "regions"}, "region_boxes": {0: "batch", 1: "regions"},
-                         "attention_mask": {0: "batch", 1: "keys"}, "logits": {0: "batch"}})
-    return {"graph": "vqa.onnx", "num_answers": model.num_answers, **_bert_info(cfg)}
+    region_mask = torch.ones(b, r, dtype=torch.bool)
+    region_mask[2, r - 1] = False
+    text_axes, region_axes = {0: "batch", 1: "tokens"}, {0: "batch", 1: "regions"}
+    graph = f"{task}.onnx"
+    _export(FusionGraph(model, method), (ids, types, pos, text_mask, feats, boxes, region_mask), out / graph,
+            FUSION_INPUTS, [method], {**{n: text_axes for n in FUSION_INPUTS[:4]},
+                                      **{n: region_axes for n in FUSION_INPUTS[4:]},
+                                      method: {0: "pairs" if task == "nlvr2" else "batch"}})
+    extra = {"num_answers": model.num_answers} if task == "vqa" else {}
+    return {"graph": graph, **extra, **_bert_info(cfg)}
 
 
 def quantize(src: Path, dst: Path) -> None:
@@ -217,22 +231,22 @@ def int8_name(graph: str) -> str:
     return graph.removesuffix(".onnx") + ".int8.onnx"
 
 
-def export_model(model_folder: str | Path, out: str | Path, int8: bool = False, detector_int8: bool = True) -> Path:
-    """Exports a model folder's detector and its caption / VQA transformers; returns OUT."""
-    model_folder, out = Path(model_folder), Path(out)
+def export_model(model_folder: str | Path, out: str | Path | None = None, int8: bool = False,
+                 detector_int8: bool = True) -> Path:
+    """Exports a model folder's detector and every task transformer into OUT (default MODEL/onnx); returns OUT."""
+    model_folder = Path(model_folder)
+    out = model_folder / ONNX_DIR if out is None else Path(out)
     if not model_folder.is_dir():
         raise DataFormatError(model_folder, "model folder not found")
-    model = MiniVLM.from_pretrained(model_folder).eval()
-    edge_tasks = [t for t in ("caption", "vqa") if t in model.tasks]
-    if not edge_tasks:
-        raise MiniVLMError(f"{model_folder}: has no caption or VQA transformer to export "
-                           f"(tasks present: {', '.join(model.tasks) or 'none'})")
+    weights = fingerprint(model_folder)  # before loading: the manifest names what was read
+    model = MiniVLM.from_pretrained(model_folder, backend="torch").eval()
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # until the new one is written, the folder is incomplete
     tok = model.tokenizer
     config: dict = {
         "format": EDGE_FORMAT, "version": EDGE_VERSION, "opset": OPSET,
         "versions": {"minivlm": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
-        "source": str(model_folder.resolve()),
+        "source": str(model_folder.resolve()), "weights": weights,
         "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id,
                         "mask": tok.mask_id},
         "files": {"vocab": "vocab.txt", "tags": "tags.txt", "attributes": "attributes.txt"},
@@ -242,12 +256,12 @@ def export_model(model_folder: str | Path, out: str | Path, int8: bool = False, 
         tasks = {}
         if "caption" in model.tasks:
             tasks["caption"] = export_caption(model.tasks["caption"], out)
-        if "vqa" in model.tasks:
-            tasks["vqa"] = export_vqa(model.tasks["vqa"], out)
+        for task in FUSION_TASKS:
+            if task in model.tasks:
+                tasks[task] = export_fusion(task, model.tasks[task], out)
     config["tasks"] = tasks
     if int8:
-        graphs = [tasks["caption"]["prefix"], tasks["caption"]["step"]] if "caption" in tasks else []
-        graphs += [tasks["vqa"]["graph"]] if "vqa" in tasks else []
+        graphs = [g for t in tasks.values() for k, g in t.items() if k in ("graph", "prefix", "step")]
         graphs += [config["detector"]["graph"]] if detector_int8 else []
         for g in graphs:
             quantize(out / g, out / int8_name(g))
@@ -260,7 +274,7 @@ def export_model(model_folder: str | Path, out: str | Path, int8: bool = False, 
     if "vqa" in tasks:
         write_lines(out / "answers.txt", model.answers)
         config["files"]["answers"] = "answers.txt"
-    write_json(out / "edge.json", config, indent=1)  # last: a folder with edge.json is complete
+    write_json(out / MANIFEST, config, indent=1)  # last: a folder with edge.json is complete
     return out
 
 
@@ -269,7 +283,9 @@ def export_model(model_folder: str | Path, out: str | Path, int8: bool = False, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model folder (MiniVLM.save_pretrained / the demo's model/)")
-    parser.add_argument("out", help="output folder for the ONNX graphs (run them with minivlm.edge.EdgeMiniVLM)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the graphs (default: MODEL/onnx, where the inference commands and "
+                             "MiniVLM.from_pretrained use them; elsewhere, run them with minivlm.edge.EdgeMiniVLM)")
     parser.add_argument("--int8", action="store_true",
                         help="also write dynamically int8-quantised graphs (*.int8.onnx)")
     parser.add_argument("--no-detector-int8", action="store_true",

@@ -7,6 +7,8 @@
 
 `--json` prints one JSON document instead of text. Every image is opened (by `load_image`) before the
 model runs, so an unreadable image stops the command at once with its name (exit 1, no traceback).
+`--backend auto` (the default) runs the ONNX graphs of `minivlm export MODEL` when they are there and
+fresh, without importing PyTorch, and PyTorch otherwise (`minivlm.backend`); `torch` / `onnx` force one.
 """
 
 from __future__ import annotations
@@ -40,8 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     else:
         raise ValueError(f"minivlm.inference serves caption, vqa, nlvr2 and retrieve, not {name!r}")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_backend_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="images per detector / transformer batch")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    from minivlm.backend import BACKENDS
+
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: the ONNX graphs of `minivlm export MODEL` when present and fresh, else PyTorch")
+    parser.add_argument("--int8", action="store_true", help="run the int8 ONNX graphs (`minivlm export --int8`)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (ONNX Runtime runs on the CPU)")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -59,8 +70,8 @@ def _emit(args: argparse.Namespace, doc, lines: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from minivlm.backend import load
     from minivlm.data.images import load_image
-    from minivlm.model import MiniVLM
 
     for flag in ("top", "beam_size", "batch_size"):
         if getattr(args, flag, 1) < 1:
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     paths = {"caption": lambda: args.images, "vqa": lambda: [args.image], "nlvr2": lambda: [args.left, args.right],
              "retrieve": lambda: list_images(args.images)}[args.command]()
     images = [load_image(p) for p in paths]  # all images checked before the model is loaded
-    model = MiniVLM.from_pretrained(args.model, device=args.device)
+    model = load(args.model, args.backend, args.device, int8=args.int8)
     model.batch_size = args.batch_size
     regions = model.regions(images)
 

@@ -13,12 +13,16 @@ config.json {"kind": "model", "version", "config": {"detector": ..., "tasks": {n
 model.safetensors with the detector ("detector.*") and each task part ("tasks.<name>.*"), vocab.txt and,
 with VQA, answers.txt. `MiniVLM.assemble(detector_folder, {task: folder})` joins a "detector" checkpoint
 (`minivlm train-detector`) with "task" checkpoints (`minivlm finetune --out DIR`).
+
+`minivlm export MODEL` adds MODEL/onnx/ (ONNX graphs + a manifest of the weights they came from);
+`MiniVLM.from_pretrained` then returns the ONNX Runtime model (`minivlm.edge.EdgeMiniVLM`, the same calls)
+as long as the graphs are fresh (`minivlm.backend`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
@@ -32,6 +36,9 @@ from minivlm.io import read_lines, write_lines  # noqa: F401  (re-exported: fine
 from minivlm.regions import Regions
 from minivlm.tasks.data import TASKS, check_region_dim, chunks
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
+
+if TYPE_CHECKING:
+    from minivlm.edge import EdgeMiniVLM
 
 ImageLike = str | Path | Image.Image | Regions
 
@@ -207,7 +214,15 @@ class MiniVLM(nn.Module):
                                 answers=self.answers if "vqa" in self.tasks else None)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "MiniVLM":
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
+                        int8: bool = False, threads: int | None = None) -> "MiniVLM | EdgeMiniVLM":
+        """The model folder on PyTorch, or on ONNX Runtime (`minivlm.edge.EdgeMiniVLM`, the same calls) when
+        `minivlm export` wrote fresh graphs into FOLDER/onnx: backend "auto" picks, "torch" / "onnx" force
+        one (`minivlm.backend`). `int8` and `threads` apply to ONNX Runtime."""
+        if backend != "torch" or int8:
+            from minivlm.backend import load
+
+            return load(folder, backend, str(device), int8, threads)
         from minivlm.vision.tee import TEE
 
         ckpt = checkpoint.read(folder, "model")

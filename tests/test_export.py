@@ -1,10 +1,14 @@
-"""The edge path: `minivlm export` writes ONNX graphs, `minivlm.edge.EdgeMiniVLM` runs them with onnxruntime
-and no PyTorch, and gives the PyTorch model's regions, captions (token for token) and answers."""
+"""The fast path: `minivlm export MODEL` writes ONNX graphs into MODEL/onnx, `MiniVLM.from_pretrained` (and
+every inference command) runs them with onnxruntime and no PyTorch while they are fresh, and they give the
+PyTorch model's regions, captions (token for token, greedy and beam), VQA answers, NLVR2 labels and retrieval
+ranking."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +31,9 @@ TEE_CFG = dataclasses.replace(get_tee("tee-demo"), image_size=128, fpn_channels=
                               rpn_post_nms_topk=300, max_regions=40, region_dim=16, num_classes=3, num_attributes=2)
 ANSWERS = ["yes", "no", "red", "two", "blue"]
 QUESTIONS = ["what color is it?", "is there a star?", "how many?", "what shape is on the left?"]
+STATEMENTS = ["both images have a red star", "the left image has two circles", "there is a square", "no blue"]
+TEXTS = ["a red circle", "two blue squares and a star", "", "a square"]
+TASKS = ("caption", "vqa", "nlvr2", "retrieval")
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +46,12 @@ def env(tmp_path_factory):
     detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"])
     for p in detector.roi_head.parameters():  # visible score gaps, so regions do not hinge on rounding
         p.data.normal_(0, 0.2) if p.dim() > 1 else None
-    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None) for t in ("caption", "vqa")}
+    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None) for t in TASKS}
     for m in tasks.values():  # larger than BERT's init: different inputs give visibly different outputs
         for p in m.parameters():
             p.data.normal_(0, 0.3) if p.dim() > 1 else None
+    with torch.no_grad():
+        tasks["nlvr2"].head.net[-1].bias[1] -= 3.0  # P(true) ~0.8-1.0 on the test pairs: shifted, both labels occur
     model = MiniVLM(detector, tasks, get_tokenizer(), ANSWERS).eval()
     model.save_pretrained(root / "model")
     rng = np.random.default_rng(0)
@@ -50,7 +59,7 @@ def env(tmp_path_factory):
     for i, (w, h) in enumerate([(120, 90), (64, 100), (100, 100), (37, 150)]):
         paths.append(root / f"img{i}.png")
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
-    assert main(["export", str(root / "model"), str(root / "edge"), "--int8"]) == 0
+    assert main(["export", str(root / "model"), "--int8"]) == 0  # into model/onnx
     return root, model, paths
 
 
@@ -58,7 +67,10 @@ def env(tmp_path_factory):
 def edge(env):
     from minivlm.edge import EdgeMiniVLM
 
-    return EdgeMiniVLM(env[0] / "edge", threads=1, batch_size=3)  # batches of 3: one full, one partial
+    model = MiniVLM.from_pretrained(env[0] / "model", threads=1)  # backend "auto": the fresh graphs
+    assert isinstance(model, EdgeMiniVLM)
+    model.batch_size = 3  # batches of 3: one full, one partial
+    return model
 
 
 def test_letterbox_matches_torch_exactly(tmp_path):
@@ -81,25 +93,40 @@ def test_letterbox_matches_torch_exactly(tmp_path):
             assert (s, size, hw) == (ls, lsize, tuple(lt.shape[1:]))
 
 
-def test_export_folder_lists_every_graph(env):
+def test_export_folder_lists_every_graph_and_the_weights(env):
+    from minivlm.backend import fingerprint
+
     root = env[0]
-    config = json.loads((root / "edge" / "edge.json").read_text())
-    assert config["format"] == "minivlm-edge" and set(config["tasks"]) == {"caption", "vqa"}
-    names = sorted(p.name for p in (root / "edge").iterdir())
-    assert names == ["answers.txt", "attributes.txt", "caption_prefix.int8.onnx", "caption_prefix.onnx",
-                     "caption_step.int8.onnx", "caption_step.onnx", "detector.int8.onnx", "detector.onnx",
-                     "edge.json", "tags.txt", "vocab.txt", "vqa.int8.onnx", "vqa.onnx"]
+    config = json.loads((root / "model" / "onnx" / "edge.json").read_text())
+    assert config["format"] == "minivlm-edge" and set(config["tasks"]) == set(TASKS)
+    assert config["weights"] == fingerprint(root / "model")
+    assert set(config["weights"]) == {"config.json", "model.safetensors", "vocab.txt", "answers.txt"}
+    names = sorted(p.name for p in (root / "model" / "onnx").iterdir())
+    graphs = ["caption_prefix", "caption_step", "detector", "nlvr2", "retrieval", "vqa"]
+    assert names == sorted(["answers.txt", "attributes.txt", "edge.json", "tags.txt", "vocab.txt"]
+                           + [f"{g}.onnx" for g in graphs] + [f"{g}.int8.onnx" for g in graphs])
 
 
 def test_transformer_weights_are_the_right_hand_matmul_operand(env):
     """x @ W everywhere (what onnxruntime's int8 MatMulInteger quantises), whatever eager form the trace saw."""
     import onnx
 
-    for name in ("caption_prefix.onnx", "caption_step.onnx", "vqa.onnx"):
-        graph = onnx.load(str(env[0] / "edge" / name)).graph
+    for name in ("caption_prefix.onnx", "caption_step.onnx", "vqa.onnx", "nlvr2.onnx", "retrieval.onnx"):
+        graph = onnx.load(str(env[0] / "model" / "onnx" / name)).graph
         weights = {t.name for t in graph.initializer}
         matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
         assert matmuls and all(n.input[0] not in weights for n in matmuls), name
+
+
+def test_the_same_public_api():
+    import inspect
+
+    from minivlm.edge import EdgeMiniVLM
+
+    for name in ("regions", "answer", "answer_scores", "verify", "verify_proba", "rank", "retrieve"):
+        ours, theirs = inspect.signature(getattr(EdgeMiniVLM, name)), inspect.signature(getattr(MiniVLM, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+    assert list(inspect.signature(EdgeMiniVLM.caption).parameters)[:3] == ["self", "images", "beam_size"]
 
 
 def test_detector_matches_pytorch(env, edge):
@@ -128,6 +155,19 @@ def test_greedy_captions_identical_token_for_token(env, edge):
                                                                              max_len=5, min_len=5)
 
 
+def test_beam_captions_identical_token_for_token(env, edge):
+    from minivlm.tasks.caption_model import build_prefix
+
+    _, model, paths = env
+    cap = model.tasks["caption"]
+    prefix = build_prefix(model.tokenizer, model.regions(paths), cap.cfg)
+    for beam in (2, 3):
+        want = cap.generate(prefix, beam_size=beam)
+        assert edge.caption_ids(paths, beam_size=beam) == want
+        assert want != cap.generate(prefix)  # beam search found other captions than greedy: the test has teeth
+    assert edge.caption(paths, beam_size=3) == model.caption(paths, beam_size=3)
+
+
 def test_images_without_regions_or_tags(env, edge):
     """Empty region sets take the padded-prefix path of the runtime; PyTorch drops those inputs instead."""
     from minivlm.edge import EdgeRegions
@@ -145,6 +185,9 @@ def test_images_without_regions_or_tags(env, edge):
         ours = [to_edge(r) for r in batch]
         assert edge.caption(ours) == model.caption(batch)
         assert edge.answer(ours, QUESTIONS[: len(batch)]) == model.answer(batch, QUESTIONS[: len(batch)])
+        np.testing.assert_allclose(edge.verify_proba(ours, ours[::-1], STATEMENTS[: len(batch)]),
+                                   model.verify_proba(batch, batch[::-1], STATEMENTS[: len(batch)]), atol=1e-5)
+        np.testing.assert_allclose(edge.rank(ours, TEXTS), model.rank(batch, TEXTS).numpy(), atol=1e-4)
 
 
 def test_vqa_answers_and_scores_match(env, edge):
@@ -156,27 +199,56 @@ def test_vqa_answers_and_scores_match(env, edge):
     assert edge.answer(paths[0], QUESTIONS) == model.answer(paths[0], QUESTIONS)  # one image, several questions
 
 
+def test_nlvr2_and_retrieval_match(env, edge):
+    _, model, paths = env
+    left, right = paths, paths[1:] + paths[:1]
+    want = model.verify_proba(left, right, STATEMENTS)
+    got = edge.verify_proba(left, right, STATEMENTS)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert edge.verify(left, right, STATEMENTS) == model.verify(left, right, STATEMENTS)
+    assert len(set(model.verify(left, right, STATEMENTS))) == 2  # both labels occur: the test has teeth
+    assert edge.verify(paths[0], paths[1], STATEMENTS) == model.verify(paths[0], paths[1], STATEMENTS)
+
+    want = model.rank(paths, TEXTS).numpy()
+    got = edge.rank(paths, TEXTS)
+    assert got.shape == want.shape == (len(paths), len(TEXTS))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert (np.argsort(-got, axis=0, kind="stable") == np.argsort(-want, axis=0, kind="stable")).all()
+    assert (np.argsort(-got, axis=1, kind="stable") == np.argsort(-want, axis=1, kind="stable")).all()
+    assert len({tuple(np.argsort(-want[:, t])) for t in range(len(TEXTS))}) > 1  # rankings differ by text
+    for query in TEXTS:
+        assert [i for i, _ in edge.retrieve(paths, query, top_k=3)] == [i for i, _ in model.retrieve(paths, query, 3)]
+    assert edge.rank(paths, []).shape == (len(paths), 0)
+
+
 def test_int8_graphs_run(env):
     from minivlm.edge import EdgeMiniVLM
 
     root, model, paths = env
-    q8 = EdgeMiniVLM(root / "edge", int8=True, threads=1)
+    q8 = MiniVLM.from_pretrained(root / "model", int8=True, threads=1)
+    assert isinstance(q8, EdgeMiniVLM) and q8.int8
     caps = q8.caption(paths)
     assert len(caps) == len(paths) and all(isinstance(c, str) and c for c in caps)
     assert all(a in ANSWERS for a in q8.answer(paths, QUESTIONS))
     assert [len(r) for r in q8.regions(paths)] == [len(r) for r in model.regions(paths)]
+    assert len(q8.verify(paths, paths, STATEMENTS)) == len(paths)
+    assert q8.rank(paths, TEXTS).shape == (len(paths), len(TEXTS))
 
 
 def test_runtime_and_commands_never_import_torch(env):
     root, _, paths = env
+    model, onnx, p0, p1 = str(root / "model"), str(root / "model" / "onnx"), str(paths[0]), str(paths[1])
     code = f"""
 import sys
 from minivlm.edge import EdgeMiniVLM
 from minivlm.cli import main
-m = EdgeMiniVLM({str(root / 'edge')!r}, threads=1)
-assert m.caption([{str(paths[0])!r}]) and m.answer({str(paths[0])!r}, "is it red?")
-assert main(["edge-caption", {str(root / 'edge')!r}, {str(paths[1])!r}, "--int8", "--threads", "1"]) == 0
-assert main(["edge-vqa", {str(root / 'edge')!r}, {str(paths[1])!r}, "is it red?", "--json", "--top", "2"]) == 0
+m = EdgeMiniVLM({onnx!r}, threads=1)
+assert m.caption([{p0!r}]) and m.answer({p0!r}, "is it red?")
+assert main(["edge-caption", {onnx!r}, {p1!r}, "--int8", "--threads", "1"]) == 0
+assert main(["caption", {model!r}, {p1!r}, "--beam-size", "2"]) == 0
+assert main(["nlvr2", {model!r}, {p0!r}, {p1!r}, "a red star", "--json"]) == 0
+assert main(["retrieve", {model!r}, "--images", {str(root)!r}, "--query", "a red star", "--int8"]) == 0
+assert main(["vqa", {model!r}, {p1!r}, "is it red?", "--json", "--top", "2"]) == 0
 bad = [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision"))]
 assert not bad, bad
 print("no torch")
@@ -185,8 +257,56 @@ print("no torch")
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("no torch")
-    doc = json.loads(res.stdout[res.stdout.index("\n[") + 1:res.stdout.rindex("]") + 1])  # after the caption line
-    assert doc[0]["question"] == "is it red?" and len(doc[0]["answers"]) == 2
+    doc = json.loads(res.stdout[res.stdout.rindex("\n[") + 1:res.stdout.rindex("]") + 1])  # the vqa command's
+    assert doc[0]["question"] == "is it red?" and len(doc[0]["top"]) == 2
+
+
+def test_stale_graphs_are_refused_or_skipped(env, tmp_path, caplog, capsys):
+    from minivlm.backend import choose
+    from minivlm.cli import main
+    from minivlm.edge import EdgeMiniVLM
+
+    root, model, paths = env
+    folder = tmp_path / "model"
+    shutil.copytree(root / "model", folder)
+    assert choose(folder) == "onnx" and choose(folder, "auto", "cuda") == "torch"
+    with pytest.raises(MiniVLMError, match="CPU"):
+        choose(folder, "onnx", "cuda")
+    assert isinstance(MiniVLM.from_pretrained(folder, backend="torch"), MiniVLM)
+
+    changed = MiniVLM.from_pretrained(folder, backend="torch")
+    with torch.no_grad():
+        changed.tasks["vqa"].head.net[-1].weight.mul_(-1)  # the model is saved again after the export
+    changed.save_pretrained(folder)
+    with caplog.at_level(logging.WARNING, logger="minivlm.backend"):
+        assert isinstance(MiniVLM.from_pretrained(folder), MiniVLM)  # auto: PyTorch, and why
+    assert "stale" in caplog.text and "model.safetensors" in caplog.text
+    with pytest.raises(MiniVLMError, match=r"stale.*model\.safetensors changed.*minivlm export"):
+        MiniVLM.from_pretrained(folder, backend="onnx")
+    assert main(["vqa", str(folder), str(paths[0]), "what?", "--backend", "onnx"]) == 1
+    err = capsys.readouterr().err
+    assert "stale" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    # --out writes elsewhere; the manifest ties the graphs to the weights, not to a place
+    assert main(["export", str(folder), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert choose(folder) == "torch"
+    shutil.rmtree(folder / "onnx")
+    shutil.copytree(tmp_path / "elsewhere", folder / "onnx")
+    fresh = MiniVLM.from_pretrained(folder, threads=1)
+    assert isinstance(fresh, EdgeMiniVLM)
+    assert fresh.answer(paths, QUESTIONS) == changed.answer(paths, QUESTIONS) != model.answer(paths, QUESTIONS)
+    with pytest.raises(MiniVLMError, match="no int8 graphs"):
+        MiniVLM.from_pretrained(folder, int8=True)
+
+    shutil.rmtree(folder / "onnx")
+    caplog.clear()
+    assert isinstance(MiniVLM.from_pretrained(folder), MiniVLM) and not caplog.text  # no graphs: PyTorch, quietly
+    with pytest.raises(MiniVLMError, match="no ONNX graphs.*minivlm export"):
+        MiniVLM.from_pretrained(folder, backend="onnx")
+    with pytest.raises(MiniVLMError, match="unknown backend"):
+        MiniVLM.from_pretrained(folder, backend="tensorrt")
+    with pytest.raises(MiniVLMError, match="int8"):
+        MiniVLM.from_pretrained(folder, backend="torch", int8=True)
 
 
 def test_clear_errors(env, tmp_path, capsys):
@@ -194,19 +314,24 @@ def test_clear_errors(env, tmp_path, capsys):
     from minivlm.edge import EdgeMiniVLM
     from minivlm.export import export_model
 
-    root = env[0]
-    with pytest.raises(DataFormatError, match="edge model folder not found"):
+    onnx = env[0] / "model" / "onnx"
+    with pytest.raises(DataFormatError, match="ONNX folder not found"):
         EdgeMiniVLM(tmp_path / "nowhere")
     with pytest.raises(DataFormatError, match="edge.json"):
-        EdgeMiniVLM(root)
+        EdgeMiniVLM(env[0] / "model")  # the model folder, not its onnx/
     broken = tmp_path / "broken"
     broken.mkdir()
-    for p in (root / "edge").iterdir():
-        if p.name != "caption_step.onnx":
+    for p in onnx.iterdir():
+        if p.name not in ("caption_step.onnx", "edge.json"):
             (broken / p.name).symlink_to(p)
+    config = json.loads((onnx / "edge.json").read_text())
+    (broken / "edge.json").write_text(json.dumps(config))
     with pytest.raises(DataFormatError, match="caption_step.onnx"):
+        EdgeMiniVLM(broken)
+    (broken / "edge.json").write_text(json.dumps({**config, "version": 1}))
+    with pytest.raises(DataFormatError, match="version 1.*minivlm export"):
         EdgeMiniVLM(broken)
     with pytest.raises(MiniVLMError, match="model folder not found"):
         export_model(tmp_path / "nowhere", tmp_path / "out")
-    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
+    assert main(["export", str(tmp_path / "nowhere")]) == 1
     assert "model folder not found" in capsys.readouterr().err

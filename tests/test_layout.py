@@ -168,10 +168,11 @@ def test_torch_and_torch_free_paths_give_identical_arrays(tok, budgets):
             "max_tag_len": cfg.max_tag_len, "region_dim": cfg.region_dim}
     er = [edge.EdgeRegions(r.boxes.numpy(), r.features.numpy(), r.scores.numpy(), r.labels.numpy(), r.image_size,
                            list(r.tags)) for r in rl]
-    vqa = edge.vqa_inputs(tok, er, TEXTS, ecfg)
-    assert_same(vqa, {"input_ids": batch.input_ids.numpy(), "token_type_ids": batch.token_type_ids.numpy(),
-                      "position_ids": batch.position_ids.numpy()})
-    assert np.array_equal(vqa["attention_mask"], batch.attention_mask().numpy())
+    fusion = edge.fusion_inputs(tok, er, TEXTS, ecfg)
+    assert_same(fusion, {"input_ids": batch.input_ids.numpy(), "token_type_ids": batch.token_type_ids.numpy(),
+                         "position_ids": batch.position_ids.numpy()})
+    assert np.array_equal(fusion["text_mask"], batch.text_mask.numpy())
+    assert np.array_equal(fusion["region_mask"], batch.region_mask.numpy())
     edge_prefix = edge.prefix_inputs(tok, er, ecfg)
     g = prefix.tag_ids.shape[1]
     assert_same({k: v[:, :g] for k, v in edge_prefix.items() if k in ("input_ids", "position_ids")},

@@ -84,7 +84,8 @@ def test_round_trip_gives_identical_outputs_without_unpickling(env, monkeypatch)
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
-    loaded = MiniVLM.from_pretrained(root / "model")
+    loaded = MiniVLM.from_pretrained(root / "model")  # no exported graphs: PyTorch
+    assert isinstance(loaded, MiniVLM)
     assert set(loaded.tasks) == {"caption", "vqa", "nlvr2", "retrieval"} and loaded.answers == ANSWERS
     assert_same(before, outputs(loaded, paths))
     config = read_json(root / "model" / "config.json")
@@ -194,8 +195,9 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 def test_commands_print_json(env, capsys):
     root, model, paths = env
     m = root / "model"
-    rc, out, _ = _cli(capsys, "caption", m, *paths[:2], "--json")
-    assert rc == 0 and [d["caption"] for d in json.loads(out)] == model.caption(paths[:2])
+    for backend in ("auto", "torch"):
+        rc, out, _ = _cli(capsys, "caption", m, *paths[:2], "--json", "--backend", backend)
+        assert rc == 0 and [d["caption"] for d in json.loads(out)] == model.caption(paths[:2])
     rc, out, _ = _cli(capsys, "vqa", m, paths[0], "what color is it?", "how many?", "--json", "--top", "3")
     doc = json.loads(out)
     assert rc == 0 and len(doc) == 2 and len(doc[0]["top"]) == 3
@@ -220,5 +222,7 @@ def test_commands_fail_cleanly_on_bad_input(env, capsys):
         assert ("bad.jpg" in err or "missing.png" in err) and "error" in err
     rc, _, err = _cli(capsys, "caption", root / "no_model", paths[0])
     assert rc == 1 and "no_model" in err and "Traceback" not in err
+    rc, _, err = _cli(capsys, "caption", m, paths[0], "--backend", "onnx")  # never exported
+    assert rc == 1 and "no ONNX graphs" in err and "minivlm export" in err and "Traceback" not in err
     rc, _, err = _cli(capsys, "retrieve", m, "--images", root / "nowhere", "--query", "x")
     assert rc == 1 and "nowhere" in err

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from minivlm.data.images import load_image
 from minivlm.errors import ImageError, MiniVLMError
+from minivlm.inference import add_backend_arguments
 from minivlm.io import write_json
 
 
@@ -32,7 +33,7 @@ def image_files(folder: str | Path) -> list[tuple[str, Path]]:
 
 def distill(teacher, folder: str | Path, out: str | Path, batch_size: int = 8, beam_size: int = 1,
             limit: int | None = None, teacher_name: str = "") -> dict:
-    """Captions every image under `folder` with `teacher` (a `MiniVLM`); returns a summary."""
+    """Captions every image under `folder` with `teacher` (a `MiniVLM` or `EdgeMiniVLM`); returns a summary."""
     out = Path(out)
     files = image_files(folder)[:limit]
     partial = out.with_name(out.name + ".partial.jsonl")
@@ -82,12 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--beam-size", type=int, default=1, help="teacher's beam (offline, so it may be large)")
     parser.add_argument("--limit", type=int, help="caption only the first N images")
+    add_backend_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from minivlm.model import MiniVLM
+    from minivlm.backend import load
 
-    teacher = MiniVLM.from_pretrained(args.teacher)
+    teacher = load(args.teacher, args.backend, args.device, int8=args.int8)
     if "caption" not in teacher.tasks:
         raise MiniVLMError(f"{args.teacher}: the teacher has no caption task (tasks: {', '.join(teacher.tasks)})")
     summary = distill(teacher, args.images, args.out, args.batch_size, args.beam_size, args.limit,
