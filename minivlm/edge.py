@@ -109,7 +109,7 @@ def collate_regions(regions: Sequence[EdgeRegions], dim: int, max_regions: int
 
 
 def prefix_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], cfg: dict) -> dict[str, np.ndarray]:
-    """The caption prefix graph's inputs, as `minivlm.tasks.caption.build_prefix` with predicted tags."""
+    """The caption prefix graph's inputs, as `minivlm.tasks.caption_model.build_prefix` with predicted tags."""
     tags = tag_prefix(tokenizer, [r.object_tags(cfg["max_regions"], cfg["tag_min_score"]) for r in regions],
                       cfg["max_text_len"], cfg["max_tag_len"], min_len=1)  # >= 1 column: a masked pad adds nothing
     feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
@@ -345,7 +345,7 @@ class EdgeMiniVLM:
 
 
 class CachedSteps:
-    """`minivlm.tasks.caption.CachedSteps` on the graphs: the prefix (tags + regions) is encoded once, and
+    """`minivlm.tasks.caption_model.CachedSteps` on the graphs: the prefix (tags + regions) is encoded once, and
     each call feeds [previous token, [MASK]] with the explicit past keys/values (a stepper of edge_decode)."""
 
     def __init__(self, model: EdgeMiniVLM, cfg: dict, regions: Sequence[EdgeRegions], expand: int = 1):

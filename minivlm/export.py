@@ -21,7 +21,7 @@ growing prefix, the FPN levels present among the RoIs), it takes a traceable for
 `torch.jit.is_tracing()` that computes the same regions. Image decoding, letterboxing and the mapping of
 boxes back to original pixels stay outside the graph (numpy in `minivlm.edge`), as in `TEE.extract`.
 
-The caption graphs mirror `CachedSteps` in `minivlm.tasks.caption`: the prefix (tags at positions
+The caption graphs mirror `CachedSteps` in `minivlm.tasks.caption_model`: the prefix (tags at positions
 max_text_len.., then regions) is encoded once; every step feeds two tokens [w_{t-1}, [MASK]] with an explicit
 [N, 2, Kv] attention mask, reads the logits at the [MASK] and returns the keys/values without the [MASK]'s.
 The VQA, NLVR2 and retrieval graphs are one `FusionGraph` each: the task model's own `logits` (or
