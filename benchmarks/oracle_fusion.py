@@ -38,8 +38,8 @@ from minivlm.config import get_bert  # noqa: E402
 from minivlm.data.feature_store import FeatureStore  # noqa: E402
 from minivlm.data.world import World  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
-from minivlm.tasks.vqa import (VQACollator, VQADataset, VQAModel, build_answer_vocab, make_examples,  # noqa: E402
-                               predict_vqa)
+from minivlm.tasks.vqa import (VQACollator, VQADataset, VQAModel, baseline_results,  # noqa: E402
+                               build_answer_vocab, make_examples, predict_vqa)
 from minivlm.fusion.loading import load_text_weights  # noqa: E402
 from minivlm.regions import Regions  # noqa: E402
 from minivlm.text.tokenizer import get_tokenizer, minilm_checkpoint_path  # noqa: E402
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-text", action="store_true", help="start from the real MiniLM-L6 text weights (--preset minilm-l6)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-eval", type=int, default=0, metavar="N",
+                   help="also score the first N training questions (memorised or learned?)")
     p.add_argument("--out", type=Path, default=Path("runs/oracle_fusion"))
     args = p.parse_args(argv)
 
@@ -157,8 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         if step % 100 == 0:
             print(f"step {step}: loss {loss.item():.3f}", flush=True)
     acc = vqa_accuracy(predict_vqa(model, tok, test, store, answers, 128, progress=False), test_q)
+    prior = vqa_accuracy(baseline_results(train_q, test_q)["per_question_type"], test_q)
     row = {"args": {k: str(v) for k, v in vars(args).items()}, "n_train": len(train), "test": acc["overall"],
-           "per_question_type": acc["perQuestionType"], "seconds": round(time.time() - t0)}
+           "per_question_type": acc["perQuestionType"], "prior": prior["overall"],
+           "prior_per_question_type": prior["perQuestionType"], "seconds": round(time.time() - t0)}
+    if args.train_eval:
+        seen = train[:args.train_eval]
+        seen_ids = {e.question_id for e in seen}
+        seen_q = [q for q in train_q if q.question_id in seen_ids]
+        fit = vqa_accuracy(predict_vqa(model, tok, seen, store, answers, 128, progress=False), seen_q)
+        row["train"], row["train_per_question_type"] = fit["overall"], fit["perQuestionType"]
     print(json.dumps(row))
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "oracle_fusion.jsonl", "a") as f:
