@@ -168,6 +168,43 @@ def test_beam_captions_identical_token_for_token(env, edge):
     assert edge.caption(paths, beam_size=3) == model.caption(paths, beam_size=3)
 
 
+def test_rows_that_end_leave_the_batch_with_the_same_captions(edge, env):
+    """The graphs' KV caches survive rows leaving the batch (edge_decode's pruning): captions that end at
+    different steps come out the same with and without pruning, for fewer rows fed. This model's own
+    captions all run to max_len, so a large [SEP] logit ends image i's rows at step 2 i + 2."""
+    from minivlm.edge import CachedSteps
+    from minivlm.edge_decode import beam_search, greedy_search
+
+    class EndEarly:
+        def __init__(self, steps, n, beam):
+            self.steps, self.image, self.step, self.fed = steps, np.repeat(np.arange(n), beam), 0, 0
+
+        def __call__(self, last):
+            logits = self.steps(last)
+            self.step += 1
+            self.fed += len(last)
+            logits[2 * self.image + 2 <= self.step, edge.ids["sep"]] = logits.max() + 10.0
+            return logits
+
+        def reorder(self, rows):
+            self.steps.reorder(rows)
+            self.image = self.image[rows]
+
+    regions, cfg = edge.regions(env[2]), edge.task("caption")
+    for beam in (1, 3):
+        runs = {}
+        for prune in (True, False):
+            steps = EndEarly(CachedSteps(edge, cfg, regions, beam), len(regions), beam)
+            if beam == 1:
+                caps = greedy_search(steps, len(regions), 9, edge.ids, prune=prune)
+            else:
+                caps = beam_search(steps, len(regions), beam, 9, edge.ids, prune=prune)
+            runs[prune] = caps, steps.fed
+        assert runs[True][0] == runs[False][0]
+        assert [len(c) for c in runs[True][0]] == [1, 3, 5, 7]
+        assert runs[True][1] == beam * (4 + 3 + 2 + 1) * 2 < runs[False][1] == beam * 4 * 8
+
+
 def test_images_without_regions_or_tags(env, edge):
     """Empty region sets take the padded-prefix path of the runtime; PyTorch drops those inputs instead."""
     from minivlm.edge import EdgeRegions
