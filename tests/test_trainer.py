@@ -114,3 +114,25 @@ def test_eval_fn_results_logged(tmp_path):
     evals = [e for e in read_log(tmp_path / "log.jsonl") if "eval" in e]
     assert [e["step"] for e in evals] == [4, 8]
     json.dumps(evals)
+
+
+class DtypeProbe(Regression):
+    """Records the dtype its linear layer computes in (bf16 under autocast)."""
+
+    def forward(self, batch):
+        self.seen = self.lin(batch[0]).dtype
+        return super().forward(batch)
+
+
+@pytest.mark.parametrize("cpu_amp", [False, True])
+def test_cpu_amp_runs_bf16_only_when_asked_and_supported(tmp_path, cpu_amp):
+    from minivlm.train.trainer import cpu_has_bf16
+
+    torch.manual_seed(0)
+    model = DtypeProbe()
+    Trainer(model, cfg(cpu_amp=cpu_amp, epochs=8), tmp_path).fit(make_data(), collate)
+    expected = torch.bfloat16 if cpu_amp and cpu_has_bf16() else torch.float32
+    assert model.seen == expected
+    assert model.lin.weight.dtype == torch.float32  # weights and checkpoints stay fp32
+    log = read_log(tmp_path / "log.jsonl")
+    assert log[-1]["loss"] < 0.1 * log[0]["loss"]  # still learns in bf16

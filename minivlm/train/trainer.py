@@ -147,7 +147,7 @@ class Trainer:
         self.step = 0
         self.log_path = self.out_dir / "log.jsonl"
         self.ckpt_root = self.out_dir / "checkpoint"
-        self.use_amp = cfg.amp and self.device.type == "cuda"
+        self.amp_device = amp_device(cfg, self.device)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
@@ -269,7 +269,7 @@ class Trainer:
         return last
 
     def _train_step(self, batch, scheduler) -> dict[str, float]:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
+        autocast = torch.autocast(self.amp_device, dtype=torch.bfloat16) if self.amp_device else nullcontext()
         with autocast:
             out = self.wrapped(batch)
         loss = out["loss"]
@@ -295,6 +295,22 @@ class Trainer:
                 f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         self._barrier()
         return result
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere autocast would emulate it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_device(cfg: TrainConfig, device: torch.device) -> str | None:
+    """The autocast device type for bf16 mixed precision, or None for fp32: a GPU when `amp`, the CPU only
+    when `cpu_amp` and it has bf16 units (asked for on a CPU without them, training runs in fp32)."""
+    if device.type == "cuda":
+        return "cuda" if cfg.amp else None
+    return "cpu" if device.type == "cpu" and cfg.cpu_amp and cpu_has_bf16() else None
 
 
 def read_log(path: str | Path) -> list[dict]:
