@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minivlm.data.oracle import write_blind_store, write_oracle_store  # noqa: E402
 from minivlm.data.world import World  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
-from minivlm.demo import stage  # noqa: E402
+from minivlm.demo import SIZES, stage  # noqa: E402
 from minivlm.io import write_json  # noqa: E402
 from minivlm.tasks.finetune import DEFAULT_LR, FinetuneSetup, finetune, task_train_config  # noqa: E402
 from minivlm.tasks.vqa import baseline_results  # noqa: E402
+
+DEMO = SIZES["default"]  # the recipe the benchmark shares with the demo
 
 
 def ceiling(questions) -> dict:
@@ -49,8 +51,9 @@ def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
     """Fine-tunes VQA on one region source; the demo's `stage` records its seconds and skips it when done."""
     return stage(name, out / name, lambda: finetune(FinetuneSetup(
         task="vqa", data=world, features=store, out=out / name, pretrained=args.pretrained, preset=args.preset,
-        eval_splits=["test"], curriculum_epochs=args.curriculum_epochs, train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"],
-                                             batch_size=32, warmup_steps=args.warmup, seed=args.seed))),
+        eval_splits=["test"], curriculum_epochs=args.curriculum_epochs, vqa_pool=args.vqa_pool,
+        train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"], batch_size=32,
+                      warmup_steps=args.warmup, seed=args.seed, cpu_amp=DEMO.cpu_amp))),
         prefix="grounding")
 
 
@@ -60,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", type=Path, help="TEE feature store of the world's images (omit: no tee row)")
     p.add_argument("--pretrained", type=Path, help="pre-trained transformer folder (default: random init)")
     p.add_argument("--preset", default="bert-demo")
-    p.add_argument("--epochs", type=int, default=3, help="VQA epochs on all questions (default: the demo's)")
-    p.add_argument("--curriculum-epochs", type=int, default=3,
+    p.add_argument("--epochs", type=int, default=DEMO.task_epochs["vqa"],
+                   help="VQA epochs on all questions (default: the demo's)")
+    p.add_argument("--curriculum-epochs", type=int, default=DEMO.vqa_curriculum_epochs,
                    help="VQA epochs on the attribute questions first (default: the demo's; 0: none)")
+    p.add_argument("--vqa-pool", default=DEMO.vqa_pool, choices=("cls", "text-mean"),
+                   help="what the answer head reads (default: the demo's)")
     p.add_argument("--lr", type=float, default=None, help="default: finetune's VQA default")
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
               f"over the per-type prior ({results[n].get('seconds', 0):.0f} s)")
     write_json(args.out / "grounding.json", {
         "data": str(world_root), "features": str(args.features or ""), "preset": args.preset, "epochs": args.epochs,
-        "curriculum_epochs": args.curriculum_epochs,
+        "curriculum_epochs": args.curriculum_epochs, "vqa_pool": args.vqa_pool,
         "pretrained": str(args.pretrained or ""), "n_test_questions": len(test_q),
         "most_frequent_answer": refs["most_frequent"]["overall"], "vqa": table,
         "seconds": {n: r.get("seconds") for n, r in results.items()}}, indent=1)

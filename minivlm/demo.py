@@ -63,6 +63,7 @@ class DemoSize:
     # VQA epochs on the attribute questions alone before all of them (`finetune --curriculum-epochs`): with
     # oracle regions this took VQA from 52.8 to 57.7 in the same number of steps (README: Grounding).
     vqa_curriculum_epochs: int = 0
+    vqa_pool: str = "cls"  # what the answer head reads (FinetuneSetup.vqa_pool)
     # bf16 autocast in the transformer stages where the CPU has bf16 units (TrainConfig.cpu_amp): ~1.7x
     # faster steps on the project's machine, spent on more epochs. Off in `quick`, whose numbers a test holds.
     cpu_amp: bool = False
@@ -92,7 +93,7 @@ class DemoSize:
         if task == "caption":
             fields.update(caption_objective=self.caption_objective, caption_mask_prob=self.caption_mask_prob)
         if task == "vqa":
-            fields.update(curriculum_epochs=self.vqa_curriculum_epochs)
+            fields.update(curriculum_epochs=self.vqa_curriculum_epochs, vqa_pool=self.vqa_pool)
         return FinetuneSetup(task=task, train=train, **fields)
 
 

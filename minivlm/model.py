@@ -47,15 +47,15 @@ ImageLike = str | Path | Image.Image | Regions
 
 
 def build_task_model(task: str, cfg: BertConfig, num_answers: int | None = None,
-                     tokenizer: Tokenizer | None = None) -> nn.Module:
+                     tokenizer: Tokenizer | None = None, extra: dict | None = None) -> nn.Module:
     """An untrained task model of the given shape (`tokenizer`: the vocabulary whose special ids the caption
-    decoder uses; default BERT uncased)."""
+    decoder uses; default BERT uncased; `extra`: the task settings of its folder, e.g. VQA's pooling)."""
     if task == "vqa":
         from minivlm.tasks.vqa import VQAModel
 
         if not num_answers:
             raise MiniVLMError("a VQA model needs its answer set (answers.txt)")
-        return VQAModel(cfg, num_answers)
+        return VQAModel(cfg, num_answers, (extra or {}).get("pool", "cls"))
     if task == "nlvr2":
         from minivlm.tasks.nlvr2 import NLVR2Model
 
@@ -86,7 +86,8 @@ def load_task_folder(folder: str | Path, device: str | torch.device = "cpu") -> 
     ckpt = checkpoint.read(folder, "task")
     spec = ckpt.task_spec()
     tokenizer = Tokenizer(ckpt.vocab) if ckpt.vocab is not None else None
-    model = build_task_model(spec.task, spec.bert, len(ckpt.answers()) if spec.task == "vqa" else None, tokenizer)
+    model = build_task_model(spec.task, spec.bert, len(ckpt.answers()) if spec.task == "vqa" else None, tokenizer,
+                             spec.extra)
     load_state_strict(model, ckpt.weights)
     return ckpt, model.to(device).eval()
 
@@ -206,7 +207,8 @@ class MiniVLM(nn.Module):
     def save_pretrained(self, folder: str | Path) -> Path:
         """A "model" checkpoint: the detector and every task part in one model.safetensors."""
         det = self.detector
-        tasks = {name: TaskSpec(name, model.cfg, {"num_answers": model.num_answers} if name == "vqa" else {})
+        tasks = {name: TaskSpec(name, model.cfg, {"num_answers": model.num_answers, "pool": model.pool}
+                                if name == "vqa" else {})
                  for name, model in self.tasks.items()}
         config = {"detector": DetectorSpec(det.cfg, det.class_names, det.attribute_names).to_json(),
                   "tasks": {name: spec.to_json() for name, spec in tasks.items()}}
@@ -234,7 +236,8 @@ class MiniVLM(nn.Module):
         tasks: dict[str, nn.Module] = {}
         for name, spec in specs.items():
             check_region_dim(spec.bert, det.tee.region_dim, f"{ckpt.config_path}: tasks.{name} vs the detector")
-            tasks[name] = build_task_model(name, spec.bert, len(answers) if name == "vqa" else None, tokenizer)
+            tasks[name] = build_task_model(name, spec.bert, len(answers) if name == "vqa" else None, tokenizer,
+                                           spec.extra)
         model = cls(TEE(det.tee, det.class_names, det.attribute_names), tasks, tokenizer, answers)
         load_state_strict(model, ckpt.weights)
         return model.to(device).eval()

@@ -46,7 +46,9 @@ def env(tmp_path_factory):
     detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"])
     for p in detector.roi_head.parameters():  # visible score gaps, so regions do not hinge on rounding
         p.data.normal_(0, 0.2) if p.dim() > 1 else None
-    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None) for t in TASKS}
+    # VQA with the demo's text-mean pooling: its masked mean must trace into the graph with dynamic lengths
+    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None, extra={"pool": "text-mean"})
+             for t in TASKS}
     for m in tasks.values():  # larger than BERT's init: different inputs give visibly different outputs
         for p in m.parameters():
             p.data.normal_(0, 0.3) if p.dim() > 1 else None

@@ -32,7 +32,8 @@ def build_model() -> MiniVLM:
 
     torch.manual_seed(0)
     detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"])
-    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None)
+    # VQA reads the mean of its tokens: the round trip must keep the pooling, or its answers change
+    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None, extra={"pool": "text-mean"})
              for t in ("caption", "vqa", "nlvr2", "retrieval")}
     for m in tasks.values():  # larger than BERT's init, so different inputs give visibly different outputs
         for p in m.parameters():
@@ -166,7 +167,7 @@ def test_assemble_from_detector_and_finetune_folders(env):
     folders = {}
     for task, m in model.tasks.items():
         folder = root / f"ft_{task}"
-        write_task_config(folder, task, m.cfg, state=m.state_dict())
+        write_task_config(folder, task, m.cfg, state=m.state_dict(), **({"pool": m.pool} if task == "vqa" else {}))
         shutil.copyfile(model.tokenizer.vocab_path, folder / "vocab.txt")
         if task == "vqa":
             write_lines(folder / "answers.txt", ANSWERS)

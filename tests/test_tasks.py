@@ -3,6 +3,7 @@ overfits that must beat chance, and the `finetune` command on a small generated 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -180,6 +181,24 @@ def test_tiny_vqa_overfit_beats_chance(tok):
     assert acc >= 0.75  # chance: 0.25
 
 
+def test_vqa_text_mean_pooling_reads_the_tokens_not_their_padding(tok):
+    from minivlm.errors import MiniVLMError
+
+    torch.manual_seed(0)
+    items = [(VQAExample(0, 0, "what color is the star?", {0: 1.0}), regions(7))]
+    mean, cls = VQAModel(TINY, 4, "text-mean").eval(), VQAModel(TINY, 4).eval()
+    cls.load_state_dict(mean.state_dict())  # same weights: only the pooling differs
+    short = VQACollator(tok, TINY, 4)(items).inputs
+    assert not torch.allclose(mean.logits(short), cls.logits(short))
+    # the same tokens padded wider: the mean is over real tokens only
+    pad = torch.nn.functional.pad
+    wide = dataclasses.replace(short, **{k: pad(getattr(short, k), (0, 5)) for k in
+                                         ("input_ids", "token_type_ids", "position_ids", "text_mask", "maskable")})
+    assert torch.allclose(mean.logits(short), mean.logits(wide), atol=1e-5)
+    with pytest.raises(MiniVLMError, match="pooling"):
+        VQAModel(TINY, 4, "max")
+
+
 def test_tiny_nlvr2_overfit_beats_chance(tok):
     torch.manual_seed(0)
     labels = [True, False, False, True, True, False, True, False]
@@ -271,6 +290,14 @@ def test_finetune_vqa_writes_results_metrics_and_task_folder(tiny_world):
     rc, _ = _finetune(tiny_world, "vqa", "--num-answers", "5")
     again = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert rc == 0 and [s for s in again if s not in steps] == [] and max(again) == 3
+
+
+def test_vqa_pooling_is_kept_by_the_task_folder(tiny_world):
+    from minivlm.model import load_task_folder
+
+    rc, _ = _finetune(tiny_world, "vqa", "--num-answers", "5", "--vqa-pool", "text-mean", name="out_mean")
+    _, model = load_task_folder(tiny_world / "out_mean")
+    assert rc == 0 and model.pool == "text-mean"
 
 
 def test_vqa_curriculum_trains_attribute_questions_first_and_resumes(tiny_world):

@@ -132,12 +132,20 @@ class VQACollator:
 # ---------------------------------------------------------------------------------------------- model
 
 
+# What the answer head reads. "cls": BERT's pooled [CLS] (OSCAR). "text-mean": the mean of the token segment's
+# final states (question and tags), through the same pooler: with oracle regions it learnt faster from random
+# weights (57.4 vs 52.8 in 1,200 steps, README: Grounding), the question's words being where the answer is bound.
+VQA_POOLS = ("cls", "text-mean")
+
+
 class VQAModel(nn.Module):
-    def __init__(self, cfg: BertConfig, num_answers: int):
+    def __init__(self, cfg: BertConfig, num_answers: int, pool: str = "cls"):
         super().__init__()
         if num_answers < 1:
             raise ValueError("a VQA model needs at least one answer")
-        self.cfg, self.num_answers = cfg, num_answers
+        if pool not in VQA_POOLS:
+            raise MiniVLMError(f"unknown VQA pooling {pool!r}; choose one of: {', '.join(VQA_POOLS)}")
+        self.cfg, self.num_answers, self.pool = cfg, num_answers, pool
         self.bert = MultimodalBert(cfg)
         self.pooler = Pooler(cfg)
         self.head = ClassifierHead(cfg, num_answers)
@@ -153,7 +161,11 @@ class VQAModel(nn.Module):
         self.head.net[-1].bias.copy_(torch.log(p / (1 - p)))
 
     def logits(self, inputs: FusionBatch) -> torch.Tensor:
-        return self.head(self.pooler(self.bert(**inputs.model_inputs()).hidden_states))
+        hidden = self.bert(**inputs.model_inputs()).hidden_states
+        if self.pool == "text-mean":
+            mask = inputs.text_mask.unsqueeze(-1).to(hidden.dtype)
+            hidden = ((hidden[:, :mask.shape[1]] * mask).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)
+        return self.head(self.pooler(hidden))
 
     def forward(self, batch: VQABatch) -> dict[str, torch.Tensor]:
         logits = self.logits(batch.inputs)
@@ -251,13 +263,13 @@ class VQATask(Task):
         return examples if limit is None else examples[:limit]
 
     def build_model(self, cfg):
-        model = VQAModel(cfg, len(self.answers))
+        model = VQAModel(cfg, len(self.answers), self.setup.vqa_pool)
         self.run.init(model)
         model.init_answer_bias([e.targets for e in self.train])  # after init: a pre-trained head keeps the prior
         return model
 
     def folder_extra(self):
-        return {"num_answers": len(self.answers)}
+        return {"num_answers": len(self.answers), "pool": self.setup.vqa_pool}
 
     def dataset(self, train):
         return VQADataset(train, self.store)
