@@ -186,9 +186,13 @@ class Demo:
     def assemble(self) -> dict:
         from minivlm.model import MiniVLM
 
+        from minivlm.export import export_model
+
         model = MiniVLM.assemble(self.detector, {t: self.out / t for t in TASKS})
         model.save_pretrained(self.model)
-        return {"tasks": list(TASKS)}
+        # Its graphs beside it, so `minivlm caption MODEL ...` and `MiniVLM.from_pretrained` take the fast path.
+        export_model(self.model)
+        return {"tasks": list(TASKS), "onnx": str(self.model / "onnx")}
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)

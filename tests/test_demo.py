@@ -43,6 +43,10 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
         assert (out / src).is_file(), src
     model = out / "model"
     assert (model / "config.json").is_file() and list(model.glob("*.safetensors"))
+    # ... with fresh ONNX graphs beside it: the default backend serves it through ONNX Runtime
+    from minivlm.backend import choose
+
+    assert choose(model) == "onnx"
     # The caption stage ran the demo's recipe, not finetune's paper defaults.
     caption_train = json.loads((out / "caption" / "ce" / "train_config.json").read_text())
     assert (caption_train["lr"], caption_train["warmup_steps"]) == (SIZES["quick"].task_lr["caption"], 30)
