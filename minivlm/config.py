@@ -235,7 +235,7 @@ class TrainConfig:
     amp: bool = option(True, help="mixed precision (only where a GPU is present)")
     # Off by default: bf16 changes the numbers, and a CPU without bf16 units would emulate it slowly.
     cpu_amp: bool = option(False, help="bf16 autocast on the CPU too, where it has bf16 units (AMX / AVX512-BF16: "
-                                       "~1.7x faster transformer steps on this project's 2-core machine)")
+                                       "~1.6x faster transformer steps on this project's 2-core machine)")
     num_workers: int = option(0, flags=("--workers", "--num-workers"), help="data loader workers")
     seed: int = option(0, help="random seed")
     log_every: int = option(10, help="steps between log lines")

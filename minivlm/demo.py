@@ -64,7 +64,7 @@ class DemoSize:
     # oracle regions this took VQA from 52.8 to 57.7 in the same number of steps (README: Grounding).
     vqa_curriculum_epochs: int = 0
     vqa_pool: str = "cls"  # what the answer head reads (FinetuneSetup.vqa_pool)
-    # bf16 autocast in the transformer stages where the CPU has bf16 units (TrainConfig.cpu_amp): ~1.7x
+    # bf16 autocast in the transformer stages where the CPU has bf16 units (TrainConfig.cpu_amp): ~1.6x
     # faster steps on the project's machine, spent on more epochs. Off in `quick`, whose numbers a test holds.
     cpu_amp: bool = False
     report_images: int = 8
@@ -184,9 +184,8 @@ class Demo:
         return read_json(self.out / task / "metrics.json")
 
     def assemble(self) -> dict:
-        from minivlm.model import MiniVLM
-
         from minivlm.export import export_model
+        from minivlm.model import MiniVLM
 
         model = MiniVLM.assemble(self.detector, {t: self.out / t for t in TASKS})
         model.save_pretrained(self.model)
