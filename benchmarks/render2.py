@@ -26,7 +26,7 @@ from minivlm.data.render2 import make_render2_world  # noqa: E402
 from minivlm.data.world import World  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
 from minivlm.io import write_json  # noqa: E402
-from minivlm.tasks.data import chunks  # noqa: E402
+from minivlm.batching import chunks  # noqa: E402
 from minivlm.tasks.vqa import baseline_results  # noqa: E402
 from minivlm.vision.train import evaluate_detector  # noqa: E402
 

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from minivlm.batching import broadcast, chunks
 from minivlm.data.images import image_to_array, load_image
 from minivlm.edge_decode import beam_search, greedy_search
 from minivlm.errors import DataFormatError, MiniVLMError
@@ -274,9 +275,9 @@ class EdgeMiniVLM:
         """[N, num_answers] logits, one row per question (one image per question, or one for all)."""
         cfg = self.task("vqa")
         questions = _texts(questions)
-        regions = _broadcast(self.regions(images), len(questions), "images", "questions")
+        regions = broadcast(self.regions(images), len(questions), "images", "questions")
         out = [self._run(cfg, fusion_inputs(self.tokenizer, r, q, cfg))
-               for r, q in zip(_chunks(regions, self.batch_size), _chunks(questions, self.batch_size))]
+               for r, q in zip(chunks(regions, self.batch_size), chunks(questions, self.batch_size))]
         return np.concatenate(out, axis=0) if out else np.zeros((0, cfg["num_answers"]), dtype=np.float32)
 
     def answer_scores(self, images: Sequence[Any] | Any, questions: Sequence[str] | str,
@@ -298,11 +299,11 @@ class EdgeMiniVLM:
         """P(statement is true of the pair (left[i], right[i]))."""
         cfg = self.task("nlvr2")
         statements = _texts(statements)
-        lr = _broadcast(self.regions(left), len(statements), "left images", "statements")
-        rr = _broadcast(self.regions(right), len(statements), "right images", "statements")
+        lr = broadcast(self.regions(left), len(statements), "left images", "statements")
+        rr = broadcast(self.regions(right), len(statements), "right images", "statements")
         out: list[float] = []
-        for a, b, s in zip(_chunks(lr, self.batch_size), _chunks(rr, self.batch_size),
-                           _chunks(statements, self.batch_size)):
+        for a, b, s in zip(chunks(lr, self.batch_size), chunks(rr, self.batch_size),
+                           chunks(statements, self.batch_size)):
             # the graph's 2B sequences: the B left ones, then the B right ones (`nlvr2.pair_inputs`)
             logits = self._run(cfg, fusion_inputs(self.tokenizer, [*a, *b], [*s, *s], cfg)).astype(np.float32)
             out += [float(p) for p in 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))]  # softmax(logits)[:, 1]
@@ -326,7 +327,7 @@ class EdgeMiniVLM:
         slots = PairSlots(self.tokenizer, texts, [r.object_tags(cfg["max_regions"], cfg["tag_min_score"])
                                                   for r in regions], cfg["max_text_len"], cfg["max_tag_len"])
         feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
-        for flat in _chunks(np.arange(n_i * n_t), max(64, self.batch_size)):
+        for flat in chunks(np.arange(n_i * n_t), max(64, self.batch_size)):
             i, t = flat // n_t, flat % n_t
             rows = slots.rows(i, t)
             scores[flat] = self._run(cfg, {"input_ids": rows["input_ids"], "token_type_ids": rows["token_type_ids"],
@@ -380,18 +381,6 @@ class CachedSteps:
 
 def _texts(texts: Sequence[str] | str) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
-
-
-def _chunks(items: Sequence, n: int) -> list:
-    return [items[i:i + n] for i in range(0, len(items), n)]
-
-
-def _broadcast(items: list, n: int, what: str, per: str) -> list:
-    if len(items) == n:
-        return items
-    if len(items) == 1:
-        return items * n
-    raise MiniVLMError(f"{len(items)} {what} for {n} {per}: give one, or one per {per[:-1]}")
 
 
 def _as_list(images: Any) -> list:

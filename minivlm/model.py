@@ -34,7 +34,8 @@ from minivlm.config import BertConfig
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.io import read_lines, write_lines  # noqa: F401  (re-exported: finetune and export use them)
 from minivlm.regions import Regions
-from minivlm.tasks.data import TASKS, check_region_dim, chunks
+from minivlm.batching import broadcast, chunks
+from minivlm.tasks.data import TASKS, check_region_dim
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class MiniVLM(nn.Module):
         image for all the questions."""
         model = self.task("vqa")
         questions = [questions] if isinstance(questions, str) else list(questions)
-        regions = _broadcast(self.regions(images), len(questions), "images", "questions")
+        regions = broadcast(self.regions(images), len(questions), "images", "questions")
         out: list[list[tuple[str, float]]] = []
         for r, q in zip(chunks(regions, self.batch_size), chunks(questions, self.batch_size)):
             idx, conf = model.predict(self.tokenizer, list(r), list(q), top_k)
@@ -176,8 +177,8 @@ class MiniVLM(nn.Module):
         """P(statement is true of the pair (left[i], right[i]))."""
         model = self.task("nlvr2")
         statements = [statements] if isinstance(statements, str) else list(statements)
-        lr = _broadcast(self.regions(left), len(statements), "left images", "statements")
-        rr = _broadcast(self.regions(right), len(statements), "right images", "statements")
+        lr = broadcast(self.regions(left), len(statements), "left images", "statements")
+        rr = broadcast(self.regions(right), len(statements), "right images", "statements")
         out: list[float] = []
         for a, b, s in zip(chunks(lr, self.batch_size), chunks(rr, self.batch_size), chunks(statements, self.batch_size)):
             out += [float(p) for p in model.predict(self.tokenizer, list(a), list(b), list(s))]
@@ -273,9 +274,3 @@ def _as_list(images: Any) -> list:
     return [images] if isinstance(images, (str, Path, Image.Image, Regions)) else list(images)
 
 
-def _broadcast(items: list, n: int, what: str, per: str) -> list:
-    if len(items) == n:
-        return items
-    if len(items) == 1:
-        return items * n
-    raise MiniVLMError(f"{len(items)} {what} for {n} {per}: give one, or one per {per[:-1]}")

@@ -9,7 +9,7 @@ build their examples, and read regions by the resolved key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Protocol
 
 import torch
 
@@ -18,7 +18,6 @@ from minivlm.data.feature_store import Key
 from minivlm.errors import MiniVLMError
 from minivlm.regions import Regions
 
-T = TypeVar("T")
 TASKS = ("caption", "vqa", "nlvr2", "retrieval")
 
 
@@ -87,11 +86,6 @@ def init_from_pretrained(model: torch.nn.Module, folder: str | Path | None) -> s
 
 
 # ---------------------------------------------------------------------------------------------- batching
-
-
-def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -32,7 +32,8 @@ from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
 from minivlm.errors import MiniVLMError
-from minivlm.tasks.data import RegionSource, chunks, get_regions, model_device
+from minivlm.batching import chunks
+from minivlm.tasks.data import RegionSource, get_regions, model_device
 from minivlm.tasks.task import Task
 from minivlm.text.tokenizer import Tokenizer
 
