@@ -232,7 +232,7 @@ def int8_name(graph: str) -> str:
 
 
 def export_model(model_folder: str | Path, out: str | Path | None = None, int8: bool = False,
-                 detector_int8: bool = True) -> Path:
+                 detector_int8: bool = False) -> Path:
     """Exports a model folder's detector and every task transformer into OUT (default MODEL/onnx); returns OUT."""
     model_folder = Path(model_folder)
     out = model_folder / ONNX_DIR if out is None else Path(out)
@@ -288,12 +288,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "MiniVLM.from_pretrained use them; elsewhere, run them with minivlm.edge.EdgeMiniVLM)")
     parser.add_argument("--int8", action="store_true",
                         help="also write dynamically int8-quantised graphs (*.int8.onnx)")
-    parser.add_argument("--no-detector-int8", action="store_true",
-                        help="with --int8: keep the detector in fp32 (quantise only the transformers)")
+    # The region head stays fp32 by default: int8 box-head layers move scores, and with them what NMS keeps.
+    parser.add_argument("--detector-int8", action="store_true",
+                        help="with --int8: also quantise the detector's box head (regions then differ from fp32's)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_model(args.model, args.out, int8=args.int8, detector_int8=not args.no_detector_int8)
+    out = export_model(args.model, args.out, int8=args.int8, detector_int8=args.detector_int8)
     files = sorted(p.name for p in out.iterdir() if p.suffix == ".onnx")
     print(f"exported {', '.join(files)} to {out}")
     return 0
