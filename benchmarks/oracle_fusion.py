@@ -3,7 +3,8 @@
     python benchmarks/oracle_fusion.py --data runs/demo/world --store runs/grounding/oracle_store \
         [--steps 1000] [--lr 2e-4] [--warmup 0] [--dropout 0.1] [--zero-bias] [--only "what color is the"]
         [--curriculum 500] [--max-train N] [--region-words] [--identity-qk] [--attribute-tags 40]
-        [--pool cls|text-mean|text-max] [--preset minilm-l6 --init-text] [--out runs/oracle_fusion]
+        [--pool cls|text-mean|text-max] [--preset minilm-l6 --init-text] [--cpu-amp] [--train-eval N]
+        [--out runs/oracle_fusion]
 
 The README's table of oracle-region settings comes from these flags (bert-demo from random weights, batch 32,
 AdamW with a linear decay, the test split):
