@@ -121,8 +121,8 @@ def write_report(demo: "Demo", stages: dict[str, dict]) -> dict:
     report.section("VQA", table(vqa_rows))
 
     # NLVR2
-    nl_split = "test1" if "test1" in world.splits("nlvr2") else world.splits("nlvr2")[-1]
-    examples = world.nlvr2(nl_split)[:n]
+    nl_split = world.test_split("nlvr2")
+    examples = world.nlvr2(nl_split)[:n] if nl_split else []
     nl_cards = []
     if examples:
         left = [world.nlvr2_image_path(nl_split, e.left_image) for e in examples]

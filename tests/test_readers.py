@@ -239,6 +239,7 @@ def test_world_chooses_splits_by_one_rule(tmp_path):
     assert (w.train_split("vqa"), w.eval_splits("vqa"), w.val_split("vqa")) == ("train2014", ["test2015", "val2014"],
                                                                                 "val2014")
     assert w.splits("pretrain") == ["test2015", "train2014", "val", "val2014"]
+    assert (w.test_split("vqa"), w.test_split("captions"), w.test_split("nlvr2")) == ("test2015", "test", None)
     # one precedence for references: the captions file, else the Karpathy split (restval is training data)
     assert w.caption_references("val") == {3: ["file caption 3"]}
     assert w.caption_references("train") == {1: ["karpathy 1"], 2: ["karpathy 2"]}

@@ -175,6 +175,12 @@ class World:
         """The held-out split to watch during training: the first, in sorted order, whose name starts with "val"."""
         return next((s for s in sorted(self.eval_splits(kind)) if s.startswith("val")), None)
 
+    def test_split(self, kind: str) -> str | None:
+        """The held-out split to report: the first, in sorted order, whose name starts with "test" ("test",
+        NLVR2's "test1"), else the last held-out split."""
+        held_out = sorted(self.eval_splits(kind))
+        return next((s for s in held_out if s.startswith("test")), held_out[-1] if held_out else None)
+
     def caption_references(self, split: str) -> dict[int, list[str]]:
         """Image id -> reference captions of `split` (images without any left out): captions_{split}.json,
         else the Karpathy file's split when the dataset has one."""
