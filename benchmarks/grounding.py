@@ -36,7 +36,7 @@ from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
 from minivlm.demo import SIZES, stage  # noqa: E402
 from minivlm.io import write_json  # noqa: E402
 from minivlm.tasks.finetune import DEFAULT_LR, FinetuneSetup, finetune, task_train_config  # noqa: E402
-from minivlm.tasks.vqa import baseline_results  # noqa: E402
+from minivlm.tasks.vqa import VQA_POOLS, baseline_results  # noqa: E402
 
 DEMO = SIZES["default"]  # the recipe the benchmark shares with the demo
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="VQA epochs on all questions (default: the demo's)")
     p.add_argument("--curriculum-epochs", type=int, default=DEMO.vqa_curriculum_epochs,
                    help="VQA epochs on the attribute questions first (default: the demo's; 0: none)")
-    p.add_argument("--vqa-pool", default=DEMO.vqa_pool, choices=("cls", "text-mean"),
+    p.add_argument("--vqa-pool", default=DEMO.vqa_pool, choices=VQA_POOLS,
                    help="what the answer head reads (default: the demo's)")
     p.add_argument("--lr", type=float, default=None, help="default: finetune's VQA default")
     p.add_argument("--warmup", type=int, default=0)

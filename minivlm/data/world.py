@@ -17,6 +17,7 @@ captions, VQA, NLVR2, and what pre-training reads):
     train_split(kind)   the one named, else the first name in sorted order that starts with "train"
     eval_splits(kind)   the held-out splits: every split whose name does not start with "train", in `splits` order
     val_split(kind)     the one to watch during training: the first held-out name, sorted, that starts with "val"
+    test_split(kind)    the one to report: the first held-out name, sorted, that starts with "test", else the last
 
 and reads caption references with one precedence: captions_{S}.json, else the Karpathy file's split S.
 Tasks ask the World; none lists files itself.

@@ -36,6 +36,7 @@ from minivlm.config import BERT_PRESETS, CAPTION_OBJECTIVES, BertConfig, Caption
 from minivlm.errors import MiniVLMError
 from minivlm.io import atomic_path, write_json, write_text
 from minivlm.tasks.data import TASKS, init_from_pretrained, task_bert_config
+from minivlm.tasks.vqa import VQA_POOLS
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 from minivlm.setup_args import add_setup_arguments, option, setup_from_args
 from minivlm.train.trainer import Trainer, distributed_env, read_log
@@ -80,7 +81,7 @@ class FinetuneSetup:
     curriculum_epochs: int = option(0, help="vqa: epochs on the attribute questions (colour, shape, size, "
                                             "pattern) before the full set")
     vqa_pool: str = option("cls", help="vqa: what the answer head reads: [CLS] (OSCAR) or the mean of the question "
-                                       "and tag tokens", choices=("cls", "text-mean"))
+                                       "and tag tokens", choices=VQA_POOLS)
     negatives: int = option(RetrievalTaskConfig.negatives_per_positive,
                             help="retrieval: mismatched pairs per matched pair")
     # Random negatives, as OSCAR: from random weights they train faster than hard ones.
