@@ -15,7 +15,8 @@ that type) and the ceiling: the VQA score of the true answer (100 on the synthet
 6 of the 10 annotators give it, so every leave-one-out subset has 3 matches; lower where annotators disagree
 more). oracle near the ceiling and tee far below it points at the features;
 oracle near blind points at the fusion model. Without `--data` a world like the default demo's is made
-(800 images, 12 questions each). Prints a table and writes OUT/grounding.json (the README quotes
+(800 images, 12 questions each; `--images 8000` the 10x world on which oracle regions reach the ceiling:
+`--images 8000 --settings oracle --curriculum-epochs 1 --epochs 5`, ~11,500 steps). Prints a table and writes OUT/grounding.json (the README quotes
 benchmarks/results/grounding.json).
 """
 
@@ -60,6 +61,8 @@ def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="world root (default: make one under OUT/world)")
+    p.add_argument("--images", type=int, default=DEMO.images,
+                   help="images of the world made without --data (default: the demo's; 8000 is the 10x world)")
     p.add_argument("--features", type=Path, help="TEE feature store of the world's images (omit: no tee row)")
     p.add_argument("--pretrained", type=Path, help="pre-trained transformer folder (default: random init)")
     p.add_argument("--preset", default="bert-demo")
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
         world_root = args.out / "world"
         if not (world_root / "world.json").is_file():
-            generate_world(world_root, 800, args.seed, nlvr2_pairs=0, questions_per_image=12)
+            generate_world(world_root, args.images, args.seed, nlvr2_pairs=0,
+                           questions_per_image=DEMO.questions_per_image)
     wanted = set(args.settings.split(","))
     stores = {}
     if "oracle" in wanted:

@@ -67,7 +67,7 @@ def one_image(model, path: Path) -> tuple[dict[str, float], str]:
     lap("BiFPN")
     proposals, _ = det.rpn(feats, hw)
     lap("RPN+NMS")
-    regions = det.to_regions(det.roi_head.detect(feats, proposals, hw, det.cfg.max_regions)[0], scale, size)
+    regions = det.to_regions(det.roi_head.detect(feats, proposals, hw, det.cfg.max_regions, canvas)[0], scale, size)
     lap("RoIAlign+head")
     prefix = build_prefix(tok, [regions], cap.cfg)
     stepper = CachedSteps(cap, prefix)

@@ -1,13 +1,18 @@
 """What the region features encode: linear probes from a region's feature to its object's class and attributes.
 
     python benchmarks/region_probe.py --data runs/demo/world --features runs/demo/features [--out runs/probe]
+    python benchmarks/region_probe.py --data runs/demo/world --detector runs/demo/detector
 
-Every ground-truth object of a split is matched to the stored region that overlaps it most (IoU >= 0.5); a
+With --features, every ground-truth object
+ of a split is matched to the stored region that overlaps it most (IoU >= 0.5); a
 linear classifier (multinomial logistic regression, full-batch Adam on standardised features) is fitted per
 target — the class, and each attribute group (colour, size, texture in the synthetic world) — on the training
 split and scored on the held-out split, beside the majority-class rate. A transformer cannot answer "what
 colour is the cross?" better than the features let it, so this separates what the extractor gives from what
-the fusion learns (README: Results). Prints a table and writes OUT/region_probe.json.
+the fusion learns (README: Results). With --detector, the probes run on the ground-truth boxes at each point
+of the detector's region path instead (the pixels under the box, the RoIAlign output the head reads, after
+the first linear layer, the region feature), which shows where an attribute is lost. Prints a table and writes
+OUT/region_probe.json.
 """
 
 from __future__ import annotations
@@ -61,6 +66,56 @@ def matched_objects(world: World, split: str, store: FeatureStore, min_iou: floa
     return torch.stack(feats), targets, missed
 
 
+PATH_POINTS = ("pixels", "pooled", "fc1", "region feature")
+
+
+@torch.no_grad()
+def region_path(world: World, split: str, detector, max_images: int = 400) -> tuple[dict[str, torch.Tensor], Targets]:
+    """Features of every ground-truth box of `split` at each point of the detector's region path."""
+    from torchvision.ops import roi_align
+
+    from minivlm.vision.tee import letterbox, pad_to_canvas
+
+    inst = world.instances(split)
+    classes, attrs = inst.category_index(), inst.attribute_index()
+    group_of = {a.id: a.group or "attribute" for a in inst.attributes}
+    groups = sorted(set(group_of.values()))
+    points, targets = {k: [] for k in PATH_POINTS}, {"class": [], **{g: [] for g in groups}}
+    head, size = detector.roi_head, detector.cfg.image_size
+    for iid, anns in list((i, a) for i, a in inst.annotations.items() if a)[:max_images]:
+        image, scale, _ = letterbox(world.image_path(split, inst.images[iid]), size)
+        canvas = pad_to_canvas([image], size)
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in anns)]) * scale
+        rois = torch.cat([torch.zeros(len(boxes), 1), boxes], dim=1)
+        pooled = head.pool(detector.features(canvas), [boxes], canvas)
+        fc1 = F.relu(head.box_head.fc1(pooled.flatten(1)))
+        points["pixels"].append(roi_align(canvas, rois, detector.cfg.roi_size, 1.0, 2, True).flatten(1))
+        points["pooled"].append(pooled.flatten(1))
+        points["fc1"].append(fc1)
+        points["region feature"].append(F.relu(head.box_head.fc2(fc1)))
+        for a in anns:
+            targets["class"].append(classes[a.category_id])
+            for g in groups:
+                ids = [attrs[i] for i in a.attribute_ids if group_of.get(i) == g]
+                targets[g].append(ids[0] if ids else -1)
+    return {k: torch.cat(v) for k, v in points.items()}, targets
+
+
+def probe_rows(x_tr: torch.Tensor, t_tr: Targets, x_te: torch.Tensor, t_te: Targets, **extra) -> list[dict]:
+    rows = []
+    for name in t_tr:
+        y_tr, y_te = torch.tensor(t_tr[name]), torch.tensor(t_te[name])
+        keep_tr, keep_te = y_tr >= 0, y_te >= 0
+        if keep_tr.sum() == 0 or keep_te.sum() == 0:
+            continue
+        train_acc, test_acc = linear_probe(x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te], y_te[keep_te])
+        majority = torch.bincount(y_te[keep_te]).max().item() / int(keep_te.sum())
+        rows.append({**extra, "target": name, "n_train": int(keep_tr.sum()), "n_eval": int(keep_te.sum()),
+                     "probe_train_acc": round(100 * train_acc, 1), "probe_eval_acc": round(100 * test_acc, 1),
+                     "majority_acc": round(100 * majority, 1)})
+    return rows
+
+
 def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                  steps: int = 300, lr: float = 1e-3, seed: int = 0) -> tuple[float, float]:
     """(train accuracy, held-out accuracy) of a softmax classifier on standardised features."""
@@ -83,26 +138,41 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Ten
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="world / COCO-style root with instances_*.json")
-    p.add_argument("--features", type=Path, required=True, help="feature store of those images (`minivlm extract`)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--features", type=Path, help="feature store of those images (`minivlm extract`)")
+    what.add_argument("--detector", type=Path, help="detector folder: probe each point of its region path on "
+                                                    "the ground-truth boxes instead")
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--out", type=Path, default=Path("runs/region-probe"))
     args = p.parse_args(argv)
 
-    world, store = World(args.data), FeatureStore(args.features)
+    world = World(args.data)
+    if args.detector:
+        from minivlm.vision.tee import load_detector
+
+        detector = load_detector(args.detector).eval()
+        x_tr, t_tr = region_path(world, args.train_split, detector)
+        x_te, t_te = region_path(world, args.eval_split, detector)
+        rows = [r for point in PATH_POINTS for r in probe_rows(x_tr[point], t_tr, x_te[point], t_te, point=point)]
+        print(f"detector {args.detector}: {len(t_tr['class'])} ground-truth boxes in {args.train_split}, "
+              f"{len(t_te['class'])} in {args.eval_split}; held-out probe accuracy (%) at each point of the region path")
+        names = list(t_tr)
+        print(f"{'point':<16}" + "".join(f"{n:>10}" for n in names))
+        for point in PATH_POINTS:
+            acc = {r["target"]: r["probe_eval_acc"] for r in rows if r["point"] == point}
+            print(f"{point:<16}" + "".join(f"{acc.get(n, float('nan')):>10.1f}" for n in names))
+        majority = {r["target"]: r["majority_acc"] for r in rows}
+        print(f"{'majority':<16}" + "".join(f"{majority.get(n, float('nan')):>10.1f}" for n in names))
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "region_path_probe.json", {"detector": str(args.detector), "data": str(args.data),
+                                                         "rows": rows}, indent=1)
+        print(f"wrote {args.out / 'region_path_probe.json'}")
+        return 0
+    store = FeatureStore(args.features)
     x_tr, t_tr, miss_tr = matched_objects(world, args.train_split, store)
     x_te, t_te, miss_te = matched_objects(world, args.eval_split, store)
-    rows = []
-    for name in t_tr:
-        y_tr, y_te = torch.tensor(t_tr[name]), torch.tensor(t_te[name])
-        keep_tr, keep_te = y_tr >= 0, y_te >= 0
-        if keep_tr.sum() == 0 or keep_te.sum() == 0:
-            continue
-        train_acc, test_acc = linear_probe(x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te], y_te[keep_te])
-        majority = torch.bincount(y_te[keep_te]).max().item() / int(keep_te.sum())
-        rows.append({"target": name, "n_train": int(keep_tr.sum()), "n_eval": int(keep_te.sum()),
-                     "probe_train_acc": round(100 * train_acc, 1), "probe_eval_acc": round(100 * test_acc, 1),
-                     "majority_acc": round(100 * majority, 1)})
+    rows = probe_rows(x_tr, t_tr, x_te, t_te)
     print(f"region features {args.features}: {len(x_tr)} matched objects in {args.train_split} "
           f"({miss_tr} unmatched), {len(x_te)} in {args.eval_split} ({miss_te} unmatched)")
     print(f"{'target':<10} {'train n':>8} {'eval n':>7} {'probe train %':>14} {'probe eval %':>13} {'majority %':>11}")

@@ -93,9 +93,17 @@ class TEEConfig:
     # attributes). Given: one softmax per group, so every group gets a full target (with three groups the
     # shared softmax gave colour a third of the mass, and the region features lost it: README, Results).
     attribute_groups: tuple[int, ...] = ()
+    # How much of the attribute loss's gradient reaches the backbone and BiFPN (1: all, as bottom-up
+    # attention). Below 1 the region head's linear layers still learn attributes at the full weight.
+    attribute_backbone_scale: float = 1.0
     # Region head
     roi_size: int = 4  # RoIAlign output resolution: 4x4 instead of 7x7 / 14x14
     roi_sampling_ratio: int = 2
+    # Also RoIAlign the (normalised) image itself, 4x4x3 more inputs to the first linear layer. Off for the
+    # paper's TEE-X. On for the CPU demo: trained from scratch for a few hundred steps, the detector keeps
+    # little colour (linear probes on ground-truth boxes: 91% from the 48 pooled pixels, 78% from P2's 4x4,
+    # 53% after fc1), and colour is what half the synthetic world's questions and captions are about.
+    roi_image_pool: bool = False
     canonical_box_size: int = 224  # FPN eq. 1: k = floor(k0 + log2(sqrt(wh) / 224))
     canonical_level: int = 4
     region_dim: int = 1024  # two linear layers -> 1024-d region features

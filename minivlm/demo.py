@@ -18,7 +18,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from minivlm.io import read_json, write_json
 from minivlm.setup_args import CONFIGS
@@ -60,6 +60,9 @@ class DemoSize:
     nlvr2_statements: int = 2
     # The detector's attribute loss (one softmax per group: colour, size, texture). None: the preset's.
     detector_attribute_weight: float | None = None
+    # TEEConfig fields over the preset (`train-detector --tee KEY=VALUE`): the default size pools the
+    # image's pixels under each box too and keeps the attribute loss's pull on the backbone small.
+    detector_tee: dict[str, Any] = dataclasses.field(default_factory=dict)
     # VQA epochs on the attribute questions alone before all of them (`finetune --curriculum-epochs`): with
     # oracle regions this took VQA from 52.8 to 57.7 in the same number of steps (README: Grounding).
     vqa_curriculum_epochs: int = 0
@@ -78,7 +81,8 @@ class DemoSize:
         train = dataclasses.replace(DETECTOR_RECIPE, epochs=self.detector_epochs, lr=self.detector_lr,
                                     optimizer="adamw", weight_decay=1e-4, seed=seed)
         return DetectorSetup(out=out, data=data, preset=self.detector_preset, image_size=self.detector_image_size,
-                             attribute_loss_weight=self.detector_attribute_weight, eval_split="test", train=train)
+                             attribute_loss_weight=self.detector_attribute_weight, tee=dict(self.detector_tee),
+                             eval_split="test", train=train)
 
     def finetune_setup(self, task: str, *, epochs: int | None = None, batch_size: int | None = None, seed: int = 0,
                        **fields) -> FinetuneSetup:

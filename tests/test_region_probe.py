@@ -48,3 +48,26 @@ def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
     assert rows["colour"]["n_eval"] == n_test  # every object found its own box, never the decoy
     assert rows["colour"]["probe_eval_acc"] > 90
     assert rows["class"]["probe_eval_acc"] < rows["class"]["majority_acc"] + 25
+
+
+def test_region_path_probe_finds_colour_in_the_pixels(tmp_path):
+    """--detector probes each point of an (untrained) detector's region path on the true boxes: the pixels
+    under a box carry its colour whatever the detector learnt."""
+    import dataclasses
+
+    from minivlm.config import get_tee
+    from minivlm.vision.tee import TEE, save_detector
+
+    generate_world(tmp_path / "world", images=100, seed=0, nlvr2_pairs=0, workers=1)
+    world = World(tmp_path / "world")
+    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=128, fpn_channels=16, fpn_layers=1, roi_image_pool=True,
+                              num_classes=len(world.class_names()), num_attributes=len(world.attribute_names()))
+    torch.manual_seed(0)
+    save_detector(TEE(cfg, world.class_names(), world.attribute_names()), tmp_path / "det")
+    assert region_probe.main(["--data", str(tmp_path / "world"), "--detector", str(tmp_path / "det"),
+                              "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "region_path_probe.json").read_text())["rows"]
+    assert {(r["point"], r["target"]) for r in rows} == {(p, t) for p in region_probe.PATH_POINTS
+                                                         for t in ("class", "colour", "size", "texture")}
+    colour = next(r for r in rows if (r["point"], r["target"]) == ("pixels", "colour"))
+    assert colour["probe_eval_acc"] > colour["majority_acc"] + 30

@@ -278,3 +278,41 @@ def test_batch_norm_statistics_follow_training(model):
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(norms) > 50
     assert all(m.momentum == pytest.approx(0.1) for m in norms)
+
+
+def test_roi_image_pool_appends_the_pixels_under_each_box():
+    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=64, roi_image_pool=True)
+    model = TEE(cfg).eval()
+    canvas = torch.zeros(1, 3, 64, 64)
+    canvas[0, 0, :32, :32], canvas[0, 2, 32:, 32:] = 1.0, -1.0  # R up top-left, B down bottom-right
+    feats = model.features(canvas)
+    boxes = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 32.0, 64.0, 64.0]])]
+    pooled = model.roi_head.pool(feats, boxes, canvas)
+    assert tuple(pooled.shape) == (2, cfg.fpn_channels + 3, 4, 4)
+    pixels = pooled[:, -3:].mean((2, 3))  # per-box mean of (R, G, B) channels
+    assert torch.allclose(pixels, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]), atol=1e-6)
+    assert model.roi_head.box_head.fc1.in_features == 16 * (cfg.fpn_channels + 3)
+    with pytest.raises(ValueError, match="canvas"):
+        model.roi_head.pool(feats, boxes)
+    assert model.extract([Image.new("RGB", (100, 80), (200, 30, 30))])[0].features.shape[1] == 1024
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.0])
+def test_attribute_backbone_scale_scales_only_the_backbones_share_of_the_attribute_gradient(scale):
+    torch.manual_seed(0)
+    base = small_cfg(image_size=64, num_classes=3, num_attributes=4, attribute_groups=(0, 0, 1, 1))
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [30.0, 20.0, 60.0, 50.0]]),
+                "labels": torch.tensor([0, 2]), "attributes": torch.tensor([[0, 2], [1, 3]])}]
+    feats = [torch.randn(1, base.fpn_channels, 64 // 2**lvl, 64 // 2**lvl) for lvl in range(2, 7)]
+    proposals = [torch.tensor([[2.0, 2.0, 28.0, 31.0], [29.0, 22.0, 58.0, 52.0], [0.0, 0.0, 20.0, 20.0]])]
+    grads = {}
+    for s in (1.0, scale):
+        torch.manual_seed(0)  # the same weights both times
+        head = RoIHead(dataclasses.replace(base, attribute_backbone_scale=s))
+        leaf = [f.clone().requires_grad_(True) for f in feats]
+        torch.manual_seed(1)  # the same RoI sample both times
+        head.loss(leaf, proposals, targets)["attr"].backward()
+        grads[s] = (leaf[0].grad.clone(), head.box_head.fc1.weight.grad.clone())
+    assert grads[1.0][0].abs().sum() > 0
+    assert torch.allclose(grads[scale][0], scale * grads[1.0][0], atol=1e-6)  # backbone: scaled
+    assert torch.allclose(grads[scale][1], grads[1.0][1], atol=1e-6)  # the linear layers: the full weight

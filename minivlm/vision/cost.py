@@ -30,7 +30,7 @@ def tee_cost_rows(name: str, image_size: int | None = None, num_proposals: int =
         model = TEE(cfg)
         x = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
         feats = model.features(x)
-        rois = torch.zeros(num_proposals, cfg.roi_size**2 * cfg.fpn_channels)
+        rois = torch.zeros(num_proposals, model.roi_head.box_head.fc1.in_features)
         region = torch.zeros(num_proposals, cfg.region_dim)
         labels = torch.zeros(num_proposals, dtype=torch.long)
         head = model.roi_head

@@ -61,8 +61,11 @@ class BoxHead(nn.Module):
         nn.init.zeros_(self.cls.bias)
         nn.init.zeros_(self.box.bias)
 
+    def region_feature(self, pooled: Tensor) -> Tensor:
+        return F.relu(self.fc2(F.relu(self.fc1(pooled.flatten(1)))))
+
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        feat = F.relu(self.fc2(F.relu(self.fc1(pooled.flatten(1)))))
+        feat = self.region_feature(pooled)
         return feat, self.cls(feat), self.box(feat)
 
 
@@ -88,18 +91,30 @@ class RoIHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
-        self.box_head = BoxHead(cfg.roi_size**2 * cfg.fpn_channels, cfg.region_dim, cfg.num_classes)
+        in_channels = cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
+        self.box_head = BoxHead(cfg.roi_size**2 * in_channels, cfg.region_dim, cfg.num_classes)
         self.attribute_head = AttributeHead(cfg.region_dim, cfg.num_classes, cfg.num_attributes)
         self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
-    def pool(self, feats: list[Tensor], boxes: list[Tensor]) -> Tensor:
+    def pool(self, feats: list[Tensor], boxes: list[Tensor], canvas: Tensor | None = None) -> Tensor:
+        """[R, C, s, s] RoIAlign of each box on its level; with `roi_image_pool`, the canvas's pixels under
+        the same grid are appended as 3 more channels."""
         cfg = self.cfg
         levels = assign_levels(torch.cat(boxes), cfg.min_level, self.roi_max_level, cfg.canonical_box_size,
                                cfg.canonical_level)
-        return multilevel_roi_align(feats[: self.roi_max_level - cfg.min_level + 1], boxes, cfg.min_level, levels,
-                                    cfg.roi_size, cfg.roi_sampling_ratio)
+        pooled = multilevel_roi_align(feats[: self.roi_max_level - cfg.min_level + 1], boxes, cfg.min_level, levels,
+                                      cfg.roi_size, cfg.roi_sampling_ratio)
+        if not cfg.roi_image_pool:
+            return pooled
+        if canvas is None:
+            raise ValueError("this TEE pools the image under each box (roi_image_pool): pass the canvas")
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        pixels = roi_align(canvas, rois.to(canvas.dtype), cfg.roi_size, spatial_scale=1.0,
+                           sampling_ratio=cfg.roi_sampling_ratio, aligned=True)
+        return torch.cat([pooled, pixels.to(pooled.dtype)], dim=1)
 
-    def loss(self, feats: list[Tensor], proposals: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+    def loss(self, feats: list[Tensor], proposals: list[Tensor], targets: list[dict],
+             canvas: Tensor | None = None) -> dict[str, Tensor]:
         """Samples RoIs (ground-truth boxes included; IoU >= roi_fg_iou foreground), then class CE,
         class-agnostic smooth-L1 box refinement and the attribute loss on foreground RoIs."""
         cfg = self.cfg
@@ -120,7 +135,8 @@ class RoIHead(nn.Module):
             box_tgt.append(self.coder.encode(cand, gt[match]) if gt.numel() else torch.zeros_like(cand))
             attr_tgt.append(_attribute_targets(t.get("attributes"), match, lab > 0, cfg.num_attributes))
         labels, box_tgt, attr_tgt = torch.cat(labels), torch.cat(box_tgt), torch.cat(attr_tgt)
-        feat, cls_logits, box_deltas = self.box_head(self.pool(feats, rois))
+        pooled = self.pool(feats, rois, canvas)
+        feat, cls_logits, box_deltas = self.box_head(pooled)
         fg = labels > 0
         losses = {
             "cls": F.cross_entropy(cls_logits.float(), labels),
@@ -128,7 +144,13 @@ class RoIHead(nn.Module):
             / max(labels.numel(), 1),
         }
         if fg.any():
-            attr_logits = self.attribute_head(feat[fg], labels[fg]).float()
+            attr_feat = feat[fg]
+            if cfg.attribute_backbone_scale != 1.0:
+                # The same features, but the attribute loss reaches the backbone scaled: the two linear
+                # layers learn to keep attributes at full weight without the backbone trading detection away.
+                s = cfg.attribute_backbone_scale
+                attr_feat = self.box_head.region_feature(pooled[fg] * s + pooled[fg].detach() * (1 - s))
+            attr_logits = self.attribute_head(attr_feat, labels[fg]).float()
             losses["attr"] = cfg.attribute_loss_weight * attribute_loss(attr_logits, attr_tgt[fg],
                                                                         cfg.attribute_groups)
         else:
@@ -141,7 +163,7 @@ class RoIHead(nn.Module):
 
     @torch.no_grad()
     def detect(self, feats: list[Tensor], proposals: list[Tensor], image_hw: list[tuple[int, int]],
-               max_regions: int) -> list[dict[str, Tensor]]:
+               max_regions: int, canvas: Tensor | None = None) -> list[dict[str, Tensor]]:
         """Per image: the top `max_regions` regions after one class-agnostic NMS on refined boxes, sorted
         by score. Features come from the proposal each region was pooled from (as bottom-up attention)."""
         cfg = self.cfg
@@ -150,7 +172,7 @@ class RoIHead(nn.Module):
             feat = feats[0].new_zeros(0, cfg.region_dim)
             cls_logits, deltas = feats[0].new_zeros(0, cfg.num_classes + 1), feats[0].new_zeros(0, 4)
         else:
-            feat, cls_logits, deltas = self.box_head(self.pool(feats, proposals))
+            feat, cls_logits, deltas = self.box_head(self.pool(feats, proposals, canvas))
         probs = cls_logits.float().softmax(1)[:, 1:]
         scores, labels = probs.max(1)
         attr_logits = self.attribute_head(feat, labels + 1) if feat.shape[0] else feat.new_zeros(0, 1)

@@ -107,7 +107,7 @@ class TEE(nn.Module):
         targets = [{k: v.to(images.device) for k, v in t.items()} for t in batch["targets"]]
         feats = self.features(images)
         proposals, losses = self.rpn(feats, batch["image_hw"], [t["boxes"] for t in targets])
-        losses.update(self.roi_head.loss(feats, proposals, targets))
+        losses.update(self.roi_head.loss(feats, proposals, targets, images))
         losses["loss"] = sum(losses[k] for k in LOSS_KEYS)
         return losses
 
@@ -122,7 +122,7 @@ class TEE(nn.Module):
         else:
             feats = self.features(canvas)
         proposals, _ = self.rpn(feats, image_hw)
-        return self.roi_head.detect(feats, proposals, image_hw, max_regions or self.cfg.max_regions)
+        return self.roi_head.detect(feats, proposals, image_hw, max_regions or self.cfg.max_regions, canvas)
 
     @torch.no_grad()
     def extract(self, images: Sequence[Any], batch_size: int = 8, max_regions: int | None = None) -> list[Regions]:
