@@ -3,16 +3,15 @@
     python benchmarks/region_probe.py --data runs/demo/world --features runs/demo/features [--out runs/probe]
     python benchmarks/region_probe.py --data runs/demo/world --detector runs/demo/detector
 
-With --features, every ground-truth object
- of a split is matched to the stored region that overlaps it most (IoU >= 0.5); a
-linear classifier (multinomial logistic regression, full-batch Adam on standardised features) is fitted per
-target — the class, and each attribute group (colour, size, texture in the synthetic world) — on the training
+With --features, every ground-truth object of a split is matched to the stored region that overlaps it most
+(IoU >= 0.5); a linear classifier (multinomial logistic regression, full-batch Adam on standardised features)
+is fitted per target — the class, and each attribute group (colour, size, texture in the synthetic world) — on the training
 split and scored on the held-out split, beside the majority-class rate. A transformer cannot answer "what
 colour is the cross?" better than the features let it, so this separates what the extractor gives from what
 the fusion learns (README: Results). With --detector, the probes run on the ground-truth boxes at each point
 of the detector's region path instead (the pixels under the box, the RoIAlign output the head reads, after
 the first linear layer, the region feature), which shows where an attribute is lost. Prints a table and writes
-OUT/region_probe.json.
+OUT/region_probe.json (OUT/region_path_probe.json with --detector).
 """
 
 from __future__ import annotations
@@ -89,7 +88,8 @@ def region_path(world: World, split: str, detector, max_images: int = 400) -> tu
         rois = torch.cat([torch.zeros(len(boxes), 1), boxes], dim=1)
         pooled = head.pool(detector.features(canvas), [boxes], canvas)
         fc1 = F.relu(head.box_head.fc1(pooled.flatten(1)))
-        points["pixels"].append(roi_align(canvas, rois, detector.cfg.roi_size, 1.0, 2, True).flatten(1))
+        points["pixels"].append(roi_align(canvas, rois, detector.cfg.roi_size, 1.0,
+                                              detector.cfg.roi_sampling_ratio, True).flatten(1))
         points["pooled"].append(pooled.flatten(1))
         points["fc1"].append(fc1)
         points["region feature"].append(F.relu(head.box_head.fc2(fc1)))
