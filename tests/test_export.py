@@ -26,9 +26,11 @@ from minivlm.text.tokenizer import get_tokenizer
 BERT = BertConfig("tiny", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2, vocab_size=30522,
                   dropout=0.0, region_dim=16, max_regions=4, max_text_len=10, max_tag_len=6)
 # rpn_post_nms_topk and max_regions above what NMS keeps: proposal and region counts vary from image to image,
-# so a count frozen into the detector graph by its trace would show.
+# so a count frozen into the detector graph by its trace would show. The region head pools the image too, as
+# the demo's detector does: the graph must carry that second RoIAlign.
 TEE_CFG = dataclasses.replace(get_tee("tee-demo"), image_size=128, fpn_channels=16, fpn_layers=1, rpn_pre_nms_topk=100,
-                              rpn_post_nms_topk=300, max_regions=40, region_dim=16, num_classes=3, num_attributes=2)
+                              rpn_post_nms_topk=300, max_regions=40, region_dim=16, num_classes=3, num_attributes=2,
+                              roi_image_pool=True)
 ANSWERS = ["yes", "no", "red", "two", "blue"]
 QUESTIONS = ["what color is it?", "is there a star?", "how many?", "what shape is on the left?"]
 STATEMENTS = ["both images have a red star", "the left image has two circles", "there is a square", "no blue"]
