@@ -33,14 +33,34 @@ from minivlm.io import write_json  # noqa: E402
 Targets = dict[str, list[int]]  # target name -> label per matched object (-1: the object has none)
 
 
+class TargetReader:
+    """An object's probe targets in a split: its class, and its attribute of each group (-1: none)."""
+
+    def __init__(self, inst):
+        self.classes, self.attrs = inst.category_index(), inst.attribute_index()
+        self.group_of = {a.id: a.group or "attribute" for a in inst.attributes}
+        self.groups = sorted(set(self.group_of.values()))
+
+    def empty(self) -> Targets:
+        return {"class": [], **{g: [] for g in self.groups}}
+
+    def add(self, targets: Targets, ann) -> None:
+        targets["class"].append(self.classes[ann.category_id])
+        for g in self.groups:
+            ids = [self.attrs[i] for i in ann.attribute_ids if self.group_of.get(i) == g]
+            targets[g].append(ids[0] if ids else -1)
+
+
+def boxes_xyxy(anns) -> torch.Tensor:
+    return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in anns)], dtype=torch.float32)
+
+
 def matched_objects(world: World, split: str, store: FeatureStore, min_iou: float = 0.5
                     ) -> tuple[torch.Tensor, Targets, int]:
     """(features [N, D] of the regions matched to ground-truth objects, their targets, unmatched objects)."""
     inst = world.instances(split)
-    classes, attrs = inst.category_index(), inst.attribute_index()
-    group_of = {a.id: a.group or "attribute" for a in inst.attributes}
-    groups = sorted(set(group_of.values()))
-    feats, targets, missed = [], {"class": [], **{g: [] for g in groups}}, 0
+    reader = TargetReader(inst)
+    feats, targets, missed = [], reader.empty(), 0
     for iid, anns in inst.annotations.items():
         if not anns:
             continue
@@ -48,17 +68,13 @@ def matched_objects(world: World, split: str, store: FeatureStore, min_iou: floa
         if regions is None or len(regions) == 0:
             missed += len(anns)
             continue
-        gt = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in anns)], dtype=torch.float32)
-        best = box_iou(gt, regions.boxes.float()).max(dim=1)
+        best = box_iou(boxes_xyxy(anns), regions.boxes.float()).max(dim=1)
         for a, iou, j in zip(anns, best.values.tolist(), best.indices.tolist()):
             if iou < min_iou:
                 missed += 1
                 continue
             feats.append(regions.features[j].float())
-            targets["class"].append(classes[a.category_id])
-            for g in groups:
-                ids = [attrs[i] for i in a.attribute_ids if group_of.get(i) == g]
-                targets[g].append(ids[0] if ids else -1)
+            reader.add(targets, a)
     if not feats:
         raise SystemExit(f"no region of {store.root} overlaps an object of "
                          f"split {split!r} with IoU >= {min_iou}")
@@ -71,33 +87,25 @@ PATH_POINTS = ("pixels", "pooled", "fc1", "region feature")
 @torch.no_grad()
 def region_path(world: World, split: str, detector, max_images: int = 400) -> tuple[dict[str, torch.Tensor], Targets]:
     """Features of every ground-truth box of `split` at each point of the detector's region path."""
-    from torchvision.ops import roi_align
-
+    from minivlm.vision.roi_head import image_roi_align
     from minivlm.vision.tee import letterbox, pad_to_canvas
 
     inst = world.instances(split)
-    classes, attrs = inst.category_index(), inst.attribute_index()
-    group_of = {a.id: a.group or "attribute" for a in inst.attributes}
-    groups = sorted(set(group_of.values()))
-    points, targets = {k: [] for k in PATH_POINTS}, {"class": [], **{g: [] for g in groups}}
-    head, size = detector.roi_head, detector.cfg.image_size
+    reader = TargetReader(inst)
+    points, targets = {k: [] for k in PATH_POINTS}, reader.empty()
+    head, cfg = detector.roi_head, detector.cfg
     for iid, anns in list((i, a) for i, a in inst.annotations.items() if a)[:max_images]:
-        image, scale, _ = letterbox(world.image_path(split, inst.images[iid]), size)
-        canvas = pad_to_canvas([image], size)
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in anns)]) * scale
-        rois = torch.cat([torch.zeros(len(boxes), 1), boxes], dim=1)
+        image, scale, _ = letterbox(world.image_path(split, inst.images[iid]), cfg.image_size)
+        canvas = pad_to_canvas([image], cfg.image_size)
+        boxes = boxes_xyxy(anns) * scale
         pooled = head.pool(detector.features(canvas), [boxes], canvas)
         fc1 = F.relu(head.box_head.fc1(pooled.flatten(1)))
-        points["pixels"].append(roi_align(canvas, rois, detector.cfg.roi_size, 1.0,
-                                              detector.cfg.roi_sampling_ratio, True).flatten(1))
+        points["pixels"].append(image_roi_align(canvas, [boxes], cfg.roi_size, cfg.roi_sampling_ratio).flatten(1))
         points["pooled"].append(pooled.flatten(1))
         points["fc1"].append(fc1)
         points["region feature"].append(F.relu(head.box_head.fc2(fc1)))
         for a in anns:
-            targets["class"].append(classes[a.category_id])
-            for g in groups:
-                ids = [attrs[i] for i in a.attribute_ids if group_of.get(i) == g]
-                targets[g].append(ids[0] if ids else -1)
+            reader.add(targets, a)
     return {k: torch.cat(v) for k, v in points.items()}, targets
 
 

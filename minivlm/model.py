@@ -30,11 +30,11 @@ from torch import nn
 
 from minivlm import checkpoint
 from minivlm.checkpoint import DetectorSpec, TaskSpec, load_state_strict
+from minivlm.batching import broadcast, chunks
 from minivlm.config import BertConfig
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.io import read_lines, write_lines  # noqa: F401  (re-exported: finetune and export use them)
 from minivlm.regions import Regions
-from minivlm.batching import broadcast, chunks
 from minivlm.tasks.data import TASKS, check_region_dim
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 
@@ -272,5 +272,3 @@ class MiniVLM(nn.Module):
 
 def _as_list(images: Any) -> list:
     return [images] if isinstance(images, (str, Path, Image.Image, Regions)) else list(images)
-
-

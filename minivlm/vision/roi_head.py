@@ -23,11 +23,22 @@ def assign_levels(boxes: Tensor, min_level: int = 2, max_level: int = ROI_MAX_LE
     return k.clamp(min_level, max_level).long()
 
 
+def batch_rois(boxes: list[Tensor]) -> Tensor:
+    """Per-image boxes -> torchvision's [R, 5] RoIs (image index, x1, y1, x2, y2)."""
+    return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+
+
+def image_roi_align(canvas: Tensor, boxes: list[Tensor], output_size: int, sampling_ratio: int) -> Tensor:
+    """RoIAlign of the (normalised) image itself under each box: [R, 3, s, s]."""
+    return roi_align(canvas, batch_rois(boxes).to(canvas.dtype), output_size, spatial_scale=1.0,
+                     sampling_ratio=sampling_ratio, aligned=True)
+
+
 def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: int, levels: Tensor,
                          output_size: int, sampling_ratio: int) -> Tensor:
     """RoIAlign of each box on its own level. feats[i] is level min_level+i (stride 2**level);
     boxes are per image, canvas pixels; levels [R] for the concatenated boxes. Returns [R, C, s, s]."""
-    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+    rois = batch_rois(boxes)
     if torch.jit.is_tracing():
         # A trace (the ONNX export) would freeze the levels present in its example: pool every box on
         # every level and let each keep its own level's result (the same values, more work).
@@ -108,9 +119,7 @@ class RoIHead(nn.Module):
             return pooled
         if canvas is None:
             raise ValueError("this TEE pools the image under each box (roi_image_pool): pass the canvas")
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        pixels = roi_align(canvas, rois.to(canvas.dtype), cfg.roi_size, spatial_scale=1.0,
-                           sampling_ratio=cfg.roi_sampling_ratio, aligned=True)
+        pixels = image_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio)
         return torch.cat([pooled, pixels.to(pooled.dtype)], dim=1)
 
     def loss(self, feats: list[Tensor], proposals: list[Tensor], targets: list[dict],
