@@ -35,6 +35,7 @@ from minivlm.data.images import image_to_array, load_image
 from minivlm.edge_decode import beam_search, greedy_search
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.fusion.layout import PairSlots, encode_text_and_tags, pad_encoded, tag_prefix
+from minivlm.text.checks import user_texts
 from minivlm.text.tokenizer import Tokenizer
 
 EDGE_FORMAT = "minivlm-edge"
@@ -274,7 +275,7 @@ class EdgeMiniVLM:
     def answer_logits(self, images: Sequence[Any] | Any, questions: Sequence[str] | str) -> np.ndarray:
         """[N, num_answers] logits, one row per question (one image per question, or one for all)."""
         cfg = self.task("vqa")
-        questions = _texts(questions)
+        questions = user_texts(questions, "question", self.tokenizer, cfg["max_text_len"])
         regions = broadcast(self.regions(images), len(questions), "images", "questions")
         out = [self._run(cfg, fusion_inputs(self.tokenizer, r, q, cfg))
                for r, q in zip(chunks(regions, self.batch_size), chunks(questions, self.batch_size))]
@@ -298,7 +299,7 @@ class EdgeMiniVLM:
                      statements: Sequence[str] | str) -> list[float]:
         """P(statement is true of the pair (left[i], right[i]))."""
         cfg = self.task("nlvr2")
-        statements = _texts(statements)
+        statements = user_texts(statements, "statement", self.tokenizer, cfg["max_text_len"])
         lr = broadcast(self.regions(left), len(statements), "left images", "statements")
         rr = broadcast(self.regions(right), len(statements), "right images", "statements")
         out: list[float] = []
@@ -319,7 +320,7 @@ class EdgeMiniVLM:
         """[n_images, n_texts] matching scores (log-odds that text t describes image i), as
         `retrieval.score_all_pairs`: texts and tags tokenised once, pairs gathered in batches."""
         cfg = self.task("retrieval")
-        texts, regions = _texts(texts), self.regions(images)
+        texts, regions = user_texts(texts, "text", self.tokenizer, cfg["max_text_len"], allow_empty=True), self.regions(images)
         n_i, n_t = len(regions), len(texts)
         scores = np.zeros(n_i * n_t, dtype=np.float32)
         if not scores.size:
@@ -337,7 +338,7 @@ class EdgeMiniVLM:
 
     def retrieve(self, images: Sequence[Any], query: str, top_k: int = 5) -> list[tuple[int, float]]:
         """The `top_k` (image index, score) best matching the text query, best first."""
-        scores = self.rank(images, [query])[:, 0]
+        scores = self.rank(images, user_texts(query, "query"))[:, 0]
         best = np.argsort(-scores, kind="stable")[:top_k]
         return [(int(i), float(scores[i])) for i in best]
 
@@ -377,10 +378,6 @@ class CachedSteps:
     def reorder(self, rows: np.ndarray) -> None:
         self.past = [p[rows] for p in self.past]
         self.valid = self.valid[rows]
-
-
-def _texts(texts: Sequence[str] | str) -> list[str]:
-    return [texts] if isinstance(texts, str) else list(texts)
 
 
 def _as_list(images: Any) -> list:

@@ -6,7 +6,10 @@
     minivlm retrieve MODEL --images DIR --query "text" [--top K]
 
 `--json` prints one JSON document instead of text. Every image is opened (by `load_image`) before the
-model runs, so an unreadable image stops the command at once with its name (exit 1, no traceback).
+model runs. A batch goes on past a bad item: an image that cannot be read, or an empty question, gets one
+line on stderr naming it and why, an `error` entry in `--json` output, and the exit code 1; every good item
+still gets its result. Where there is only one item (the image of `vqa`, the pair and statement of `nlvr2`,
+the query of `retrieve`), a bad one stops the command at once with a one-line error.
 `--backend auto` (the default) runs the ONNX graphs of `minivlm export MODEL` when they are there and
 fresh, without importing PyTorch, and PyTorch otherwise (`minivlm.backend`); `torch` / `onnx` force one.
 """
@@ -15,9 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from minivlm.errors import MiniVLMError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -69,37 +77,74 @@ def _emit(args: argparse.Namespace, doc, lines: list[str]) -> None:
     print(json.dumps(doc, indent=1, ensure_ascii=False) if args.json else "\n".join(lines))
 
 
+def _report(command: str, failures: list[str]) -> int:
+    """One stderr line per bad item; the exit code (1 when any item failed)."""
+    for reason in failures:
+        print(f"minivlm {command}: error: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def load_images(paths: list) -> tuple[dict[int, Image], dict[int, str]]:
+    """{index: image} of the paths that load and {index: reason} of those that do not."""
+    from minivlm.data.images import load_image
+
+    images, failures = {}, {}
+    for i, p in enumerate(paths):
+        try:
+            images[i] = load_image(p)
+        except MiniVLMError as err:
+            failures[i] = str(err)
+    return images, failures
+
+
 def run(args: argparse.Namespace) -> int:
     from minivlm.backend import load
-    from minivlm.data.images import load_image
+    from minivlm.text.checks import text_problem, user_texts
 
     for flag in ("top", "beam_size", "batch_size"):
         if getattr(args, flag, 1) < 1:
             raise MiniVLMError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.command == "nlvr2":
+        user_texts(args.statement, "statement")
+    if args.command == "retrieve":
+        user_texts(args.query, "query")
     paths = {"caption": lambda: args.images, "vqa": lambda: [args.image], "nlvr2": lambda: [args.left, args.right],
              "retrieve": lambda: list_images(args.images)}[args.command]()
-    images = [load_image(p) for p in paths]  # all images checked before the model is loaded
-    model = load(args.model, args.backend, args.device, int8=args.int8)
-    model.batch_size = args.batch_size
-    regions = model.regions(images)
+    images, failures = load_images(paths)  # all images checked before the model is loaded
+    if args.command in ("vqa", "nlvr2") and failures:
+        raise MiniVLMError(next(iter(failures.values())))
+    good = sorted(images)
+    model = load(args.model, args.backend, args.device, int8=args.int8) if good else None
+    if model is not None:
+        model.batch_size = args.batch_size
+    regions = dict(zip(good, model.regions([images[i] for i in good]))) if model is not None else {}
 
     if args.command == "caption":
-        caps = model.caption(regions, beam_size=args.beam_size)
-        _emit(args, [{"image": str(p), "caption": c} for p, c in zip(paths, caps)],
-              [f"{p}\t{c}" for p, c in zip(paths, caps)])
-    elif args.command == "vqa":
-        scores = model.answer_scores(regions, args.questions, top_k=args.top)
-        doc = [{"image": str(args.image), "question": q, "answer": s[0][0], "confidence": round(s[0][1], 4),
-                "top": [{"answer": a, "confidence": round(c, 4)} for a, c in s]} for q, s in zip(args.questions, scores)]
-        _emit(args, doc, [f"{q}\t" + ", ".join(f"{a} ({c:.2f})" for a, c in s) for q, s in zip(args.questions, scores)])
-    elif args.command == "nlvr2":
-        p = model.verify_proba(regions[:1], regions[1:], [args.statement])[0]
+        caps = dict(zip(good, model.caption([regions[i] for i in good], beam_size=args.beam_size))) if good else {}
+        _emit(args, [{"image": str(p), "caption": caps[i]} if i in caps else {"image": str(p), "error": failures[i]}
+                     for i, p in enumerate(paths)], [f"{paths[i]}\t{caps[i]}" for i in good])
+        return _report(args.command, list(failures.values()))
+    if args.command == "vqa":
+        problems = {j: f"question {j + 1} {why}" for j, q in enumerate(args.questions) if (why := text_problem(q))}
+        asked = [j for j in range(len(args.questions)) if j not in problems]
+        scores = dict(zip(asked, model.answer_scores(regions[0], [args.questions[j] for j in asked], top_k=args.top)
+                          if asked else []))
+        doc = [{"image": str(args.image), "question": q, "error": problems[j]} if j in problems else
+               {"image": str(args.image), "question": q, "answer": scores[j][0][0],
+                "confidence": round(scores[j][0][1], 4),
+                "top": [{"answer": a, "confidence": round(c, 4)} for a, c in scores[j]]}
+               for j, q in enumerate(args.questions)]
+        _emit(args, doc, [f"{args.questions[j]}\t" + ", ".join(f"{a} ({c:.2f})" for a, c in scores[j]) for j in asked])
+        return _report(args.command, list(problems.values()))
+    if args.command == "nlvr2":
+        p = model.verify_proba([regions[0]], [regions[1]], [args.statement])[0]
         _emit(args, {"left": str(args.left), "right": str(args.right), "statement": args.statement,
                      "prediction": p > 0.5, "probability": round(p, 4)},
               [f"{'true' if p > 0.5 else 'false'} (p = {p:.3f})"])
-    else:
-        ranked = model.retrieve(regions, args.query, top_k=args.top)
-        doc = {"query": args.query, "n_images": len(paths),
-               "results": [{"rank": r + 1, "image": str(paths[i]), "score": round(s, 4)} for r, (i, s) in enumerate(ranked)]}
-        _emit(args, doc, [f"{r + 1}\t{s:.3f}\t{paths[i]}" for r, (i, s) in enumerate(ranked)])
-    return 0
+        return 0
+    ranked = [(good[k], s) for k, s in model.retrieve([regions[i] for i in good], args.query, top_k=args.top)] if good else []
+    doc = {"query": args.query, "n_images": len(good),
+           "results": [{"rank": r + 1, "image": str(paths[i]), "score": round(s, 4)} for r, (i, s) in enumerate(ranked)],
+           "errors": [{"image": str(paths[i]), "error": why} for i, why in failures.items()]}
+    _emit(args, doc, [f"{r + 1}\t{s:.3f}\t{paths[i]}" for r, (i, s) in enumerate(ranked)])
+    return _report(args.command, list(failures.values()))

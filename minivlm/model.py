@@ -36,6 +36,7 @@ from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.io import read_lines, write_lines  # noqa: F401  (re-exported: finetune and export use them)
 from minivlm.regions import Regions
 from minivlm.tasks.data import TASKS, check_region_dim
+from minivlm.text.checks import user_texts
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class MiniVLM(nn.Module):
         """The `top_k` answers (with sigmoid confidences) of each question; one image per question, or one
         image for all the questions."""
         model = self.task("vqa")
-        questions = [questions] if isinstance(questions, str) else list(questions)
+        questions = user_texts(questions, "question", self.tokenizer, model.cfg.max_text_len)
         regions = broadcast(self.regions(images), len(questions), "images", "questions")
         out: list[list[tuple[str, float]]] = []
         for r, q in zip(chunks(regions, self.batch_size), chunks(questions, self.batch_size)):
@@ -176,7 +177,7 @@ class MiniVLM(nn.Module):
                      statements: Sequence[str] | str) -> list[float]:
         """P(statement is true of the pair (left[i], right[i]))."""
         model = self.task("nlvr2")
-        statements = [statements] if isinstance(statements, str) else list(statements)
+        statements = user_texts(statements, "statement", self.tokenizer, model.cfg.max_text_len)
         lr = broadcast(self.regions(left), len(statements), "left images", "statements")
         rr = broadcast(self.regions(right), len(statements), "right images", "statements")
         out: list[float] = []
@@ -193,13 +194,14 @@ class MiniVLM(nn.Module):
         """[n_images, n_texts] matching scores (log-odds that text t describes image i)."""
         from minivlm.tasks.retrieval import score_all_pairs
 
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        return score_all_pairs(self.task("retrieval"), self.tokenizer, self.regions(images), texts,
+        model = self.task("retrieval")
+        texts = user_texts(texts, "text", self.tokenizer, model.cfg.max_text_len, allow_empty=True)
+        return score_all_pairs(model, self.tokenizer, self.regions(images), texts,
                                batch_size=max(64, self.batch_size), progress=False)
 
     def retrieve(self, images: Sequence[ImageLike], query: str, top_k: int = 5) -> list[tuple[int, float]]:
         """The `top_k` (image index, score) best matching the text query, best first."""
-        scores = self.rank(images, [query])[:, 0]
+        scores = self.rank(images, user_texts(query, "query"))[:, 0]
         best = torch.argsort(scores, descending=True)[:top_k]
         return [(int(i), float(scores[i])) for i in best]
 

@@ -258,9 +258,20 @@ def test_nlvr2_and_retrieval_match(env, edge):
     assert (np.argsort(-got, axis=0, kind="stable") == np.argsort(-want, axis=0, kind="stable")).all()
     assert (np.argsort(-got, axis=1, kind="stable") == np.argsort(-want, axis=1, kind="stable")).all()
     assert len({tuple(np.argsort(-want[:, t])) for t in range(len(TEXTS))}) > 1  # rankings differ by text
-    for query in TEXTS:
+    for query in filter(None, TEXTS):  # an empty query is refused (test_empty_text_is_refused_by_both_runtimes)
         assert [i for i, _ in edge.retrieve(paths, query, top_k=3)] == [i for i, _ in model.retrieve(paths, query, 3)]
     assert edge.rank(paths, []).shape == (len(paths), 0)
+
+
+def test_empty_text_is_refused_by_both_runtimes(env, edge):
+    _, model, paths = env
+    for runtime in (model, edge):
+        with pytest.raises(MiniVLMError, match="question 2 is only whitespace"):
+            runtime.answer_scores(paths[0], [QUESTIONS[0], "  "])
+        with pytest.raises(MiniVLMError, match="the statement is empty"):
+            runtime.verify_proba(paths[0], paths[1], "")
+        with pytest.raises(MiniVLMError, match="the query is empty"):
+            runtime.retrieve(paths, "")
 
 
 def test_int8_graphs_run(env):

@@ -216,14 +216,84 @@ def test_commands_print_json(env, capsys):
 def test_commands_fail_cleanly_on_bad_input(env, capsys):
     root, _, paths = env
     m = root / "model"
-    for argv in (("caption", m, paths[0], root / "bad.jpg"), ("vqa", m, root / "bad.jpg", "what?", "--json"),
-                 ("nlvr2", m, root / "missing.png", paths[0], "a statement")):
+    for argv in (("vqa", m, root / "bad.jpg", "what?", "--json"), ("nlvr2", m, root / "missing.png", paths[0], "a statement"),
+                 ("nlvr2", m, paths[0], paths[1], "  "), ("retrieve", m, "--images", root / "imgs", "--query", "")):
         rc, out, err = _cli(capsys, *argv)
         assert rc == 1 and "Traceback" not in err and out == ""
-        assert ("bad.jpg" in err or "missing.png" in err) and "error" in err
+        assert ("bad.jpg" in err or "missing.png" in err or "statement is only whitespace" in err
+                or "query is empty" in err) and "error" in err
     rc, _, err = _cli(capsys, "caption", root / "no_model", paths[0])
     assert rc == 1 and "no_model" in err and "Traceback" not in err
     rc, _, err = _cli(capsys, "caption", m, paths[0], "--backend", "onnx")  # never exported
     assert rc == 1 and "no ONNX graphs" in err and "minivlm export" in err and "Traceback" not in err
     rc, _, err = _cli(capsys, "retrieve", m, "--images", root / "nowhere", "--query", "x")
     assert rc == 1 and "nowhere" in err
+
+
+def test_batch_commands_go_on_past_bad_items(env, capsys, tmp_path):
+    root, model, paths = env
+    m = root / "model"
+    rc, out, err = _cli(capsys, "caption", m, paths[0], root / "bad.jpg", root / "missing.png", paths[1], "--json")
+    doc = json.loads(out)
+    assert rc == 1 and [d.get("caption") for d in doc] == [model.caption(paths[0])[0], None, None, model.caption(paths[1])[0]]
+    assert "bad.jpg" in doc[1]["error"] and "not found" in doc[2]["error"]
+    lines = err.strip().splitlines()  # one line per bad item, naming it
+    assert len(lines) == 2 and "bad.jpg" in lines[0] and "missing.png" in lines[1] and "Traceback" not in err
+    rc, out, _ = _cli(capsys, "caption", m, paths[0], root / "bad.jpg")  # text output: the good items' lines
+    assert rc == 1 and out.strip() == f"{paths[0]}\t{model.caption(paths[0])[0]}"
+
+    rc, out, err = _cli(capsys, "vqa", m, paths[0], "", "what color is it?", "   ", "--json")
+    doc = json.loads(out)
+    assert rc == 1 and doc[1]["answer"] == model.answer(paths[0], "what color is it?")[0]
+    assert doc[0]["error"] == "question 1 is empty" and doc[2]["error"] == "question 3 is only whitespace"
+    assert "answer" not in doc[0] and len(err.strip().splitlines()) == 2
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(root / "imgs", folder)
+    shutil.copy(root / "bad.jpg", folder / "zz_bad.jpg")
+    rc, out, err = _cli(capsys, "retrieve", m, "--images", folder, "--query", "a red circle", "--top", "5", "--json")
+    doc = json.loads(out)
+    assert rc == 1 and doc["n_images"] == 3 and len(doc["results"]) == 3 and "zz_bad.jpg" in err
+    assert [e["image"] for e in doc["errors"]] == [str(folder / "zz_bad.jpg")]
+    assert sorted(r["image"] for r in doc["results"]) == sorted(str(folder / p.name) for p in paths)
+
+
+def test_empty_text_is_refused_and_long_text_cut_with_a_warning(env, caplog):
+    _, model, paths = env
+    for call in (lambda: model.answer_scores(paths[0], ["what color is it?", " "]),
+                 lambda: model.verify_proba(paths[0], paths[1], ""), lambda: model.retrieve(paths, "\n"),
+                 lambda: model.rank(paths, ["a circle", None])):  # rank scores "" (a poor match), not None
+        with pytest.raises(MiniVLMError, match="empty|whitespace|not text"):
+            call()
+    budget = BERT.max_text_len - 2  # [CLS] and [SEP]
+    words = "red blue green yellow circle square star heart one two three four".split()
+    long_q = " ".join(words)
+    with caplog.at_level("WARNING", logger="minivlm"):
+        long_scores = model.answer_scores(paths[0], long_q)
+    assert f"is {len(words)} word pieces long; the model reads the first {budget}" in caplog.text
+    assert long_scores == model.answer_scores(paths[0], " ".join(words[:budget]))  # what the model reads
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="minivlm"):
+        model.answer_scores(paths[0], " ".join(words[:budget]))
+    assert caplog.text == ""
+
+
+def test_distill_goes_on_past_bad_images_and_resumes(env, capsys, tmp_path):
+    root, model, paths = env
+    images = tmp_path / "unlabeled"
+    shutil.copytree(root / "imgs", images)
+    shutil.copy(root / "bad.jpg", images / "img1_bad.jpg")
+    out = tmp_path / "pseudo.json"
+    # a first run that stopped after one batch: its finished row (a caption no model would write) is kept
+    out.with_name(out.name + ".partial.jsonl").write_text(
+        json.dumps({"file_name": "img0.png", "width": 120, "height": 90, "caption": "kept from the first run"}) + "\n")
+    rc, stdout, err = _cli(capsys, "distill", "--teacher", root / "model", "--images", images, "--out", out,
+                           "--batch-size", "2", "--backend", "torch")
+    errors = [line for line in err.splitlines() if "error" in line]  # the progress bar shares stderr
+    assert rc == 1 and len(errors) == 1 and "img1_bad.jpg" in errors[0] and "Traceback" not in err
+    coco = read_json(out)
+    got = {im["file_name"]: a["caption"] for im, a in zip(coco["images"], coco["annotations"])}
+    assert list(got) == ["img0.png", "img1.png", "img2.png"]  # sorted, the bad image left out
+    assert got["img0.png"] == "kept from the first run"
+    assert [got["img1.png"], got["img2.png"]] == model.caption(paths[1:])
+    assert not out.with_name(out.name + ".partial.jsonl").exists()

@@ -272,6 +272,22 @@ def test_detector_folder_round_trip(tmp_path, model):
         load_detector(tmp_path / "det")
 
 
+def test_extract_goes_on_past_bad_images(tmp_path, model, capsys):
+    from minivlm.cli import main
+    from minivlm.data.feature_store import FeatureStore
+
+    save_detector(model, tmp_path / "det")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (90, 70), (10, 200, 40)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    Image.new("RGB", (50, 80), (200, 20, 40)).save(tmp_path / "imgs" / "c.png")
+    rc = main(["extract", "--detector", str(tmp_path / "det"), "--images", str(tmp_path / "imgs"),
+               "--out", str(tmp_path / "store")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert rc == 1 and len(errors) == 1 and "b.jpg" in errors[0]
+    assert sorted(FeatureStore(tmp_path / "store").keys()) == ["a.png", "c.png"]
+
+
 def test_batch_norm_statistics_follow_training(model):
     # effdet's TF-style momentum (0.01) left eval-mode BiFPN statistics hundreds of steps behind a detector
     # trained from scratch (held-out mAP ~0 until the learning rate decayed); every BN must use 0.1.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -96,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
                       teacher_name=str(args.teacher))
     print(f"wrote {summary['images']} pseudo-captions to {summary['out']}")
     for key, reason in summary["failed"]:
-        print(f"  skipped {key}: {reason}")
-    return 0
+        print(f"minivlm distill: error: skipped {key}: {reason}", file=sys.stderr)
+    return 1 if summary["failed"] else 0

@@ -10,6 +10,7 @@ writes its own shards; a rerun skips the images that complete shards already hol
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -83,8 +84,6 @@ def extract_to_store(model: TEE, sources: list[tuple[int | str, Path]], store: s
                     written += writer.add(key, model.to_regions(det, scale, size))
             bar.update(len(todo[start:start + batch_size]))
         bar.close()
-    for key, reason in failed:
-        tqdm.write(f"[extract] skipped {key}: {reason}")
     return {"written": written, "skipped_done": mine - len(todo), "failed": failed}
 
 
@@ -155,6 +154,8 @@ def run(args) -> int:
     rank = summary["rank"]
     print(f"[rank {rank}] {summary['written']} images written to {args.out}, {summary['skipped_done']} already "
           f"there, {len(summary['failed'])} unreadable")
+    for key, reason in summary["failed"]:
+        print(f"minivlm extract: error: skipped {key}: {reason}", file=sys.stderr)
     if summary["world_size"] > 1:
         torch.distributed.barrier()
-    return 0
+    return 1 if summary["failed"] else 0
