@@ -298,12 +298,19 @@ def test_scst_advantage_sign(tok, trained, image_regions, sign):
 
 def test_scst_mean_baseline_is_leave_one_out(tok, trained, image_regions):
     model = copy.deepcopy(trained[0])
-    rng = np.random.default_rng(0)
-    model.scst = ScstObjective(lambda keys, caps: rng.random(len(keys)), tok, samples=4, baseline="mean", max_len=6)
+    rng, given = np.random.default_rng(0), []
+
+    def reward(keys, caps):
+        given.append(rng.random(len(keys)))
+        return given[-1]
+
+    model.scst = ScstObjective(reward, tok, samples=4, baseline="mean", max_len=6)
     ds = CaptionDataset(list(enumerate(CAPTIONS)), image_regions, tok, model.cfg)
     out = model(ds.collate([ds[i] for i in range(4)]))
     adv = out["advantage"].view(4, 4)
-    assert torch.allclose(adv.sum(1), torch.zeros(4), atol=1e-5) and adv.abs().sum() > 0
+    r = torch.as_tensor(np.concatenate(given), dtype=adv.dtype).view(4, 4)  # [image, sample]
+    # each sample against the mean of the image's *other* samples (a plain mean would also sum to zero)
+    assert torch.allclose(adv, r - (r.sum(1, keepdim=True) - r) / 3, atol=1e-6) and adv.abs().sum() > 0
     out["loss"].backward()
     assert model.bert.layers[0].query.weight.grad is not None
     with pytest.raises(MiniVLMError):

@@ -264,6 +264,29 @@ def test_world_missing_files_name_expected_path(tmp_path):
         World(tmp_path / "nowhere").class_names()
 
 
+def test_file_names_cannot_leave_the_dataset_root(tmp_path):
+    w = _make_world(tmp_path / "root")
+    (tmp_path / "secret.jpg").write_bytes(b"not for the model")
+    for name in ("../../secret.jpg", str(tmp_path / "secret.jpg"), "sub/../../x.jpg", ""):
+        with pytest.raises(DataFormatError, match="leaves the dataset folder|empty"):
+            w.image_path("train", name)
+    (tmp_path / "root" / "train").mkdir(exist_ok=True)
+    (tmp_path / "root" / "train" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    with pytest.raises(DataFormatError, match="link.jpg: a link that points out of the dataset folder"):
+        w.image_path("train", "link.jpg")
+    with pytest.raises(DataFormatError, match="leaves the dataset folder"):
+        w.nlvr2_image_path("dev", "../../../secret.jpg")
+    (tmp_path / "root" / "nlvr2" / "images" / "dev" / "7").mkdir(parents=True)
+    (tmp_path / "root" / "nlvr2" / "images" / "dev" / "7" / "dev-7-0-img0.png").symlink_to(tmp_path / "secret.jpg")
+    with pytest.raises(DataFormatError, match="points out of the dataset folder"):
+        w.nlvr2_image_path("dev", "dev-7-0-img0.png")  # found by the subfolder search, refused all the same
+    # a split folder that is itself a link (a dataset linked into place) is fine
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "elsewhere" / "a.png")
+    (tmp_path / "root" / "val2014").symlink_to(tmp_path / "elsewhere")
+    assert w.image_path("val2014", "a.png").read_bytes() == (tmp_path / "elsewhere" / "a.png").read_bytes()
+
+
 def test_generated_synthetic_world_loads_through_world(tmp_path):
     from minivlm.data.images import load_image
     from minivlm.data.synthetic import generate_world

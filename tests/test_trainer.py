@@ -77,6 +77,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
 
 def test_sampler_shards_cover_each_index_once_and_resume_midway():
     n, world = 10, 3
+    orders = []
     for epoch in range(2):
         parts = []
         for rank in range(world):
@@ -85,6 +86,10 @@ def test_sampler_shards_cover_each_index_once_and_resume_midway():
             parts.append(list(s))
         assert len({len(p) for p in parts}) == 1  # equal work per rank (padded)
         assert set(sum(parts, [])) == set(range(n))
+        # disjoint apart from the padding: 12 slots for 10 indices, so exactly 2 repeats in all
+        assert len(sum(parts, [])) == 12 and len(set(sum(parts, []))) == n
+        orders.append(sum(parts, []))
+    assert orders[0] != orders[1]  # each epoch reshuffles
     s = ShardedSampler(n, 0, 1, seed=7)
     s.set_epoch(1)
     full = list(s)

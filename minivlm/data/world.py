@@ -76,8 +76,9 @@ class World:
         return self.root / "nlvr2" / f"{split}.json"
 
     def image_path(self, split: str, image: ImageInfo | str) -> Path:
-        """Where an image of `split` lives (not checked: `load_image` reports a missing file)."""
-        return self.root / split / (image.file_name if isinstance(image, ImageInfo) else image)
+        """Where an image of `split` lives (its existence not checked: `load_image` reports a missing file);
+        a name that would leave the split's folder is refused (`inside`)."""
+        return inside(self.root / split, image.file_name if isinstance(image, ImageInfo) else image)
 
     def vqa_image_path(self, split: str, image_id: int) -> Path:
         """The image behind a VQA question: by the split's COCO file names when an instances or captions
@@ -93,13 +94,13 @@ class World:
         """An NLVR2 image; real train images sit in numbered subfolders (images/train/0..99/), so when
         the file is not directly under images/{split}/ the subfolders are indexed once and searched."""
         folder = self.root / "nlvr2" / "images" / split
-        direct = folder / name
+        direct = inside(folder, name)
         if direct.is_file():
             return direct
         index = self._cached(("nlvr2_index", split), lambda: {p.name: p for p in folder.rglob("*") if p.is_file()})
         if name not in index:
             raise DataFormatError(direct, "NLVR2 image not found (subfolders searched too)")
-        return index[name]
+        return inside(folder, index[name].relative_to(folder).as_posix())
 
     # ------------------------------------------------------------ parsed files
 
@@ -197,3 +198,18 @@ class World:
 
     def attribute_names(self) -> list[str]:
         return self.instances(self.train_split()).attribute_names()
+
+
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name` for a file name read from an annotation file, refused (DataFormatError) when it
+    would leave the folder: an absolute path, a `..` part, or a symbolic link inside the folder that points
+    out of it. The folder itself may be a link (datasets are often linked into place)."""
+    if not name or "\0" in name:
+        raise DataFormatError(folder, f"image file name {name!r} is empty or holds a NUL character")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise DataFormatError(folder / name, "image file name leaves the dataset folder (absolute or '..'); refused")
+    path = folder / rel
+    if path.exists() and not path.resolve().is_relative_to(folder.resolve()):
+        raise DataFormatError(path, "a link that points out of the dataset folder; refused")
+    return path
