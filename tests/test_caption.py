@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -147,9 +148,18 @@ def test_training_mask_is_prefix_causal(tok, image_regions):
     assert not torch.allclose(hidden(earlier)[0, 3], base[0, 3], atol=1e-3)  # ... but earlier tokens are seen
     other = build_prefix(tok, [image_regions[1]], model.cfg)
     assert not torch.allclose(hidden(ids, other)[0, 1], base[0, 1], atol=1e-3)  # tags and regions are seen
-    # the loss comes from the masked positions only
-    out = model(batch)
+    # the loss comes from the masked positions only: with only position 3 masked, a later (unmasked) token's
+    # own target cannot move it, though a loss over every position would; the masked target does move it
+    model.eval()  # no dropout: equal inputs give equal losses
+    one = dataclasses.replace(batch, input_ids=ids, labels=torch.full_like(ids, IGNORE))
+    one.labels[0, 3] = tok.encode("a red cube on the table near a dog")[2]  # "cube", what [MASK] at 3 hides
+    out = model(one)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"]) and 0.0 <= float(out["acc"]) <= 1.0
+    changed_later = dataclasses.replace(one, input_ids=later)
+    assert torch.allclose(model(changed_later)["loss"], out["loss"], atol=1e-6)
+    other_target = dataclasses.replace(one, labels=one.labels.clone())
+    other_target.labels[0, 3] = tok.encode("sky")[0]
+    assert not torch.allclose(model(other_target)["loss"], out["loss"], atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -90,10 +90,15 @@ def test_java_metrics_meteor_rouge_and_spice_reported_unavailable(tmp_path):
     assert m2["SPICE"] is None and "stanford-corenlp-3.6.0.jar" in m2["SPICE_unavailable"]
 
 
-def test_java_failures_are_clear_errors(monkeypatch):
+def test_java_failures_are_clear_errors(monkeypatch, tmp_path):
     gts, res = {1: ["a dog runs"]}, {1: ["a dog"]}
-    with pytest.raises(JavaError, match="did not finish"):
-        cm.meteor_score(gts, res, timeout=0.01)  # java cannot even start in 10 ms: the watchdog fires
+    hang = tmp_path / "java"  # a "java" that never answers: the watchdog must fire, however fast the machine
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(0o755)
+    with monkeypatch.context() as m:
+        m.setattr(cm, "_java", lambda: str(hang))
+        with pytest.raises(JavaError, match="did not finish"):
+            cm.meteor_score(gts, res, timeout=0.5)
     monkeypatch.setattr(cm, "METEOR_JAR", "no-such-meteor.jar")
     with pytest.raises(JavaError, match="METEOR"):
         cm.meteor_score(gts, res)

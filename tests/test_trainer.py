@@ -141,3 +141,73 @@ def test_cpu_amp_runs_bf16_only_when_asked_and_supported(tmp_path, cpu_amp):
     assert model.lin.weight.dtype == torch.float32  # weights and checkpoints stay fp32
     log = read_log(tmp_path / "log.jsonl")
     assert log[-1]["loss"] < 0.1 * log[0]["loss"]  # still learns in bf16
+
+
+KILL_TRAIN = """
+import os, signal, sys
+import torch
+from torch import nn
+from minivlm.config import TrainConfig
+from minivlm.train.trainer import Trainer
+
+out, kill_at, init_seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+
+class Net(nn.Module):  # dropout and AdamW: the RNG and the optimizer's moments must resume too
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.drop, self.lin2, self.calls = nn.Linear(4, 16), nn.Dropout(0.3), nn.Linear(16, 1), 0
+
+    def forward(self, batch):
+        self.calls += 1
+        if self.calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of a step: nothing gets to clean up
+        x, y = batch
+        return {"loss": ((self.lin2(self.drop(torch.relu(self.lin1(x)))).squeeze(1) - y) ** 2).mean()}
+
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(60, 4, generator=g)
+data = list(zip(x, x @ torch.tensor([1.0, -2.0, 0.5, 3.0])))
+collate = lambda items: (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]))
+torch.manual_seed(init_seed)
+net = Net()
+cfg = TrainConfig(epochs=3, batch_size=8, lr=0.01, optimizer="adamw", schedule="cosine", weight_decay=0.01,
+                  log_every=2, ckpt_every=4, grad_clip=1.0, seed=0)
+Trainer(net, cfg, out).fit(data, collate)
+print("steps run", net.calls)
+"""
+
+
+def test_kill_minus_9_then_rerun_ends_where_an_uninterrupted_run_does(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def train(out, kill_at, init_seed=0):
+        r = subprocess.run([sys.executable, "-c", KILL_TRAIN, str(out), str(kill_at), str(init_seed)], env=env,
+                           capture_output=True, text=True)
+        steps = [int(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("steps run")]
+        return r.returncode, steps[0] if steps else None
+
+    rc, total = train(tmp_path / "ref", -1)
+    assert rc == 0
+    want = load_file(tmp_path / "ref" / "model.safetensors")
+    for kill_at in (3, 10, 19):  # before the first checkpoint (step 4), between checkpoints, in the last epoch
+        out = tmp_path / f"killed{kill_at}"
+        assert train(out, kill_at)[0] == -signal.SIGKILL
+        assert not (out / "model.safetensors").exists()
+        # The same command again. Past a checkpoint, the rerun draws other initial weights: only what the
+        # checkpoint restores (weights, AdamW moments, scheduler, RNG, data order) can make it end the same.
+        resumed_from = (kill_at - 1) // 4 * 4
+        rc, steps = train(out, -1, init_seed=0 if resumed_from == 0 else 1)
+        assert rc == 0 and steps == total - resumed_from
+        got = load_file(out / "model.safetensors")
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=f"kill at step {kill_at}: {k} differs")

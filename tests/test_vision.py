@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -175,6 +176,13 @@ def test_box_coder_round_trip():
     ref = torch.tensor([[0.0, 0.0, 10.0, 20.0], [5.0, 5.0, 50.0, 30.0]])
     boxes = torch.tensor([[1.0, 2.0, 12.0, 18.0], [0.0, 10.0, 40.0, 44.0]])
     assert torch.allclose(coder.decode(ref, coder.encode(ref, boxes)), boxes, atol=1e-4)
+    # Faster R-CNN's parameterisation by hand: centre shift over the reference size, log size ratio, x weights
+    want = torch.tensor([[10 * (6.5 - 5) / 10, 10 * (10 - 10) / 20, 5 * math.log(11 / 10), 5 * math.log(16 / 20)],
+                         [10 * (20 - 27.5) / 45, 10 * (27 - 17.5) / 25, 5 * math.log(40 / 45), 5 * math.log(34 / 25)]])
+    assert torch.allclose(coder.encode(ref, boxes), want, atol=1e-5)
+    # a large predicted scale is capped (max_log_scale) instead of overflowing to inf
+    huge = coder.decode(ref[:1], torch.tensor([[0.0, 0.0, 1e4, 1e4]]))
+    assert torch.isfinite(huge).all()
 
 
 # ----------------------------------------------------------------------------------------------------
