@@ -282,7 +282,13 @@ def test_int8_graphs_run(env):
     assert isinstance(q8, EdgeMiniVLM) and q8.int8
     caps = q8.caption(paths)
     assert len(caps) == len(paths) and all(isinstance(c, str) and c for c in caps)
-    assert all(a in ANSWERS for a in q8.answer(paths, QUESTIONS))
+    # int8 weights move the scores a little, not the answers: top-1 agreement and a bound on the change
+    a8, a32 = q8.answer_scores(paths, QUESTIONS, top_k=len(ANSWERS)), model.answer_scores(paths, QUESTIONS, top_k=len(ANSWERS))
+    drift = max(abs(dict(x)[a] - c) for x, y in zip(a8, a32) for a, c in y)
+    assert drift <= 0.05
+    # random weights leave near-ties, which any drift may flip; an answer ahead by more than twice the bound may not
+    clear = [(x[0][0], y[0][0]) for x, y in zip(a8, a32) if y[0][1] - y[1][1] > 0.1]
+    assert len(clear) >= 3 and all(a == b for a, b in clear)
     # the detector runs fp32 under int8 too: the same regions as the fp32 graphs, exactly
     fp32 = MiniVLM.from_pretrained(root / "model", threads=1)
     for a, b in zip(q8.regions(paths), fp32.regions(paths)):
