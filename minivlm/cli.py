@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                  "which the inference commands then run; optionally int8"),
     "edge-caption": ("minivlm.edge", "caption images with an export folder's ONNX graphs (onnxruntime, no PyTorch)"),
     "edge-vqa": ("minivlm.edge", "answer questions with an export folder's ONNX graphs (onnxruntime, no PyTorch)"),
+    "serve": ("minivlm.serve.cli", "HTTP API (OpenAI-compatible chat + native endpoints) and web page, "
+                                   "with dynamic batching"),
 }
 
 
