@@ -296,6 +296,36 @@ def test_extract_goes_on_past_bad_images(tmp_path, model, capsys):
     assert sorted(FeatureStore(tmp_path / "store").keys()) == ["a.png", "c.png"]
 
 
+def test_extract_under_torchrun_writes_every_image_once(tmp_path, model):
+    """Two CPU ranks (gloo) share the images: the store holds each exactly once, as one process would."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from minivlm.data.feature_store import FeatureStore
+
+    save_detector(model, tmp_path / "det")
+    (tmp_path / "imgs").mkdir()
+    for i in range(5):
+        Image.new("RGB", (60 + 10 * i, 50), (40 * i, 200, 40)).save(tmp_path / "imgs" / f"{i}.png")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port (torchrun's static rendezvous hangs on port 0)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), "-m", "minivlm.cli", "extract", "--detector", str(tmp_path / "det"), "--images",
+                        str(tmp_path / "imgs"), "--out", str(tmp_path / "store")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    store = FeatureStore(tmp_path / "store")
+    assert sorted(store.keys()) == [f"{i}.png" for i in range(5)]
+    assert len(list((tmp_path / "store").glob("shard-r1-*"))) >= 1  # the second rank did its share
+    alone = model.extract([Image.open(tmp_path / "imgs" / "3.png").convert("RGB")])[0]
+    assert torch.allclose(store["3.png"].features.float(), alone.features, atol=1e-2)  # stored as float16
+
+
 def test_batch_norm_statistics_follow_training(model):
     # effdet's TF-style momentum (0.01) left eval-mode BiFPN statistics hundreds of steps behind a detector
     # trained from scratch (held-out mAP ~0 until the learning rate decayed); every BN must use 0.1.
