@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minivlm.errors import DataFormatError, MiniVLMError
@@ -78,8 +80,22 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
     # safetensors refuses shared storage; contiguous clones keep tied weights loadable.
     tensors = {k: v.detach().contiguous().clone() if _shares(v, state) else v.detach().contiguous()
                for k, v in state.items()}
+    write_safetensors(tensors, path, metadata)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+                      ) -> None:
+    """`save_file` through a temporary name, renamed into place. safetensors reports a failed write (disk
+    full, file too large) as its own SafetensorError; it is raised as the OSError it is, so the command line
+    reports it in one line as the environment's problem, and the temporary file is removed."""
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _shares(v: torch.Tensor, state: dict[str, torch.Tensor]) -> bool:

@@ -326,6 +326,40 @@ def test_extract_under_torchrun_writes_every_image_once(tmp_path, model):
     assert torch.allclose(store["3.png"].features.float(), alone.features, atol=1e-2)  # stored as float16
 
 
+def test_extract_into_a_full_disk_fails_clearly_and_keeps_the_store(tmp_path, model):
+    """A disk that fills up mid-run (simulated: RLIMIT_FSIZE, the per-process file size limit) stops
+    `extract` with a one-line error; what the store held before is intact and opens as before."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from minivlm.data.feature_store import FeatureStore
+
+    save_detector(model, tmp_path / "det")
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (60 + 10 * i, 50), (40 * i, 200, 40)).save(tmp_path / "imgs" / f"{i}.png")
+    cmd = [sys.executable, "-c", "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+           "limit = int(sys.argv[1]); limit and resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+           "from minivlm.cli import main; sys.exit(main(sys.argv[2:]))", "0", "extract", "--detector",
+           str(tmp_path / "det"), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "store"),
+           "--shard-size", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()}
+    for i in range(3, 8):
+        Image.new("RGB", (70, 40 + 5 * i), (200, 20 * i, 40)).save(tmp_path / "imgs" / f"{i}.png")
+    cmd[3] = "200"  # no file may grow past 200 bytes: the next shard cannot be written
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "minivlm extract: error: File too large" in r.stderr
+    after = {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()}
+    assert {k: after.get(k) for k in before} == before  # every file as it was, none half-written
+    assert not [n for n in after if n.endswith(".tmp")]
+    assert sorted(FeatureStore(tmp_path / "store").keys()) == ["0.png", "1.png", "2.png"]
+
+
 def test_batch_norm_statistics_follow_training(model):
     # effdet's TF-style momentum (0.01) left eval-mode BiFPN statistics hundreds of steps behind a detector
     # trained from scratch (held-out mAP ~0 until the learning rate decayed); every BN must use 0.1.

@@ -14,7 +14,7 @@ just that image's rows through a lazily opened, memory-mapped `safe_open` handle
 Tags and attribute names are not stored per region: `labels` / `attributes` index the vocabularies in
 meta.json, and the reader turns them back into names.
 
-Shards are written through `minivlm.io.atomic_path` (hidden temp file, then rename), so a shard is either
+Shards are written through `minivlm.io.write_safetensors` (hidden temp file, then rename), so a shard is either
 complete or invisible. A rerun after a kill asks `done_keys()` and skips what complete shards hold; images
 still buffered at kill time are simply redone. Under torchrun each rank writes its own shards (the rank is
 in the file name) for its own images.
@@ -33,10 +33,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from minivlm.errors import DataFormatError, MiniVLMError
-from minivlm.io import atomic_path, read_json, write_json
+from minivlm.io import read_json, write_json, write_safetensors
 from minivlm.regions import Regions
 
 Key = int | str
@@ -254,8 +253,7 @@ class FeatureStoreWriter:
         metadata = {"format": SHARD_FORMAT, "keys": json.dumps(keys), "offsets": json.dumps(offsets),
                     "rank": str(self.rank)}
         path = self.root / f"shard-r{self.rank}-{self._next:05d}.safetensors"
-        with atomic_path(path) as tmp:
-            save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata=metadata)
+        write_safetensors({n: t.contiguous() for n, t in tensors.items()}, path, metadata)
         self._next += 1
         self._done.update(keys)
         self._buffer.clear()
