@@ -193,25 +193,12 @@ def test_attribute_loss_per_group_gives_each_group_a_full_target():
     assert attribute_loss(logits, shared).item() == pytest.approx(F.cross_entropy(logits, shared).item(), rel=1e-5)
 
 
-def test_train_detector_under_torchrun(tmp_path, world_root):
+def test_train_detector_under_torchrun(tmp_path, world_root, torchrun):
     """`minivlm train-detector` on two CPU ranks (gloo) finishes its steps and writes one detector folder
     (the batch is global: 2 images per rank, as BatchNorm at the 1x1 P6 level needs more than one)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as sock:  # a free port (torchrun's static rendezvous hangs on port 0)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), "-m", "minivlm.cli", "train-detector", "--data", str(world_root), "--out",
-                        str(tmp_path / "det"), "--image-size", str(SIZE), "--max-train-images", "4", "--max-steps", "3",
-                        "--batch-size", "4", "--optimizer", "sgd", "--lr", "0.02", "--eval-split", "none", "--no-flip",
-                        "--tee", "rpn_post_nms_topk=50", "--tee", "roi_batch_per_image=32"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = torchrun("train-detector", "--data", world_root, "--out", tmp_path / "det", "--image-size", SIZE,
+                 "--max-train-images", 4, "--max-steps", 3, "--batch-size", 4, "--optimizer", "sgd", "--lr", 0.02,
+                 "--eval-split", "none", "--no-flip", "--tee", "rpn_post_nms_topk=50", "--tee", "roi_batch_per_image=32")
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [e["step"] for e in read_log(tmp_path / "det" / "log.jsonl") if "loss" in e]
     assert steps and steps[-1] == 3

@@ -296,28 +296,15 @@ def test_extract_goes_on_past_bad_images(tmp_path, model, capsys):
     assert sorted(FeatureStore(tmp_path / "store").keys()) == ["a.png", "c.png"]
 
 
-def test_extract_under_torchrun_writes_every_image_once(tmp_path, model):
+def test_extract_under_torchrun_writes_every_image_once(tmp_path, model, torchrun):
     """Two CPU ranks (gloo) share the images: the store holds each exactly once, as one process would."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from minivlm.data.feature_store import FeatureStore
 
     save_detector(model, tmp_path / "det")
     (tmp_path / "imgs").mkdir()
     for i in range(5):
         Image.new("RGB", (60 + 10 * i, 50), (40 * i, 200, 40)).save(tmp_path / "imgs" / f"{i}.png")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port (torchrun's static rendezvous hangs on port 0)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), "-m", "minivlm.cli", "extract", "--detector", str(tmp_path / "det"), "--images",
-                        str(tmp_path / "imgs"), "--out", str(tmp_path / "store")], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = torchrun("extract", "--detector", tmp_path / "det", "--images", tmp_path / "imgs", "--out", tmp_path / "store")
     assert r.returncode == 0, r.stderr[-2000:]
     store = FeatureStore(tmp_path / "store")
     assert sorted(store.keys()) == [f"{i}.png" for i in range(5)]
