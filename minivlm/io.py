@@ -21,6 +21,10 @@ from safetensors.torch import load_file, save_file
 from minivlm.errors import DataFormatError, MiniVLMError
 
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask only reads by setting)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it over `path` only if the block succeeds, so a
@@ -31,6 +35,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file 0600; the finished file gets what open() would give it (umask), so a model
+        # folder written by one user can be served by another.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -193,3 +193,17 @@ def test_a_hugging_face_text_folder_still_initialises(tmp_path):
     assert summary.startswith("loaded") and "layers loaded: 0-1" in summary
     with pytest.raises(DataFormatError, match="huggingface-bert folder, where a model folder"):
         MiniVLM.from_pretrained(folder)
+
+
+def test_atomic_writes_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
+    # A model folder written by one user must be readable by the server running as another.
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    os.umask(old)
+    write_json(tmp_path / "a.json", {"x": 1})
+    save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    for name in ("a.json", "w.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~old, name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
