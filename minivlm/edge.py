@@ -198,6 +198,9 @@ class EdgeMiniVLM:
         for graph in self._graphs():  # every file first: a broken folder fails before any work
             if not (folder / graph).is_file():
                 raise DataFormatError(folder / graph, "graph file missing from the ONNX folder (listed in edge.json)")
+        for name in files.values():
+            if not (folder / name).is_file():
+                raise DataFormatError(folder / name, "file missing from the ONNX folder (listed in edge.json)")
 
     def _graphs(self) -> list[str]:
         names = [self.det["graph"]] + [g for t in self.tasks.values() for k, g in t.items() if k in ("graph", "prefix", "step")]

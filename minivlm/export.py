@@ -11,6 +11,8 @@ find them) unless --out names another folder.
     nlvr2.onnx               statement + tags + regions, 2B rows (left, then right) -> [B, 2] logits
     retrieval.onnx           caption + tags + regions -> matching score (log-odds)
     *.int8.onnx              with --int8: dynamically quantised copies (int8 weights, activations quantised per call)
+    caption_weights.bin      the weights both caption graphs use, stored once as ONNX external data
+    caption_weights.int8.bin (`minivlm.onnx_weights`), and their int8 graphs' likewise
     vocab.txt tags.txt attributes.txt answers.txt
 
 The detector is ONE graph, NMS and RoIAlign included (ONNX NonMaxSuppression from opset 11, RoiAlign with
@@ -51,6 +53,7 @@ from minivlm.fusion.inputs import FusionBatch
 from minivlm.fusion.layout import TAG_SEGMENT, TEXT_SEGMENT
 from minivlm.io import atomic_path, write_json
 from minivlm.model import MiniVLM, write_lines
+from minivlm.onnx_weights import share_weights
 
 OPSET = 17
 # The task model's method (on a FusionBatch) that each task graph computes; also the graph output's name.
@@ -60,6 +63,8 @@ FUSION_INPUTS = ["input_ids", "token_type_ids", "position_ids", "text_mask", "re
 # Only the matrix products are quantised: they hold almost all the weights and time of the transformer and
 # the box head; int8 convolutions (ConvInteger) run slower than fp32 ones in onnxruntime on CPU.
 INT8_OPS = ["MatMul", "Gemm"]
+# The caption prefix and step graphs' common weights, stored once (`minivlm.onnx_weights`).
+CAPTION_WEIGHTS, CAPTION_WEIGHTS_INT8 = "caption_weights.bin", "caption_weights.int8.bin"
 
 
 # ---------------------------------------------------------------------------------------------- graphs
@@ -266,6 +271,13 @@ def export_model(model_folder: str | Path, out: str | Path | None = None, int8: 
         for g in graphs:
             quantize(out / g, out / int8_name(g))
         config["int8"] = {g: int8_name(g) for g in graphs}
+    if "caption" in tasks:  # last: quantising reads the self-contained fp32 graphs
+        pair = [tasks["caption"]["prefix"], tasks["caption"]["step"]]
+        share_weights(out, pair, CAPTION_WEIGHTS)
+        config["files"]["caption_weights"] = CAPTION_WEIGHTS
+        if int8:
+            share_weights(out, [int8_name(g) for g in pair], CAPTION_WEIGHTS_INT8)
+            config["files"]["caption_weights_int8"] = CAPTION_WEIGHTS_INT8
 
     with atomic_path(out / "vocab.txt") as tmp:
         shutil.copyfile(tok.vocab_path, tmp)

@@ -107,9 +107,75 @@ def test_export_folder_lists_every_graph_and_the_weights(env):
     assert set(config["weights"]) == {"config.json", "model.safetensors", "vocab.txt", "answers.txt"}
     names = sorted(p.name for p in (root / "model" / "onnx").iterdir())
     graphs = ["caption_prefix", "caption_step", "detector", "nlvr2", "retrieval", "vqa"]
-    assert names == sorted(["answers.txt", "attributes.txt", "edge.json", "tags.txt", "vocab.txt"]
+    assert names == sorted(["answers.txt", "attributes.txt", "edge.json", "tags.txt", "vocab.txt",
+                            "caption_weights.bin", "caption_weights.int8.bin"]
                            + [f"{g}.onnx" for g in graphs]
                            + [f"{g}.int8.onnx" for g in graphs if g != "detector"])  # the region head stays fp32
+
+
+def test_the_caption_graphs_share_one_copy_of_their_weights(env):
+    """Both caption graphs (and both int8 ones) read their large initialisers from one external-data file,
+    each tensor stored once: the graph files hold only small tensors and structure."""
+    import onnx
+
+    folder = env[0] / "model" / "onnx"
+    # fp32: every layer's matrices; int8: this tiny model's int8 matrices are under the 4 KiB threshold,
+    # its fp32 embedding tables are not
+    for suffix, weights, least in ((".onnx", "caption_weights.bin", 4 * BERT.num_layers),
+                                   (".int8.onnx", "caption_weights.int8.bin", 1)):
+        graphs = [onnx.load(str(folder / f"caption_{g}{suffix}"), load_external_data=False) for g in ("prefix", "step")]
+        external = [{t.name: {e.key: e.value for e in t.external_data} for t in g.graph.initializer
+                     if t.data_location == onnx.TensorProto.EXTERNAL} for g in graphs]
+        assert all(x["location"] == weights for ext in external for x in ext.values())
+        shared = set(external[0]) & set(external[1])
+        assert len(shared) >= least
+        assert all(external[0][n] == external[1][n] for n in shared)  # the same bytes of the file
+        spans = sorted({(int(x["offset"]), int(x["length"])) for ext in external for x in ext.values()})
+        assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no tensor stored twice
+        size = (folder / weights).stat().st_size
+        assert size >= sum(length for _, length in spans)
+        assert all((folder / f"caption_{g}{suffix}").stat().st_size < size / 4 for g in ("prefix", "step"))
+
+
+def test_share_weights_keeps_what_each_graph_computes(tmp_path):
+    """Two graphs holding the same matrix under different names (and a second, different one) compute the
+    same after sharing, from a weights file holding the common matrix once."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from minivlm.onnx_weights import share_weights
+
+    rng = np.random.default_rng(0)
+    w, v = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((32, 48)).astype(np.float32)
+
+    def graph(path, names, second):
+        nodes = [helper.make_node("MatMul", ["x", names[0]], ["h"])]
+        inits = [numpy_helper.from_array(w, names[0])]
+        if second:
+            nodes.append(helper.make_node("MatMul", ["h", names[1]], ["y"]))
+            inits.append(numpy_helper.from_array(v, names[1]))
+        else:
+            nodes.append(helper.make_node("Identity", ["h"], ["y"]))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    graph(tmp_path / "a.onnx", ["w_in_a"], False)
+    graph(tmp_path / "b.onnx", ["onnx::MatMul_7", "v"], True)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+
+    def run(name):
+        return ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = [run("a.onnx"), run("b.onnx")]
+    report = share_weights(tmp_path, ["a.onnx", "b.onnx"], "w.bin")
+    assert report["tensors"] == 2 and report["saved"] == w.nbytes
+    after = [run("a.onnx"), run("b.onnx")]
+    assert all(np.array_equal(p, q) for p, q in zip(before, after))
+    b = onnx.load(str(tmp_path / "b.onnx"), load_external_data=False)
+    assert {t.name for t in b.graph.initializer} == {"w_in_a", "v"} and b.graph.node[0].input[1] == "w_in_a"
+    assert (tmp_path / "a.onnx").stat().st_size < 1000 and (tmp_path / "w.bin").stat().st_size >= w.nbytes + v.nbytes
 
 
 def test_transformer_weights_are_the_right_hand_matmul_operand(env):
