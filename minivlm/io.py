@@ -31,7 +31,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     crash or kill never leaves a half-written file where a good one was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # a read-only folder: name the file that could not be written, not a temp name
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)

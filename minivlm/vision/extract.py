@@ -68,22 +68,22 @@ def extract_to_store(model: TEE, sources: list[tuple[int | str, Path]], store: s
     with FeatureStoreWriter(store, rank, world_size, shard_size=shard_size, meta=meta, dtype=dtype) as writer:
         todo = writer.todo([k for k, _ in sources])
         mine = len([k for i, (k, _) in enumerate(sources) if i % world_size == rank])
-        bar = tqdm(total=len(todo), desc=f"extract r{rank}", dynamic_ncols=True, disable=not todo)
-        for start in range(0, len(todo), batch_size):
-            keys, chunk = [], []
-            for key in todo[start:start + batch_size]:
-                try:
-                    chunk.append(letterbox(paths[key], cfg.image_size))
-                    keys.append(key)
-                except ImageError as err:
-                    failed.append((key, str(err)))
-            if chunk:
-                canvas = pad_to_canvas([c[0] for c in chunk], cfg.image_size).to(device)
-                dets = model.detect(canvas, [tuple(c[0].shape[1:]) for c in chunk], max_regions)
-                for key, det, (_, scale, size) in zip(keys, dets, chunk):
-                    written += writer.add(key, model.to_regions(det, scale, size))
-            bar.update(len(todo[start:start + batch_size]))
-        bar.close()
+        # closed on the way out of an error too, so the error message starts a line of its own
+        with tqdm(total=len(todo), desc=f"extract r{rank}", dynamic_ncols=True, disable=not todo) as bar:
+            for start in range(0, len(todo), batch_size):
+                keys, chunk = [], []
+                for key in todo[start:start + batch_size]:
+                    try:
+                        chunk.append(letterbox(paths[key], cfg.image_size))
+                        keys.append(key)
+                    except ImageError as err:
+                        failed.append((key, str(err)))
+                if chunk:
+                    canvas = pad_to_canvas([c[0] for c in chunk], cfg.image_size).to(device)
+                    dets = model.detect(canvas, [tuple(c[0].shape[1:]) for c in chunk], max_regions)
+                    for key, det, (_, scale, size) in zip(keys, dets, chunk):
+                        written += writer.add(key, model.to_regions(det, scale, size))
+                bar.update(len(todo[start:start + batch_size]))
     return {"written": written, "skipped_done": mine - len(todo), "failed": failed}
 
 
