@@ -232,6 +232,8 @@ class TrainConfig:
     max_steps: int | None = option(None, flags=("--max-steps", "--steps"),
                                    help="stop after this many optimizer steps (the schedule decays to zero there)")
     batch_size: int = option(8, help="global batch (split across ranks under torchrun)")
+    accumulate: int = option(1, help="micro-batches per optimizer step: each rank's share of the global batch "
+                                     "is split this many ways, so a paper batch fits on fewer GPUs")
     lr: float = option(1e-3, help="peak learning rate")
     optimizer: str = option("adamw", help="optimizer", choices=("sgd", "adamw"))
     momentum: float = option(0.9, help="SGD momentum")

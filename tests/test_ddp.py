@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -56,23 +57,23 @@ def collate(items):
                                itm_labels=torch.tensor([y for _, _, _, y in items]))
 
 
-def train(out_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
+def train(out_dir: Path, accumulate: int = 1) -> tuple[dict[str, torch.Tensor], int]:
     from minivlm.train.trainer import Trainer
 
     torch.manual_seed(0)
     model = PretrainModel(TINY)
     cfg = TrainConfig(epochs=10, max_steps=STEPS, batch_size=GLOBAL_BATCH, lr=1e-3, optimizer="adamw",
-                      schedule="linear", log_every=1, ckpt_every=100, amp=False, seed=0)
+                      schedule="linear", log_every=1, ckpt_every=100, amp=False, seed=0, accumulate=accumulate)
     trainer = Trainer(model, cfg, out_dir, desc="ddp")
     trainer.fit(make_examples(), collate)
     return model.state_dict(), trainer.world
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, accumulate: int = 1) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    state, seen_world = train(Path(out_dir))
+    state, seen_world = train(Path(out_dir), accumulate)
     save_weights(state, Path(out_dir) / f"rank{rank}.safetensors")
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"world": seen_world, "batches": SEEN}))
     torch.distributed.destroy_process_group()
@@ -88,15 +89,18 @@ def _losses(path: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines() if '"loss"' in line]
 
 
-def test_ddp_two_ranks_match_single_process(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ddp_two_ranks_match_single_process(tmp_path, accumulate):
+    # accumulate 2: each rank's half of the global batch in two micro-batches (gradients synchronised
+    # once, on the second), the same steps as one process taking the whole batch at once
     ddp_dir = tmp_path / "ddp"
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(ddp_dir), accumulate), nprocs=2, join=True)
     rank0, rank1 = load_weights(ddp_dir / "rank0.safetensors"), load_weights(ddp_dir / "rank1.safetensors")
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     for rank in (0, 1):  # really distributed: each rank collated half of every global batch
         seen = json.loads((ddp_dir / f"rank{rank}.json").read_text())
-        assert seen == {"world": 2, "batches": [GLOBAL_BATCH // 2] * STEPS}
+        assert seen == {"world": 2, "batches": [GLOBAL_BATCH // 2 // accumulate] * (STEPS * accumulate)}
 
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         assert var not in os.environ  # the reference run is a plain single process

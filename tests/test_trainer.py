@@ -211,3 +211,26 @@ def test_kill_minus_9_then_rerun_ends_where_an_uninterrupted_run_does(tmp_path):
         got = load_file(out / "model.safetensors")
         for k, v in want.items():
             torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=f"kill at step {kill_at}: {k} differs")
+
+
+def test_accumulated_micro_batches_take_the_same_steps_as_the_whole_batch(tmp_path):
+    # Batch 8 as 4 micro-batches of 2: the same mean gradient, so the same weights (to rounding), the same
+    # number of optimizer steps and the same schedule; the model sees 4x the forward calls.
+    def train(accumulate: int):
+        torch.manual_seed(3)
+        model = Regression()
+        Trainer(model, cfg(accumulate=accumulate), tmp_path / str(accumulate)).fit(make_data(), collate)
+        return model, read_log(tmp_path / str(accumulate) / "log.jsonl")
+
+    (whole, log1), (micro, log4) = train(1), train(4)
+    assert [e["step"] for e in log1] == [e["step"] for e in log4] and log4[-1]["step"] == 32
+    assert [e["lr"] for e in log1] == pytest.approx([e["lr"] for e in log4])
+    assert micro.calls == 4 * whole.calls
+    assert torch.allclose(whole.lin.weight, micro.lin.weight, atol=1e-5)
+    assert torch.allclose(whole.lin.bias, micro.lin.bias, atol=1e-5)
+    assert [e["loss"] for e in log1] == pytest.approx([e["loss"] for e in log4], rel=1e-4)
+
+
+def test_a_batch_that_does_not_split_into_micro_batches_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--accumulate"):
+        Trainer(Regression(), cfg(batch_size=8, accumulate=3), tmp_path).fit(make_data(), collate)

@@ -219,11 +219,12 @@ class Trainer:
     def fit(self, dataset: Dataset, collate_fn: Callable, eval_fn: Callable[[nn.Module, int], dict] | None = None,
             shuffle: bool = True) -> dict:
         cfg = self.cfg
-        if cfg.batch_size % self.world:
-            raise ValueError(f"global batch {cfg.batch_size} is not divisible by {self.world} ranks")
+        if cfg.batch_size % (self.world * cfg.accumulate):
+            raise ValueError(f"global batch {cfg.batch_size} is not divisible by {self.world} ranks x "
+                             f"{cfg.accumulate} micro-batches (--accumulate)")
         local_batch = cfg.batch_size // self.world
         sampler = ShardedSampler(len(dataset), self.rank, self.world, cfg.seed, shuffle)
-        loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, collate_fn=collate_fn,
+        loader = DataLoader(dataset, batch_size=local_batch // cfg.accumulate, sampler=sampler, collate_fn=collate_fn,
                             num_workers=cfg.num_workers, persistent_workers=False)
         steps_per_epoch = math.ceil(sampler.per_rank / local_batch)
         total = cfg.epochs * steps_per_epoch
@@ -237,30 +238,30 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc=self.desc, disable=not self.is_main, dynamic_ncols=True)
         window: dict[str, list[float]] = {}
         t0 = time.time()
-        while self.step < total:
-            epoch, in_epoch = divmod(self.step, steps_per_epoch)
-            sampler.set_epoch(epoch, start=in_epoch * local_batch)
-            self.model.train()
-            for batch in loader:
-                out = self._train_step(move_to(batch, self.device), scheduler)
-                for k, v in out.items():
-                    window.setdefault(k, []).append(v)
-                self.step += 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == total:
-                    means = self._mean_over_ranks({k: sum(v) / len(v) for k, v in window.items()})
-                    window = {}
-                    last = {"step": self.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **means,
-                            "elapsed_s": round(time.time() - t0, 2)}
-                    self._log(last)
-                    bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
-                if eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
-                    self._evaluate(eval_fn)
-                if self.step % cfg.ckpt_every == 0 or self.step == total:
-                    self.save_checkpoint(scheduler)
-                if self.step >= total:
-                    break
-        bar.close()
+        with bar:  # closed on the way out of an error too, so the error message starts a line of its own
+            while self.step < total:
+                epoch, in_epoch = divmod(self.step, steps_per_epoch)
+                sampler.set_epoch(epoch, start=in_epoch * local_batch)
+                self.model.train()
+                for batch in _groups(loader, cfg.accumulate):
+                    out = self._train_step([move_to(b, self.device) for b in batch], scheduler)
+                    for k, v in out.items():
+                        window.setdefault(k, []).append(v)
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == total:
+                        means = self._mean_over_ranks({k: sum(v) / len(v) for k, v in window.items()})
+                        window = {}
+                        last = {"step": self.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **means,
+                                "elapsed_s": round(time.time() - t0, 2)}
+                        self._log(last)
+                        bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
+                    if eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
+                        self._evaluate(eval_fn)
+                    if self.step % cfg.ckpt_every == 0 or self.step == total:
+                        self.save_checkpoint(scheduler)
+                    if self.step >= total:
+                        break
         if eval_fn is not None:
             last = {**last, "eval": self._evaluate(eval_fn)}
         if self.is_main:
@@ -268,20 +269,29 @@ class Trainer:
         self._barrier()
         return last
 
-    def _train_step(self, batch, scheduler) -> dict[str, float]:
+    def _train_step(self, micro_batches: list, scheduler) -> dict[str, float]:
+        """One optimizer step over a rank's micro-batches (one unless `accumulate`): each loss is divided by
+        their number, so the step follows the mean, and DDP averages the gradients once, on the last."""
         autocast = torch.autocast(self.amp_device, dtype=torch.bfloat16) if self.amp_device else nullcontext()
-        with autocast:
-            out = self.wrapped(batch)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{self.desc}] loss became {loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums: dict[str, float] = {}
+        n = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            sync = i == n - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+            with autocast, (nullcontext() if sync else self.wrapped.no_sync()):
+                out = self.wrapped(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"[{self.desc}] loss became {loss.item()} at step {self.step}")
+                (loss / n if n > 1 else loss).backward()
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / n
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         scheduler.step()
-        return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        return sums
 
     def _evaluate(self, eval_fn) -> dict:
         result: dict = {}
@@ -295,6 +305,18 @@ class Trainer:
                 f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         self._barrier()
         return result
+
+
+def _groups(loader, size: int):
+    """The loader's micro-batches, `size` at a time (the epoch's last group may be shorter)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def cpu_has_bf16() -> bool:

@@ -276,6 +276,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     setup = setup_from_args(DetectorSetup, args)
     _, last = train_detector(setup)
+    from minivlm.train.trainer import distributed_env
+
+    if distributed_env()[0] != 0:
+        return 0  # under torchrun, rank 0 reports
     ev = last.get("eval") or {}
     print(f"detector saved to {setup.out} (config.json + model.safetensors); last loss {last.get('loss', float('nan')):.4f}"
           + (f"; mAP@0.5 {ev['map50']:.3f}, mAP {ev['map']:.3f} on {ev['images']} images" if ev else ""))
