@@ -104,6 +104,15 @@ class TEEConfig:
     # little colour (linear probes on ground-truth boxes: 91% from the 48 pooled pixels, 78% from P2's 4x4,
     # 53% after fc1), and colour is what half the synthetic world's questions and captions are about.
     roi_image_pool: bool = False
+    # Also RoIAlign fixed texture-energy maps of the image (|d/dx|, |d/dy|, both diagonals and the Laplacian
+    # of its luminance, at strides 1, 2 and 4, log-compressed): 15 x 4x4 more inputs. Off for TEE-X. On for
+    # the demo: stripes, dots and checks are finer than P2's stride, and no layer of the demo's detector
+    # kept them (texture 20.7% from the pooled pixels, 38% at best along the region path, 22.7% majority);
+    # these maps alone give 72% in a linear probe on ground-truth boxes.
+    roi_texture_pool: bool = False
+    # Also give the head the box's width, height and sqrt(area) over the canvas side (3 more inputs per
+    # cell): RoIAlign's fixed grid normalises an object's extent away, and "small / large" is an attribute.
+    roi_box_size: bool = False
     canonical_box_size: int = 224  # FPN eq. 1: k = floor(k0 + log2(sqrt(wh) / 224))
     canonical_level: int = 4
     region_dim: int = 1024  # two linear layers -> 1024-d region features

@@ -464,3 +464,35 @@ def test_clear_errors(env, tmp_path, capsys):
         export_model(tmp_path / "nowhere", tmp_path / "out")
     assert main(["export", str(tmp_path / "nowhere")]) == 1
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
+    """The demo's region head inputs (pixels, texture-energy maps, box size) trace into the detector graph
+    and give PyTorch's regions."""
+    import onnxruntime as ort
+
+    from minivlm.export import DetectorGraph, _export
+    from minivlm.vision.tee import TEE, letterbox, pad_to_canvas
+
+    cfg = dataclasses.replace(TEE_CFG, roi_texture_pool=True, roi_box_size=True)
+    torch.manual_seed(0)
+    detector = TEE(cfg, ["circle", "square", "star"], ["red", "blue"]).eval()
+    for p in detector.roi_head.parameters():
+        p.data.normal_(0, 0.2) if p.dim() > 1 else None
+    s = cfg.image_size
+    _export(DetectorGraph(detector), (torch.randn(1, 3, s, s), torch.tensor([float(s), float(s * 3 // 4)])),
+            tmp_path / "detector.onnx", ["canvas", "image_hw"], ["boxes", "scores", "labels", "attributes", "features"], {})
+    session = ort.InferenceSession(str(tmp_path / "detector.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for w, h in [(120, 90), (64, 100)]:
+        stripes = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)  # noise (no tied scores) ...
+        stripes[:, ::4] += 120  # ... with stripes: the texture maps are not constant
+        image, _, _ = letterbox(Image.fromarray(stripes), s)
+        canvas = pad_to_canvas([image], s)
+        with torch.no_grad():
+            want = detector.detect(canvas, [tuple(image.shape[1:])])[0]
+        got = session.run(None, {"canvas": canvas.numpy(), "image_hw": np.array(image.shape[1:], np.float32)})
+        assert len(want["boxes"]) == len(got[0]) > 0
+        np.testing.assert_array_equal(want["labels"].numpy(), got[2])
+        np.testing.assert_allclose(want["boxes"].numpy(), got[0], atol=1e-3)
+        np.testing.assert_allclose(want["features"].numpy(), got[4], atol=1e-4, rtol=1e-4)

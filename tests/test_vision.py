@@ -372,6 +372,31 @@ def test_roi_image_pool_appends_the_pixels_under_each_box():
     assert model.extract([Image.new("RGB", (100, 80), (200, 30, 30))])[0].features.shape[1] == 1024
 
 
+def test_roi_texture_pool_tells_stripes_from_flat_and_their_direction():
+    from minivlm.vision.roi_head import TEXTURE_STRIDES
+
+    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=64, roi_texture_pool=True, roi_box_size=True)
+    model = TEE(cfg).eval()
+    canvas = torch.zeros(1, 3, 64, 64)
+    canvas[0, :, :32, :32] = (torch.arange(32) % 2).float()  # vertical stripes (vary along x), top left
+    canvas[0, :, 32:, 32:] = (torch.arange(32) % 2).float()[:, None]  # horizontal stripes, bottom right
+    boxes = [torch.tensor([[4.0, 4.0, 28.0, 28.0], [36.0, 36.0, 60.0, 60.0], [36.0, 4.0, 60.0, 28.0]])]
+    pooled = model.roi_head.pool(model.features(canvas), boxes, canvas)
+    n = 5 * len(TEXTURE_STRIDES)
+    assert tuple(pooled.shape) == (3, cfg.fpn_channels + n + 3, 4, 4)
+    assert model.roi_head.box_head.fc1.in_features == 16 * (cfg.fpn_channels + n + 3)
+    energy = pooled[:, cfg.fpn_channels:cfg.fpn_channels + 5].mean((2, 3))  # stride 1: d/dx, d/dy, diagonals, Laplacian
+    flat = math.log(0.05)
+    assert torch.allclose(energy[2], torch.full((5,), flat), atol=1e-5)  # the flat box: no response at all
+    assert energy[0, 0] > 0 and abs(energy[0, 1] - flat) < 1e-5  # vertical stripes: d/dx only
+    assert energy[1, 1] > 0 and abs(energy[1, 0] - flat) < 1e-5  # horizontal stripes: d/dy only
+    size = pooled[:, -3:, 0, 0]
+    assert torch.allclose(size, torch.tensor([[24 / 64, 24 / 64, 24 / 64]] * 3))
+    assert torch.equal(pooled[:, -3:], size[:, :, None, None].expand(-1, -1, 4, 4))
+    with pytest.raises(ValueError, match="canvas"):
+        model.roi_head.pool(model.features(canvas), boxes)
+
+
 @pytest.mark.parametrize("scale", [0.25, 0.0])
 def test_attribute_backbone_scale_scales_only_the_backbones_share_of_the_attribute_gradient(scale):
     torch.manual_seed(0)

@@ -34,6 +34,41 @@ def image_roi_align(canvas: Tensor, boxes: list[Tensor], output_size: int, sampl
                      sampling_ratio=sampling_ratio, aligned=True)
 
 
+TEXTURE_STRIDES = (1, 2, 4)
+
+
+def _texture_kernel() -> Tensor:
+    """[5, 1, 3, 3]: forward differences along x, y and both diagonals, and the 4-neighbour Laplacian."""
+    k = torch.zeros(5, 1, 3, 3)
+    for i, (dy, dx) in enumerate([(0, 1), (1, 0), (1, 1), (1, -1)]):
+        k[i, 0, 1, 1], k[i, 0, 1 + dy, 1 + dx] = -1.0, 1.0
+    k[4, 0] = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+    return k
+
+
+def texture_roi_align(canvas: Tensor, boxes: list[Tensor], output_size: int, sampling_ratio: int,
+                      kernel: Tensor) -> Tensor:
+    """RoIAlign of fixed texture-energy maps under each box: log(0.05 + |filter response|) of the image's
+    luminance, at each of TEXTURE_STRIDES (the image average-pooled first). [R, 5 x strides, s, s]."""
+    rois = batch_rois(boxes).to(canvas.dtype)
+    lum = canvas.mean(1, keepdim=True)
+    out = []
+    for stride in TEXTURE_STRIDES:
+        x = F.avg_pool2d(lum, stride) if stride > 1 else lum
+        energy = torch.log(F.conv2d(x, kernel.to(x.dtype), padding=1).abs() + 0.05)
+        out.append(roi_align(energy, rois, output_size, spatial_scale=1.0 / stride, sampling_ratio=sampling_ratio,
+                             aligned=True))
+    return torch.cat(out, dim=1)
+
+
+def box_size_cells(boxes: list[Tensor], canvas_size: int, output_size: int) -> Tensor:
+    """[R, 3, s, s]: each box's width, height and sqrt(area) over the canvas side, constant over the grid."""
+    b = torch.cat(boxes)
+    w, h = (b[:, 2] - b[:, 0]).clamp(min=0), (b[:, 3] - b[:, 1]).clamp(min=0)
+    size = torch.stack([w, h, (w * h).sqrt()], dim=1) / canvas_size
+    return size[:, :, None, None].expand(-1, -1, output_size, output_size)
+
+
 def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: int, levels: Tensor,
                          output_size: int, sampling_ratio: int) -> Tensor:
     """RoIAlign of each box on its own level. feats[i] is level min_level+i (stride 2**level);
@@ -102,25 +137,34 @@ class RoIHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
-        in_channels = cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
+        in_channels = (cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
+                       + (5 * len(TEXTURE_STRIDES) if cfg.roi_texture_pool else 0) + (3 if cfg.roi_box_size else 0))
         self.box_head = BoxHead(cfg.roi_size**2 * in_channels, cfg.region_dim, cfg.num_classes)
+        self.register_buffer("texture_kernel", _texture_kernel(), persistent=False)
         self.attribute_head = AttributeHead(cfg.region_dim, cfg.num_classes, cfg.num_attributes)
         self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
     def pool(self, feats: list[Tensor], boxes: list[Tensor], canvas: Tensor | None = None) -> Tensor:
         """[R, C, s, s] RoIAlign of each box on its level; with `roi_image_pool`, the canvas's pixels under
-        the same grid are appended as 3 more channels."""
+        the same grid are appended as 3 more channels, with `roi_texture_pool` its texture-energy maps (15),
+        with `roi_box_size` the box's size (3)."""
         cfg = self.cfg
         levels = assign_levels(torch.cat(boxes), cfg.min_level, self.roi_max_level, cfg.canonical_box_size,
                                cfg.canonical_level)
         pooled = multilevel_roi_align(feats[: self.roi_max_level - cfg.min_level + 1], boxes, cfg.min_level, levels,
                                       cfg.roi_size, cfg.roi_sampling_ratio)
-        if not cfg.roi_image_pool:
-            return pooled
-        if canvas is None:
-            raise ValueError("this TEE pools the image under each box (roi_image_pool): pass the canvas")
-        pixels = image_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio)
-        return torch.cat([pooled, pixels.to(pooled.dtype)], dim=1)
+        extra = []
+        if cfg.roi_image_pool or cfg.roi_texture_pool:
+            if canvas is None:
+                raise ValueError("this TEE pools the image under each box (roi_image_pool / roi_texture_pool): "
+                                 "pass the canvas")
+            if cfg.roi_image_pool:
+                extra.append(image_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio))
+            if cfg.roi_texture_pool:
+                extra.append(texture_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio, self.texture_kernel))
+        if cfg.roi_box_size:
+            extra.append(box_size_cells(boxes, cfg.image_size, cfg.roi_size))
+        return torch.cat([pooled, *(e.to(pooled.dtype) for e in extra)], dim=1) if extra else pooled
 
     def loss(self, feats: list[Tensor], proposals: list[Tensor], targets: list[dict],
              canvas: Tensor | None = None) -> dict[str, Tensor]:
