@@ -178,6 +178,8 @@ class Trainer:
     def _resume(self, scheduler) -> None:
         ckpt = self.latest_checkpoint()
         if ckpt is None:
+            if self.is_main:  # a run killed before its first checkpoint logged steps that this one trains again
+                self._trim_log(0)
             return
         self.model.load_state_dict(load_weights(ckpt / "model.safetensors", self.device))
         state = load_state(ckpt / "state.pt")
@@ -224,8 +226,14 @@ class Trainer:
                              f"{cfg.accumulate} micro-batches (--accumulate)")
         local_batch = cfg.batch_size // self.world
         sampler = ShardedSampler(len(dataset), self.rank, self.world, cfg.seed, shuffle)
+        # Each new iterator over a DataLoader draws its workers' base seed from the loader's generator, by default
+        # torch's global RNG. A run resumed mid-epoch starts an iterator where the uninterrupted run did not, so
+        # that draw would shift the restored RNG (dropout, masks, flips) off the uninterrupted run's. A generator
+        # of its own, seeded by (seed, epoch), leaves the global RNG alone and gives each epoch's workers the
+        # same seeds in both runs.
+        loader_rng = torch.Generator()
         loader = DataLoader(dataset, batch_size=local_batch // cfg.accumulate, sampler=sampler, collate_fn=collate_fn,
-                            num_workers=cfg.num_workers, persistent_workers=False)
+                            num_workers=cfg.num_workers, persistent_workers=False, generator=loader_rng)
         steps_per_epoch = math.ceil(sampler.per_rank / local_batch)
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
@@ -242,6 +250,7 @@ class Trainer:
             while self.step < total:
                 epoch, in_epoch = divmod(self.step, steps_per_epoch)
                 sampler.set_epoch(epoch, start=in_epoch * local_batch)
+                loader_rng.manual_seed(cfg.seed * 1_000_003 + epoch)
                 self.model.train()
                 for batch in _groups(loader, cfg.accumulate):
                     out = self._train_step([move_to(b, self.device) for b in batch], scheduler)
