@@ -48,14 +48,16 @@ def _texture_kernel() -> Tensor:
 
 def texture_roi_align(canvas: Tensor, boxes: list[Tensor], output_size: int, sampling_ratio: int,
                       kernel: Tensor) -> Tensor:
-    """RoIAlign of fixed texture-energy maps under each box: log(0.05 + |filter response|) of the image's
-    luminance, at each of TEXTURE_STRIDES (the image average-pooled first). [R, 5 x strides, s, s]."""
+    """RoIAlign of fixed texture-energy maps under each box: log(1 + |filter response| / 0.05) / 4 of the
+    image's luminance, at each of TEXTURE_STRIDES (the image average-pooled first). [R, 5 x strides, s, s].
+    Zero where the image is flat and about 1 at its strongest edges, the range of the other inputs of the
+    head: with log(0.05 + |r|) (-3 where flat) the detector trained to mAP@0.5 0.50 instead of 0.64-0.67."""
     rois = batch_rois(boxes).to(canvas.dtype)
     lum = canvas.mean(1, keepdim=True)
     out = []
     for stride in TEXTURE_STRIDES:
         x = F.avg_pool2d(lum, stride) if stride > 1 else lum
-        energy = torch.log(F.conv2d(x, kernel.to(x.dtype), padding=1).abs() + 0.05)
+        energy = torch.log1p(F.conv2d(x, kernel.to(x.dtype), padding=1).abs() / 0.05) / 4
         out.append(roi_align(energy, rois, output_size, spatial_scale=1.0 / stride, sampling_ratio=sampling_ratio,
                              aligned=True))
     return torch.cat(out, dim=1)
