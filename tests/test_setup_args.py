@@ -25,7 +25,7 @@ TRAIN_FLAGS = {"epochs": ("7", 7), "max_steps": ("11", 11), "batch_size": ("3", 
                "optimizer": ("sgd", "sgd"), "momentum": ("0.5", 0.5), "weight_decay": ("0.25", 0.25),
                "schedule": ("constant", "constant"), "warmup_steps": ("9", 9), "grad_clip": ("none", None),
                "amp": (None, False), "cpu_amp": (None, True), "num_workers": ("3", 3), "seed": ("5", 5), "log_every": ("2", 2),
-               "ckpt_every": ("13", 13), "eval_every": ("17", 17)}
+               "ckpt_every": ("13", 13), "eval_every": ("17", 17), "accumulate": ("4", 4)}
 
 
 def setup(command: str, *argv: str):
