@@ -287,8 +287,9 @@ class Trainer:
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             sync = i == n - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
-            with autocast, (nullcontext() if sync else self.wrapped.no_sync()):
-                out = self.wrapped(batch)
+            with nullcontext() if sync else self.wrapped.no_sync():  # no_sync must hold the backward too
+                with autocast:
+                    out = self.wrapped(batch)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"[{self.desc}] loss became {loss.item()} at step {self.step}")
