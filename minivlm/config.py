@@ -93,6 +93,9 @@ class TEEConfig:
     # attributes). Given: one softmax per group, so every group gets a full target (with three groups the
     # shared softmax gave colour a third of the mass, and the region features lost it: README, Results).
     attribute_groups: tuple[int, ...] = ()
+    # With groups: each group's cross-entropy times its weight here (empty: all 1), to push an attribute the
+    # head's linear layers lose (texture in the demo) without raising the whole attribute loss.
+    attribute_group_weights: tuple[float, ...] = ()
     # How much of the attribute loss's gradient reaches the backbone and BiFPN (1: all, as bottom-up
     # attention). Below 1 the region head's linear layers still learn attributes at the full weight.
     attribute_backbone_scale: float = 1.0

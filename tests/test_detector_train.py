@@ -188,6 +188,11 @@ def test_attribute_loss_per_group_gives_each_group_a_full_target():
     expected = (F.cross_entropy(logits[:, 1:3], torch.tensor([0, 1]))
                 + F.cross_entropy(logits[:1, 3:5], torch.tensor([0])) + F.cross_entropy(logits[:1, 5:6], torch.tensor([0])))
     assert attribute_loss(logits, targets, groups).item() == pytest.approx(expected.item(), rel=1e-5)
+    # A weight per group scales that group's term only (texture x3: the demo's lever for what the head loses).
+    weighted = (F.cross_entropy(logits[:, 1:3], torch.tensor([0, 1]))
+                + 0.5 * F.cross_entropy(logits[:1, 3:5], torch.tensor([0]))
+                + 3.0 * F.cross_entropy(logits[:1, 5:6], torch.tensor([0])))
+    assert attribute_loss(logits, targets, groups, (1.0, 0.5, 3.0)).item() == pytest.approx(weighted.item(), rel=1e-5)
     # Without groups: bottom-up attention's single softmax with the mass shared among the attributes.
     shared = targets / targets.sum(1, keepdim=True)
     assert attribute_loss(logits, shared).item() == pytest.approx(F.cross_entropy(logits, shared).item(), rel=1e-5)

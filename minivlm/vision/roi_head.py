@@ -206,8 +206,8 @@ class RoIHead(nn.Module):
                 s = cfg.attribute_backbone_scale
                 attr_feat = self.box_head.region_feature(pooled[fg] * s + pooled[fg].detach() * (1 - s))
             attr_logits = self.attribute_head(attr_feat, labels[fg]).float()
-            losses["attr"] = cfg.attribute_loss_weight * attribute_loss(attr_logits, attr_tgt[fg],
-                                                                        cfg.attribute_groups)
+            losses["attr"] = cfg.attribute_loss_weight * attribute_loss(attr_logits, attr_tgt[fg], cfg.attribute_groups,
+                                                                        cfg.attribute_group_weights)
         else:
             losses["attr"] = feat.sum() * 0.0
         with torch.no_grad():
@@ -245,10 +245,11 @@ class RoIHead(nn.Module):
         return out
 
 
-def attribute_loss(logits: Tensor, targets: Tensor, groups: tuple[int, ...] = ()) -> Tensor:
+def attribute_loss(logits: Tensor, targets: Tensor, groups: tuple[int, ...] = (),
+                   group_weights: tuple[float, ...] = ()) -> Tensor:
     """logits and soft targets [R, 1 + A] (index 0 = none). Without groups: one cross-entropy over all. With
     groups (one index per attribute): a cross-entropy per group over its attributes, for the regions whose
-    object has an attribute of that group, summed over groups."""
+    object has an attribute of that group, summed over groups (each times `group_weights[g]`, default 1)."""
     if not groups:
         return F.cross_entropy(logits, targets)
     group = torch.tensor(groups, device=logits.device)
@@ -258,7 +259,8 @@ def attribute_loss(logits: Tensor, targets: Tensor, groups: tuple[int, ...] = ()
         t = targets[:, cols]
         has = t.sum(1) > 0
         if has.any():
-            total = total + F.cross_entropy(logits[has][:, cols], t[has] / t[has].sum(1, keepdim=True))
+            weight = group_weights[g] if g < len(group_weights) else 1.0
+            total = total + weight * F.cross_entropy(logits[has][:, cols], t[has] / t[has].sum(1, keepdim=True))
     return total
 
 
