@@ -232,5 +232,7 @@ def test_accumulated_micro_batches_take_the_same_steps_as_the_whole_batch(tmp_pa
 
 
 def test_a_batch_that_does_not_split_into_micro_batches_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="--accumulate"):
+    from minivlm.errors import MiniVLMError  # a one-line error on the command line, not a traceback
+
+    with pytest.raises(MiniVLMError, match="--accumulate"):
         Trainer(Regression(), cfg(batch_size=8, accumulate=3), tmp_path).fit(make_data(), collate)

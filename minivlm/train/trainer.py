@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from minivlm.config import TrainConfig, to_dict
+from minivlm.errors import MiniVLMError
 from minivlm.io import load_state, load_weights, save_state, save_weights, write_json, write_text
 
 
@@ -222,8 +223,8 @@ class Trainer:
             shuffle: bool = True) -> dict:
         cfg = self.cfg
         if cfg.batch_size % (self.world * cfg.accumulate):
-            raise ValueError(f"global batch {cfg.batch_size} is not divisible by {self.world} ranks x "
-                             f"{cfg.accumulate} micro-batches (--accumulate)")
+            raise MiniVLMError(f"global batch {cfg.batch_size} is not divisible by {self.world} ranks x "
+                               f"{cfg.accumulate} micro-batches (--batch-size, --accumulate)")
         local_batch = cfg.batch_size // self.world
         sampler = ShardedSampler(len(dataset), self.rank, self.world, cfg.seed, shuffle)
         # Each new iterator over a DataLoader draws its workers' base seed from the loader's generator, by default
