@@ -17,15 +17,14 @@ def torchrun():
     """Runs `minivlm ARGS...` on two CPU ranks (gloo) through torchrun, in a fresh process tree; returns the
     CompletedProcess (stderr captured, for the assertion message)."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
+    from helpers import free_port
+
     def run(*args: str) -> subprocess.CompletedProcess:
-        with socket.socket() as sock:  # a free port: torchrun's static rendezvous hangs on port 0
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", str(port), "-m", "minivlm.cli", *map(str, args)],

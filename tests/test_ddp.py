@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from minivlm.io import load_weights, save_weights
 from minivlm.regions import Regions
 from minivlm.tasks.pretrain import IGNORE, PretrainModel
 from minivlm.text.tokenizer import get_tokenizer
+
+from helpers import free_port
 
 TINY = BertConfig("tiny", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, dropout=0.0,
                   region_dim=8, max_regions=4, max_text_len=12, max_tag_len=4)
@@ -79,12 +80,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, accumulate: int = 1)
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(path: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines() if '"loss"' in line]
 
@@ -94,7 +89,7 @@ def test_ddp_two_ranks_match_single_process(tmp_path, accumulate):
     # accumulate 2: each rank's half of the global batch in two micro-batches (gradients synchronised
     # once, on the second), the same steps as one process taking the whole batch at once
     ddp_dir = tmp_path / "ddp"
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp_dir), accumulate), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(ddp_dir), accumulate), nprocs=2, join=True)
     rank0, rank1 = load_weights(ddp_dir / "rank0.safetensors"), load_weights(ddp_dir / "rank1.safetensors")
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ from PIL import Image
 from minivlm.config import get_tee
 from minivlm.data.synthetic import generate_world
 from minivlm.train.trainer import read_log
+
+from helpers import finish, free_port, kill_group, start, tail, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -72,12 +73,6 @@ def error_lines(stderr: str) -> list[str]:
 # ------------------------------------------------------------------------------------ a killed rank
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:  # torchrun's static rendezvous hangs on port 0
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _children(pid: int) -> list[int]:
     """Processes whose parent is `pid` (from /proc/*/stat: no psutil in the venv)."""
     out = []
@@ -111,38 +106,12 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def _wait_until(condition, deadline: float, proc: subprocess.Popen, what: str, logs: Path):
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            pytest.fail(f"torchrun exited (rc {proc.returncode}) before {what}:\n{_tail(logs)}")
-        time.sleep(0.05)
-    pytest.fail(f"no {what} within the deadline:\n{_tail(logs)}")
-
-
-def _tail(logs: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.txt")))
-
-
 def _torchrun(args: list[str], logs: Path, name: str) -> subprocess.Popen:
     """Starts `torchrun --nproc_per_node 2 -m minivlm.cli ARGS` in its own session (so that a timeout can kill
     the whole tree), stdout and stderr into files under `logs`."""
-    logs.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "minivlm.cli", *args]
-    with open(logs / f"{name}.out.txt", "w") as out, open(logs / f"{name}.err.txt", "w") as err:
-        return subprocess.Popen(cmd, env=ENV, stdout=out, stderr=err, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float, logs: Path, what: str) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"{what}: torchrun still running after {timeout:.0f} s (killed its process group):\n{_tail(logs)}")
+    return start(cmd, logs, name, ENV)
 
 
 def test_a_killed_rank_stops_torchrun_and_a_rerun_resumes(tmp_path, world_root):
@@ -160,33 +129,30 @@ def test_a_killed_rank_stops_torchrun_and_a_rerun_resumes(tmp_path, world_root):
             found = {_rank_of(pid): pid for pid in _children(first.pid)}
             return found if {0, 1} <= set(found) else None
 
-        ranks = _wait_until(workers, deadline, first, "two worker ranks", logs)
-        _wait_until(lambda: latest.is_file() and latest.read_text().strip(), deadline, first, "a checkpoint", logs)
+        ranks = wait_until(workers, first, logs, "two worker ranks", deadline - time.monotonic(), poll=0.05)
+        wait_until(lambda: latest.is_file() and latest.read_text().strip(), first, logs, "a checkpoint",
+                   deadline - time.monotonic(), poll=0.05)
         os.kill(ranks[1], signal.SIGKILL)
         killed = time.monotonic()
-        rc = _finish(first, 90, logs, "after SIGKILL to rank 1")
+        rc = finish(first, logs, "torchrun after SIGKILL to rank 1", 90)
         teardown = time.monotonic() - killed
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    assert rc != 0, f"torchrun reported success although rank 1 was killed:\n{_tail(logs)}"
+        kill_group(first)
+    assert rc != 0, f"torchrun reported success although rank 1 was killed:\n{tail(logs)}"
     assert not _alive(ranks[0]), "the surviving rank 0 outlived torchrun"
     # The agent notices within its monitor interval (0.1 s) and SIGTERMs rank 0; only a rank that ignored
     # SIGTERM would wait out the 30 s grace before SIGKILL.
     assert teardown < 25, f"torchrun took {teardown:.1f} s to stop after rank 1 died"
-    assert "Signal 9 (SIGKILL) received by PID " + str(ranks[1]) in (logs / "first.err.txt").read_text(), _tail(logs)
+    assert "Signal 9 (SIGKILL) received by PID " + str(ranks[1]) in (logs / "first.err.txt").read_text(), tail(logs)
     saved = int(re.fullmatch(r"step-(\d+)", latest.read_text().strip()).group(1))
     assert 2 <= saved < steps, saved  # killed mid-run, after at least one checkpoint
 
     again = _torchrun(args, logs, "again")
     try:
-        rc = _finish(again, 240, logs, "the rerun")
+        rc = finish(again, logs, "the torchrun rerun", 240)
     finally:
-        if again.poll() is None:
-            os.killpg(again.pid, signal.SIGKILL)
-            again.wait()
-    assert rc == 0, _tail(logs)
+        kill_group(again)
+    assert rc == 0, tail(logs)
     stdout = (logs / "again.out.txt").read_text()
     assert re.search(rf"\[detector\] resumed from \S+step-{saved:07d} \(step {saved}\)", stdout), stdout[-3000:]
     assert latest.read_text().strip() == f"step-{steps:07d}"

@@ -23,6 +23,8 @@ from minivlm.data.oscar_tsv import OscarTSV, export_oscar_tsv, image_id_from_key
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.regions import Regions
 
+from helpers import shard_key_counts
+
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = Path(__file__).resolve().parent / "fixtures" / "formats"  # copy of ../shared/formats
 CLASSES = ["dog", "cat", "man", "helmet", "tree"]
@@ -47,14 +49,6 @@ def make_regions(seed: int, k: int | None = None, tags: bool = True, attrs: bool
 
 
 META = {"class_names": CLASSES, "attribute_names": ATTRS, "extractor": {"name": "test"}}
-
-
-def shard_key_counts(root: Path) -> dict:
-    counts: dict = {}
-    for path in sorted(root.glob("shard-*.safetensors")):
-        for key in fs._shard_keys(path)[0]:
-            counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 def assert_same(a: Regions, b: Regions, atol: float = 1e-2) -> None:

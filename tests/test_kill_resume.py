@@ -26,7 +26,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,9 @@ from minivlm.data.feature_store import FeatureStore, FeatureStoreWriter
 from minivlm.data.synthetic import generate_world
 from minivlm.data.world import World
 from minivlm.regions import Regions
+
+import helpers
+from helpers import finish, kill_group, shard_key_counts, tail, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 # Unbuffered, so that what a killed run printed (its "resumed from" line) is in its stdout file.
@@ -92,48 +94,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def start(args: list[str], logs: Path, name: str) -> subprocess.Popen:
-    """`python -m minivlm.cli ARGS` in a session of its own (so the whole group can be killed), its stdout
-    and stderr into LOGS/NAME.out.txt and .err.txt."""
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{name}.out.txt", "w") as out, open(logs / f"{name}.err.txt", "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "minivlm.cli", *args], env=ENV, stdout=out, stderr=err,
-                                start_new_session=True)
-
-
-def tail(logs: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(logs.glob("*.txt")))
-
-
-def kill_group(proc: subprocess.Popen) -> int:
-    """SIGKILL to the process's whole group (unless it has already been reaped); its exit status."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # exited meanwhile
-            pass
-    return proc.wait()
-
-
-def finish(proc: subprocess.Popen, logs: Path, what: str, timeout: float = DEADLINE) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        pytest.fail(f"{what}: still running after {timeout:.0f} s (killed):\n{tail(logs)}")
-
-
-def wait_until(condition, proc: subprocess.Popen, logs: Path, what: str, timeout: float = DEADLINE):
-    """Polls `condition` until it returns something true; fails if the process exits first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: the process exited (rc {proc.returncode}) before that:\n{tail(logs)}")
-        time.sleep(0.005)
-    kill_group(proc)
-    pytest.fail(f"{what}: not within {timeout} s:\n{tail(logs)}")
+    """`python -m minivlm.cli ARGS` in a session of its own, its output into LOGS/NAME.out.txt and .err.txt."""
+    return helpers.start([sys.executable, "-m", "minivlm.cli", *args], logs, name, ENV)
 
 
 def log_entries(out: Path) -> list[dict]:
@@ -210,7 +172,7 @@ def kill_and_resume(command: str, args, tmp_path: Path) -> None:
             proc = start(args(out), logs, f"kill{i}")
             try:
                 wait_until(lambda p=point: max(trained_steps(out), default=0) >= p, proc, logs,
-                           f"{command}: start {i} logging step {point}")
+                           f"{command}: start {i} logging step {point}", DEADLINE)
             finally:
                 rc = kill_group(proc)
             assert rc == -signal.SIGKILL, f"{command}: start {i} ended with rc {rc}, not by SIGKILL:\n{tail(logs)}"
@@ -220,9 +182,9 @@ def kill_and_resume(command: str, args, tmp_path: Path) -> None:
             if i:
                 assert_resumed(logs / f"kill{i}.out.txt", resumed_from[i - 1])
         last = start(args(out), logs, "last")
-        assert finish(last, logs, f"{command}: the last start") == 0, tail(logs)
+        assert finish(last, logs, f"{command}: the last start", DEADLINE) == 0, tail(logs)
         assert_resumed(logs / "last.out.txt", resumed_from[-1])
-        assert finish(ref, logs, f"{command}: the uninterrupted run") == 0, tail(logs)
+        assert finish(ref, logs, f"{command}: the uninterrupted run", DEADLINE) == 0, tail(logs)
     finally:
         if ref.poll() is None:
             kill_group(ref)
@@ -306,14 +268,6 @@ def test_finetune_vqa_killed_three_times_ends_as_an_uninterrupted_run(data, tmp_
 # ------------------------------------------------------------------------------------------------ extract
 
 
-def shard_key_counts(store: Path) -> dict:
-    counts: dict = {}
-    for path in sorted(store.glob("shard-*.safetensors")):
-        for key in fs._shard_keys(path)[0]:
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
 def test_extract_killed_midway_then_rerun_stores_every_image_once(data, tmp_path):
     """20 images, 3 to a shard (7 shards): killed once a random 1-4 shards are complete, then rerun."""
     from PIL import Image
@@ -344,7 +298,7 @@ def test_extract_killed_midway_then_rerun_stores_every_image_once(data, tmp_path
         proc = start(args(store), logs, "killed")
         try:
             wait_until(lambda: len(fs._list_shards(store)) >= shards if store.is_dir() else False, proc, logs,
-                       f"extract: {shards} shards")
+                       f"extract: {shards} shards", DEADLINE)
         finally:
             rc = kill_group(proc)
         assert rc == -signal.SIGKILL, f"extract ended with rc {rc}, not by SIGKILL:\n{tail(logs)}"
@@ -353,8 +307,8 @@ def test_extract_killed_midway_then_rerun_stores_every_image_once(data, tmp_path
         assert len(partial) >= 3 * shards
 
         again = start(args(store), logs, "again")
-        assert finish(again, logs, "extract: the rerun") == 0, tail(logs)
-        assert finish(ref, logs, "extract: the uninterrupted run") == 0, tail(logs)
+        assert finish(again, logs, "extract: the rerun", DEADLINE) == 0, tail(logs)
+        assert finish(ref, logs, "extract: the uninterrupted run", DEADLINE) == 0, tail(logs)
     finally:
         if ref.poll() is None:
             kill_group(ref)
