@@ -3,6 +3,8 @@
 * `MLMHead`: BERT's prediction head (dense + GELU + LayerNorm, then an UNTIED decoder over the vocabulary,
   which is how Table 2 counts the "decoding layer"). Also the captioning head.
 * `Pooler` + `ITMHead`: [CLS] -> dense + tanh -> 2-way classifier (image-text matched / polluted).
+* `RegionAttention`: the question's state scores the final region states (top-down attention), for the
+  VQA head that reads the regions it picked.
 * `ClassifierHead`: [CLS] pooled -> MLP -> N outputs, for the tasks' VQA (3129 answers), NLVR2 (two
   pooled vectors concatenated) and retrieval (1 score) heads.
 
@@ -72,3 +74,22 @@ class ClassifierHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.net(pooled)
+
+
+class RegionAttention(nn.Module):
+    """Top-down attention over the transformer's final region states (Anderson et al.'s VQA model, on top of
+    the fusion model): a query from the question scores each region, and the result is the weighted sum of
+    the region states. It gives the answer head a direct path from a question word to the region it names,
+    where otherwise that binding has to form inside the transformer's self-attention first."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.apply(init_bert_weights)
+
+    def forward(self, question: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        """question [B, H], regions [B, R, H], region_mask [B, R] -> [B, H] (zeros for an image without regions)."""
+        scores = (self.key(regions) @ self.query(question).unsqueeze(-1)).squeeze(-1) / regions.shape[-1] ** 0.5
+        weights = scores.masked_fill(~region_mask, -1e4).softmax(-1) * region_mask.to(scores.dtype)
+        return (weights.unsqueeze(-1) * regions).sum(1)

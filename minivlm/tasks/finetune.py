@@ -80,8 +80,9 @@ class FinetuneSetup:
     # never learns to find the named object among the regions (README: Grounding).
     curriculum_epochs: int = option(0, help="vqa: epochs on the attribute questions (colour, shape, size, "
                                             "pattern) before the full set")
-    vqa_pool: str = option("cls", help="vqa: what the answer head reads: [CLS] (OSCAR) or the mean of the question "
-                                       "and tag tokens", choices=VQA_POOLS)
+    vqa_pool: str = option("cls", help="vqa: what the answer head reads: [CLS] (OSCAR), the mean of the question "
+                                       "and tag tokens, or that mean beside the final region states weighted by "
+                                       "the question (region-attention)", choices=VQA_POOLS)
     negatives: int = option(RetrievalTaskConfig.negatives_per_positive,
                             help="retrieval: mismatched pairs per matched pair")
     # Random negatives, as OSCAR: from random weights they train faster than hard ones.

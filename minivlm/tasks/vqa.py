@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.eval.vqa_eval import normalize_answer
-from minivlm.fusion.heads import ClassifierHead, Pooler
+from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
@@ -136,7 +136,15 @@ class VQACollator:
 # What the answer head reads. "cls": BERT's pooled [CLS] (OSCAR). "text-mean": the mean of the token segment's
 # final states (question and tags), through the same pooler: with oracle regions it learnt faster from random
 # weights (57.4 vs 52.8 in 1,200 steps, README: Grounding), the question's words being where the answer is bound.
-VQA_POOLS = ("cls", "text-mean")
+# "region-attention": the text-mean vector beside the final region states weighted by a query from the question's
+# tokens (`RegionAttention`, top-down attention).
+VQA_POOLS = ("cls", "text-mean", "region-attention")
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] states, [B, T] bool mask -> [B, H] mean of the masked-in states."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 class VQAModel(nn.Module):
@@ -149,7 +157,9 @@ class VQAModel(nn.Module):
         self.cfg, self.num_answers, self.pool = cfg, num_answers, pool
         self.bert = MultimodalBert(cfg)
         self.pooler = Pooler(cfg)
-        self.head = ClassifierHead(cfg, num_answers)
+        if pool == "region-attention":
+            self.region_attention = RegionAttention(cfg)
+        self.head = ClassifierHead(cfg, num_answers, in_mult=2 if pool == "region-attention" else 1)
 
     @torch.no_grad()
     def init_answer_bias(self, targets: Sequence[dict[int, float]]) -> None:
@@ -163,10 +173,15 @@ class VQAModel(nn.Module):
 
     def logits(self, inputs: FusionBatch) -> torch.Tensor:
         hidden = self.bert(**inputs.model_inputs()).hidden_states
+        if self.pool == "cls":
+            return self.head(self.pooler(hidden))
+        t = inputs.text_mask.shape[1]
+        pooled = self.pooler(masked_mean(hidden[:, :t], inputs.text_mask).unsqueeze(1))
         if self.pool == "text-mean":
-            mask = inputs.text_mask.unsqueeze(-1).to(hidden.dtype)
-            hidden = ((hidden[:, :mask.shape[1]] * mask).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)
-        return self.head(self.pooler(hidden))
+            return self.head(pooled)
+        question = masked_mean(hidden[:, :t], inputs.text_mask & (inputs.token_type_ids == 0))
+        picked = self.region_attention(question, hidden[:, t:], inputs.region_mask)
+        return self.head(torch.cat([pooled, picked], dim=-1))
 
     def forward(self, batch: VQABatch) -> dict[str, torch.Tensor]:
         logits = self.logits(batch.inputs)
