@@ -48,21 +48,26 @@ def env(tmp_path_factory):
     detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"])
     for p in detector.roi_head.parameters():  # visible score gaps, so regions do not hinge on rounding
         p.data.normal_(0, 0.2) if p.dim() > 1 else None
-    # VQA with the demo's text-mean pooling: its masked mean must trace into the graph with dynamic lengths
-    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None, extra={"pool": "text-mean"})
+    # VQA with the demo's region-attention pooling: its masked mean and masked softmax over the regions must
+    # trace into the graph with dynamic lengths (and no regions at all)
+    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None, extra={"pool": "region-attention"})
              for t in TASKS}
     for m in tasks.values():  # larger than BERT's init: different inputs give visibly different outputs
         for p in m.parameters():
             p.data.normal_(0, 0.3) if p.dim() > 1 else None
-    with torch.no_grad():
-        tasks["nlvr2"].head.net[-1].bias[1] -= 3.0  # P(true) ~0.8-1.0 on the test pairs: shifted, both labels occur
     model = MiniVLM(detector, tasks, get_tokenizer(), ANSWERS).eval()
-    model.save_pretrained(root / "model")
     rng = np.random.default_rng(0)
     paths = []
     for i, (w, h) in enumerate([(120, 90), (64, 100), (100, 100), (37, 150)]):
         paths.append(root / f"img{i}.png")
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    # Random NLVR2 weights say "true" (or "false") to every test pair: move the decision threshold between
+    # the two middle pairs, so both labels occur and neither sits at 0.5.
+    p = np.sort(model.verify_proba(paths, paths[1:] + paths[:1], STATEMENTS))
+    odds = np.log(p / (1 - p))
+    with torch.no_grad():
+        tasks["nlvr2"].head.net[-1].bias[1] -= float(odds[1] + odds[2]) / 2
+    model.save_pretrained(root / "model")
     assert main(["export", str(root / "model"), "--int8"]) == 0  # into model/onnx
     return root, model, paths
 
