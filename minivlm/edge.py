@@ -81,9 +81,10 @@ class EdgeRegions:
         b = np.clip(self.boxes.astype(np.float32) / np.array([w, h, w, h], dtype=np.float32), 0.0, 1.0)
         return np.concatenate([b, b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], axis=1)
 
-    def order(self, k: int) -> np.ndarray:
-        """Indices of the k highest scores (the detector's output is already sorted: a prefix)."""
-        return np.argsort(-self.scores, kind="stable")[:k]
+    def order(self, k: int, min_score: float = 0.0) -> np.ndarray:
+        """Indices of the k highest scores that reach `min_score` (the detector's output is already sorted)."""
+        top = np.argsort(-self.scores, kind="stable")[:k]
+        return top[self.scores[top] >= min_score]
 
     def object_tags(self, max_regions: int, min_score: float) -> list[str]:
         """`minivlm.regions.Regions.object_tags`: confident class names among the top regions, once each."""
@@ -91,12 +92,12 @@ class EdgeRegions:
                                   if self.tags[i] and self.scores[i] >= min_score))
 
 
-def collate_regions(regions: Sequence[EdgeRegions], dim: int, max_regions: int
+def collate_regions(regions: Sequence[EdgeRegions], dim: int, max_regions: int, min_score: float = 0.0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`minivlm.fusion.inputs.collate_regions`: top regions of each image, padded to the batch's most.
     An all-empty batch gets one masked region: the graphs take no zero-length axis, and a masked key
     adds exactly nothing to attention (its weight underflows to 0)."""
-    picks = [r.order(max_regions) for r in regions]
+    picks = [r.order(max_regions, min_score) for r in regions]
     n = max(1, max(len(p) for p in picks))
     feats = np.zeros((len(regions), n, dim), dtype=np.float32)
     boxes = np.zeros((len(regions), n, 6), dtype=np.float32)
@@ -114,7 +115,7 @@ def prefix_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], cfg: dic
     """The caption prefix graph's inputs, as `minivlm.tasks.caption_model.build_prefix` with predicted tags."""
     tags = tag_prefix(tokenizer, [r.object_tags(cfg["max_regions"], cfg["tag_min_score"]) for r in regions],
                       cfg["max_text_len"], cfg["max_tag_len"], min_len=1)  # >= 1 column: a masked pad adds nothing
-    feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
+    feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"], cfg.get("region_min_score", 0.0))
     return {"input_ids": tags["tag_ids"], "position_ids": tags["tag_pos"], "region_feats": feats, "region_boxes": boxes,
             "attention_mask": np.concatenate([tags["tag_mask"], rmask], axis=1)}
 
@@ -125,7 +126,7 @@ def fusion_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], texts: S
     encoded = [encode_text_and_tags(tokenizer, q, r.object_tags(cfg["max_regions"], cfg["tag_min_score"]),
                                     cfg["max_text_len"], cfg["max_tag_len"]) for r, q in zip(regions, texts)]
     text = pad_encoded(encoded, tokenizer.pad_id)
-    feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
+    feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"], cfg.get("region_min_score", 0.0))
     return {"input_ids": text["input_ids"], "token_type_ids": text["token_type_ids"],
             "position_ids": text["position_ids"], "text_mask": text["text_mask"], "region_feats": feats,
             "region_boxes": boxes, "region_mask": rmask}
@@ -330,7 +331,7 @@ class EdgeMiniVLM:
             return scores.reshape(n_i, n_t)
         slots = PairSlots(self.tokenizer, texts, [r.object_tags(cfg["max_regions"], cfg["tag_min_score"])
                                                   for r in regions], cfg["max_text_len"], cfg["max_tag_len"])
-        feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"])
+        feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"], cfg.get("region_min_score", 0.0))
         for flat in chunks(np.arange(n_i * n_t), max(64, self.batch_size)):
             i, t = flat // n_t, flat % n_t
             rows = slots.rows(i, t)

@@ -45,6 +45,11 @@ class Regions:
                 seen.setdefault(self.tags[i], None)
         return list(seen)
 
+    def confident(self, k: int, min_score: float = 0.0) -> "Regions":
+        """What enters the transformer: the top `k` regions whose score reaches `min_score`."""
+        n = min(k, int((self.scores >= min_score).sum()))
+        return self if n == len(self) else self.top(n)
+
     def top(self, k: int) -> "Regions":
         """The k highest-scoring regions (already sorted stores return a prefix)."""
         order = torch.argsort(self.scores, descending=True)[:k]

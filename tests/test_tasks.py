@@ -452,3 +452,26 @@ def test_vqa_region_attention_binds_the_named_object_to_its_colour(tok):
     idx, _ = model.predict(tok, [r for _, r, _ in test], [e.question for e, _, _ in test], top_k=1)
     acc = (idx[:, 0] == torch.tensor([c for _, _, c in test])).float().mean().item()
     assert acc >= 0.9, acc  # reading any one of the three regions: ~1/3
+
+
+def test_regions_below_the_score_floor_do_not_enter_the_transformer():
+    import numpy as np
+
+    from minivlm.edge import EdgeRegions
+    from minivlm.edge import collate_regions as edge_collate
+    from minivlm.fusion.inputs import collate_regions
+
+    a, b = regions(3, k=5), regions(4, k=2)
+    a.scores = torch.tensor([0.9, 0.1, 0.5, 0.05, 0.3])
+    b.scores = torch.tensor([0.15, 0.1])  # nothing confident: no region tokens at all
+    feats, boxes, mask = collate_regions([a, b], TINY.region_dim, 4, min_score=0.2)
+    assert mask.sum(1).tolist() == [3, 0]
+    assert torch.equal(feats[0, :3], a.features[[0, 2, 4]])  # the confident ones, best first
+    assert collate_regions([a, b], TINY.region_dim, 4)[2].sum(1).tolist() == [4, 2]  # no floor: the top 4
+    # the ONNX runtime's inputs pick the same regions
+    edge = [EdgeRegions(r.boxes.numpy(), r.features.numpy(), r.scores.numpy(), r.labels.numpy(), r.image_size)
+            for r in (a, b)]
+    e_feats, e_boxes, e_mask = edge_collate(edge, TINY.region_dim, 4, min_score=0.2)
+    assert e_mask.sum(1).tolist() == [3, 0]
+    np.testing.assert_array_equal(e_feats[0, :3], feats[0, :3].numpy())
+    np.testing.assert_allclose(e_boxes[0, :3], boxes[0, :3].numpy(), atol=1e-6)

@@ -54,9 +54,10 @@ class FusionBatch:
         return FusionBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
-def collate_regions(regions_list: Sequence[Regions | None], region_dim: int, max_regions: int
+def collate_regions(regions_list: Sequence[Regions | None], region_dim: int, max_regions: int, min_score: float = 0.0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`max_regions` regions of each image, padded: (feats [B,R,D], boxes [B,R,6], mask [B,R])."""
+    """The top `max_regions` regions of each image that score at least `min_score`, padded:
+    (feats [B,R,D], boxes [B,R,6], mask [B,R])."""
     kept: list[Regions | None] = []
     for i, r in enumerate(regions_list):
         if r is None or len(r) == 0:
@@ -66,7 +67,8 @@ def collate_regions(regions_list: Sequence[Regions | None], region_dim: int, max
             raise MiniVLMError(
                 f"region features of example {i} have shape {tuple(r.features.shape)}; the transformer "
                 f"expects [K, {region_dim}] (BertConfig.region_dim)")
-        kept.append(r.top(max_regions) if len(r) > max_regions else r)
+        r = r.confident(max_regions, min_score)
+        kept.append(r if len(r) else None)
     b = len(kept)
     n = max([len(r) for r in kept if r is not None], default=0)
     feats = torch.zeros((b, n, region_dim), dtype=torch.float32)
@@ -97,6 +99,7 @@ def build_batch(tokenizer: Tokenizer, texts: Sequence[str], tags_list: Sequence[
     max_text_len = max_text_len or cfg.max_text_len
     max_tag_len = cfg.max_tag_len if max_tag_len is None else max_tag_len
     encoded = [encode_text_and_tags(tokenizer, t, g, max_text_len, max_tag_len) for t, g in zip(texts, tags_list)]
-    feats, boxes, rmask = collate_regions(regions_list, cfg.region_dim, max_regions or cfg.max_regions)
+    feats, boxes, rmask = collate_regions(regions_list, cfg.region_dim, max_regions or cfg.max_regions,
+                                         cfg.region_min_score)
     text = {name: torch.from_numpy(array) for name, array in pad_encoded(encoded, tokenizer.pad_id).items()}
     return FusionBatch(**text, region_feats=feats, region_boxes=boxes, region_mask=rmask)

@@ -107,7 +107,7 @@ def build_prefix(tokenizer: Tokenizer, regions_list: Sequence[Regions | None], c
     if len(tags_list) != len(regions_list):
         raise ValueError(f"{len(regions_list)} region sets but {len(tags_list)} tag lists")
     parts = tag_prefix(tokenizer, tags_list, cfg.max_text_len, cfg.max_tag_len)
-    feats, boxes, rmask = collate_regions(regions_list, cfg.region_dim, cfg.max_regions)
+    feats, boxes, rmask = collate_regions(regions_list, cfg.region_dim, cfg.max_regions, cfg.region_min_score)
     return CaptionPrefix(**{name: torch.from_numpy(array) for name, array in parts.items()}, region_feats=feats,
                          region_boxes=boxes, region_mask=rmask)
 

@@ -175,7 +175,8 @@ class PairEncoder:
     def __init__(self, cfg: BertConfig, tokenizer: Tokenizer, regions: Sequence[Regions], texts: Sequence[str]):
         tags = [r.object_tags(cfg.max_regions, cfg.tag_min_score) for r in regions]
         self.slots = PairSlots(tokenizer, texts, tags, cfg.max_text_len, cfg.max_tag_len)
-        self.feats, self.boxes, self.rmask = collate_regions(list(regions), cfg.region_dim, cfg.max_regions)
+        self.feats, self.boxes, self.rmask = collate_regions(list(regions), cfg.region_dim, cfg.max_regions,
+                                                                 cfg.region_min_score)
 
     def batch(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> FusionBatch:
         rows = self.slots.rows(image_idx.numpy(), text_idx.numpy())
@@ -310,8 +311,8 @@ class RetrievalTask(Task):
         return RetrievalCollator(self.run.tokenizer, cfg)
 
     def predict(self, model, examples):
-        k = model.cfg.max_regions
-        regions = [r.top(k) if len(r) > k else r for r in (self.store[key] for key in examples.image_keys)]
+        cfg = model.cfg
+        regions = [self.store[key].confident(cfg.max_regions, cfg.region_min_score) for key in examples.image_keys]
         return score_all_pairs(model, self.run.tokenizer, regions, examples.texts, self.setup.eval_batch_size,
                                progress=self.setup.progress)
 
