@@ -67,6 +67,7 @@ class DemoSize:
     # oracle regions this took VQA from 52.8 to 57.7 in the same number of steps (README: Grounding).
     vqa_curriculum_epochs: int = 0
     vqa_pool: str = "cls"  # what the answer head reads (FinetuneSetup.vqa_pool)
+    nlvr2_pool: str = "cls"  # what NLVR2's classifier reads of each image (FinetuneSetup.nlvr2_pool)
     # "pretrained" (the paper's order) or "random": VQA fine-tuned from random weights. A few minutes of MLM
     # + ITM teach the small transformer to answer from the tags and the question, which VQA fine-tuning
     # does not unlearn in the demo's steps (README: Results, VQA).
@@ -106,6 +107,8 @@ class DemoSize:
             fields.update(caption_objective=self.caption_objective, caption_mask_prob=self.caption_mask_prob)
         if task == "vqa":
             fields.update(curriculum_epochs=self.vqa_curriculum_epochs, vqa_pool=self.vqa_pool)
+        if task == "nlvr2":
+            fields.update(nlvr2_pool=self.nlvr2_pool)
         return FinetuneSetup(task=task, train=train, **fields)
 
 

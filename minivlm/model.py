@@ -61,7 +61,7 @@ def build_task_model(task: str, cfg: BertConfig, num_answers: int | None = None,
     if task == "nlvr2":
         from minivlm.tasks.nlvr2 import NLVR2Model
 
-        return NLVR2Model(cfg)
+        return NLVR2Model(cfg, (extra or {}).get("pool", "cls"))
     if task == "retrieval":
         from minivlm.tasks.retrieval import RetrievalModel
 
@@ -211,7 +211,7 @@ class MiniVLM(nn.Module):
         """A "model" checkpoint: the detector and every task part in one model.safetensors."""
         det = self.detector
         tasks = {name: TaskSpec(name, model.cfg, {"num_answers": model.num_answers, "pool": model.pool}
-                                if name == "vqa" else {})
+                                if name == "vqa" else {"pool": model.pool} if name == "nlvr2" else {})
                  for name, model in self.tasks.items()}
         config = {"detector": DetectorSpec(det.cfg, det.class_names, det.attribute_names).to_json(),
                   "tasks": {name: spec.to_json() for name, spec in tasks.items()}}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.regions import Regions
-from minivlm.tasks.nlvr2 import NLVR2Collator, NLVR2Model, NLVR2Pair
+from minivlm.tasks.nlvr2 import NLVR2_POOLS, NLVR2Collator, NLVR2Model, NLVR2Pair
 from minivlm.tasks.retrieval import (MISMATCHED, RetrievalCollator, RetrievalDataset, RetrievalModel, _norm,
                                      chance_recall, score_all_pairs, score_pairs)
 from minivlm.tasks.vqa import (VQACollator, VQAExample, VQAModel, baseline_results, build_answer_vocab,
@@ -199,13 +199,14 @@ def test_vqa_text_mean_pooling_reads_the_tokens_not_their_padding(tok):
         VQAModel(TINY, 4, "max")
 
 
-def test_tiny_nlvr2_overfit_beats_chance(tok):
+@pytest.mark.parametrize("pool", NLVR2_POOLS)
+def test_tiny_nlvr2_overfit_beats_chance(tok, pool):
     torch.manual_seed(0)
     labels = [True, False, False, True, True, False, True, False]
     items = [(NLVR2Pair(f"train-{i}-0-0", ["both have a star", "one has a ring"][i % 2], i, i + 50, lab),
               regions(200 + i), regions(300 + i)) for i, lab in enumerate(labels)]
     batch = NLVR2Collator(tok, TINY)(items)
-    model = NLVR2Model(TINY)
+    model = NLVR2Model(TINY, pool)
     _fit(model, [batch], 60)
     p = model.predict(tok, [a for _, a, _ in items], [b for _, _, b in items], [x.sentence for x, _, _ in items])
     acc = ((p > 0.5) == torch.tensor(labels)).float().mean().item()
@@ -292,12 +293,15 @@ def test_finetune_vqa_writes_results_metrics_and_task_folder(tiny_world):
     assert rc == 0 and [s for s in again if s not in steps] == [] and max(again) == 3
 
 
-def test_vqa_pooling_is_kept_by_the_task_folder(tiny_world):
+def test_vqa_and_nlvr2_pooling_is_kept_by_the_task_folder(tiny_world):
     from minivlm.model import load_task_folder
 
     rc, _ = _finetune(tiny_world, "vqa", "--num-answers", "5", "--vqa-pool", "text-mean", name="out_mean")
     _, model = load_task_folder(tiny_world / "out_mean")
     assert rc == 0 and model.pool == "text-mean"
+    rc, _ = _finetune(tiny_world, "nlvr2", "--nlvr2-pool", "region-attention", name="out_nlvr2_ra")
+    _, model = load_task_folder(tiny_world / "out_nlvr2_ra")
+    assert rc == 0 and model.pool == "region-attention" and hasattr(model, "region_attention")
 
 
 def test_vqa_curriculum_trains_attribute_questions_first_and_resumes(tiny_world):

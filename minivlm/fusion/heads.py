@@ -93,3 +93,19 @@ class RegionAttention(nn.Module):
         scores = (self.key(regions) @ self.query(question).unsqueeze(-1)).squeeze(-1) / regions.shape[-1] ** 0.5
         weights = scores.masked_fill(~region_mask, -1e4).softmax(-1) * region_mask.to(scores.dtype)
         return (weights.unsqueeze(-1) * regions).sum(1)
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] states, [B, T] bool mask -> [B, H] mean of the masked-in states."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def text_and_picked_region(hidden: torch.Tensor, text_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                           region_mask: torch.Tensor, pooler: Pooler, attention: RegionAttention) -> torch.Tensor:
+    """The "region-attention" pooling of VQA and NLVR2, [B, 2H]: the pooled mean of the token segment (text and
+    tags) beside the final region states weighted by a query from the text's own tokens (segment 0)."""
+    t = text_mask.shape[1]
+    pooled = pooler(masked_mean(hidden[:, :t], text_mask).unsqueeze(1))
+    query = masked_mean(hidden[:, :t], text_mask & (token_type_ids == 0))
+    return torch.cat([pooled, attention(query, hidden[:, t:], region_mask)], dim=-1)

@@ -36,6 +36,7 @@ from minivlm.config import BERT_PRESETS, CAPTION_OBJECTIVES, BertConfig, Caption
 from minivlm.errors import MiniVLMError
 from minivlm.io import atomic_path, write_json, write_text
 from minivlm.tasks.data import TASKS, init_from_pretrained, task_bert_config
+from minivlm.tasks.nlvr2 import NLVR2_POOLS
 from minivlm.tasks.vqa import VQA_POOLS
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 from minivlm.setup_args import add_setup_arguments, option, setup_from_args
@@ -83,6 +84,9 @@ class FinetuneSetup:
     vqa_pool: str = option("cls", help="vqa: what the answer head reads: [CLS] (OSCAR), the mean of the question "
                                        "and tag tokens, or that mean beside the final region states weighted by "
                                        "the question (region-attention)", choices=VQA_POOLS)
+    nlvr2_pool: str = option("cls", help="nlvr2: what the classifier reads of each image: [CLS] (OSCAR) or the "
+                                         "text mean beside the regions the statement picks (region-attention)",
+                             choices=NLVR2_POOLS)
     negatives: int = option(RetrievalTaskConfig.negatives_per_positive,
                             help="retrieval: mismatched pairs per matched pair")
     # Random negatives, as OSCAR: from random weights they train faster than hard ones.

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.feature_store import FeatureStore
 from minivlm.data.readers import NLVR2Example
-from minivlm.fusion.heads import ClassifierHead, Pooler
+from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention, text_and_picked_region
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.errors import MiniVLMError
@@ -97,17 +97,28 @@ class NLVR2Collator:
                           [p.identifier for p, _, _ in items])
 
 
+# What the classifier reads of each image's sequence: the pooled [CLS] (OSCAR), or the text mean beside the
+# regions the statement picks (as VQA's "region-attention", `fusion.heads.text_and_picked_region`).
+NLVR2_POOLS = ("cls", "region-attention")
+
+
 class NLVR2Model(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, pool: str = "cls"):
         super().__init__()
-        self.cfg = cfg
+        if pool not in NLVR2_POOLS:
+            raise MiniVLMError(f"unknown NLVR2 pooling {pool!r}; choose one of: {', '.join(NLVR2_POOLS)}")
+        self.cfg, self.pool = cfg, pool
         self.bert = MultimodalBert(cfg)
         self.pooler = Pooler(cfg)
-        self.head = ClassifierHead(cfg, 2, in_mult=2)
+        if pool == "region-attention":
+            self.region_attention = RegionAttention(cfg)
+        self.head = ClassifierHead(cfg, 2, in_mult=4 if pool == "region-attention" else 2)
 
     def joint(self, inputs: FusionBatch) -> torch.Tensor:
-        """[2B sequences] -> [B, 2H]: the left and right pooled [CLS] vectors side by side."""
-        pooled = self.pooler(self.bert(**inputs.model_inputs()).hidden_states)
+        """[2B sequences] -> [B, 2P]: the left and right pooled vectors side by side."""
+        hidden = self.bert(**inputs.model_inputs()).hidden_states
+        pooled = self.pooler(hidden) if self.pool == "cls" else text_and_picked_region(
+            hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask, self.pooler, self.region_attention)
         b = pooled.shape[0] // 2
         return torch.cat([pooled[:b], pooled[b:]], dim=1)
 
@@ -172,9 +183,12 @@ class NLVR2Task(Task):
         return pairs if limit is None else pairs[:limit]
 
     def build_model(self, cfg):
-        model = NLVR2Model(cfg)
+        model = NLVR2Model(cfg, self.setup.nlvr2_pool)
         self.run.init(model)
         return model
+
+    def folder_extra(self):
+        return {"pool": self.setup.nlvr2_pool}
 
     def dataset(self, train):
         return NLVR2Dataset(train, self.store)

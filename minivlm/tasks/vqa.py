@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.eval.vqa_eval import normalize_answer
-from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention
+from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention, masked_mean, text_and_picked_region
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
@@ -141,12 +141,6 @@ class VQACollator:
 VQA_POOLS = ("cls", "text-mean", "region-attention")
 
 
-def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] states, [B, T] bool mask -> [B, H] mean of the masked-in states."""
-    m = mask.unsqueeze(-1).to(states.dtype)
-    return (states * m).sum(1) / m.sum(1).clamp(min=1)
-
-
 class VQAModel(nn.Module):
     def __init__(self, cfg: BertConfig, num_answers: int, pool: str = "cls"):
         super().__init__()
@@ -175,13 +169,11 @@ class VQAModel(nn.Module):
         hidden = self.bert(**inputs.model_inputs()).hidden_states
         if self.pool == "cls":
             return self.head(self.pooler(hidden))
-        t = inputs.text_mask.shape[1]
-        pooled = self.pooler(masked_mean(hidden[:, :t], inputs.text_mask).unsqueeze(1))
         if self.pool == "text-mean":
-            return self.head(pooled)
-        question = masked_mean(hidden[:, :t], inputs.text_mask & (inputs.token_type_ids == 0))
-        picked = self.region_attention(question, hidden[:, t:], inputs.region_mask)
-        return self.head(torch.cat([pooled, picked], dim=-1))
+            return self.head(self.pooler(masked_mean(hidden[:, :inputs.text_mask.shape[1]], inputs.text_mask)
+                                         .unsqueeze(1)))
+        return self.head(text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
+                                                self.pooler, self.region_attention))
 
     def forward(self, batch: VQABatch) -> dict[str, torch.Tensor]:
         logits = self.logits(batch.inputs)
