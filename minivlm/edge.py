@@ -82,9 +82,9 @@ class EdgeRegions:
         return np.concatenate([b, b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], axis=1)
 
     def order(self, k: int, min_score: float = 0.0) -> np.ndarray:
-        """Indices of the k highest scores that reach `min_score` (the detector's output is already sorted)."""
+        """Indices of the k highest scores that reach `min_score`, at least the best one (`Regions.confident`)."""
         top = np.argsort(-self.scores, kind="stable")[:k]
-        return top[self.scores[top] >= min_score]
+        return top[:max(1, int((self.scores[top] >= min_score).sum()))]
 
     def object_tags(self, max_regions: int, min_score: float) -> list[str]:
         """`minivlm.regions.Regions.object_tags`: confident class names among the top regions, once each."""

@@ -46,8 +46,10 @@ class Regions:
         return list(seen)
 
     def confident(self, k: int, min_score: float = 0.0) -> "Regions":
-        """What enters the transformer: the top `k` regions whose score reaches `min_score`."""
-        n = min(k, int((self.scores >= min_score).sum()))
+        """What enters the transformer: the top `k` regions whose score reaches `min_score`, and at least the
+        best one (as BUTD keeps a minimum number of boxes under its score threshold), so that every image
+        has something to look at."""
+        n = min(k, max(1, int((self.scores >= min_score).sum())), len(self))
         return self if n == len(self) else self.top(n)
 
     def top(self, k: int) -> "Regions":
