@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="VQA epochs on the attribute questions first (default: the demo's; 0: none)")
     p.add_argument("--vqa-pool", default=DEMO.vqa_pool, choices=VQA_POOLS,
                    help="what the answer head reads (default: the demo's)")
-    p.add_argument("--lr", type=float, default=None, help="default: finetune's VQA default")
-    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--lr", type=float, default=DEMO.task_lr.get("vqa"),
+                   help="default: the demo's (finetune's VQA default where the demo sets none)")
+    p.add_argument("--warmup", type=int, default=30 if "vqa" in DEMO.task_lr else 0,
+                   help="default: the demo's (DemoSize.finetune_setup warms up a task whose lr it sets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default="oracle,tee,blind", help="comma-separated subset of oracle,tee,blind")
     p.add_argument("--out", type=Path, default=Path("runs/grounding"))
