@@ -33,7 +33,8 @@ def build_model() -> MiniVLM:
     torch.manual_seed(0)
     detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"])
     # VQA reads the mean of its tokens: the round trip must keep the pooling, or its answers change
-    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None, extra={"pool": "text-mean"})
+    tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None,
+                                 extra={"pool": "text-mean"} if t == "vqa" else None)
              for t in ("caption", "vqa", "nlvr2", "retrieval")}
     for m in tasks.values():  # larger than BERT's init, so different inputs give visibly different outputs
         for p in m.parameters():
