@@ -646,3 +646,24 @@ def test_minivlm_serve_command(env):
     r = subprocess.run([sys.executable, "-m", "minivlm.cli", "serve", str(env.root / "nowhere")], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and "not a model folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_tokens_count_the_regions_that_enter_the_transformer():
+    """Usage counts the region tokens the transformer reads: the top `max_regions` over the score floor."""
+    from minivlm.edge import EdgeRegions
+    from minivlm.regions import Regions
+    from minivlm.serve.app import Server as AppServer
+
+    tok = get_tokenizer()
+    r = Regions(boxes=torch.tensor([[0.0, 0, 5, 5]] * 4), features=torch.zeros(4, 8),
+                scores=torch.tensor([0.9, 0.5, 0.1, 0.05]), labels=torch.zeros(4, dtype=torch.long), image_size=(10, 10))
+    e = EdgeRegions(r.boxes.numpy(), r.features.numpy(), r.scores.numpy(), r.labels.numpy(), r.image_size)
+    words = len(tok.encode("red star"))
+    for floor, want in ((0.0, 3), (0.2, 2), (0.95, 1)):  # max_regions 3; at least the best region
+        torch_side = SimpleNamespace(model=SimpleNamespace(
+            tokenizer=tok, task=lambda t, f=floor: SimpleNamespace(cfg=dataclasses.replace(BERT, max_regions=3,
+                                                                                       region_min_score=f))))
+        onnx_side = SimpleNamespace(model=SimpleNamespace(
+            tokenizer=tok, task=lambda t, f=floor: {"max_regions": 3, "region_min_score": f}))
+        assert AppServer.prompt_tokens(torch_side, "vqa", "red star", [r]) == words + want
+        assert AppServer.prompt_tokens(onnx_side, "vqa", "red star", [e]) == words + want

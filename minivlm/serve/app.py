@@ -148,8 +148,11 @@ class Server:
     def prompt_tokens(self, task: str, text: str, regions: list) -> int:
         """Word pieces of the text plus the region tokens the task's transformer reads."""
         spec = self.model.task(task)
-        max_regions = spec["max_regions"] if isinstance(spec, dict) else spec.cfg.max_regions
-        return len(self.model.tokenizer.encode(text)) + sum(min(len(r), max_regions) for r in regions)
+        if isinstance(spec, dict):  # the ONNX runtime's edge.json entry and its numpy regions
+            k, floor = spec["max_regions"], spec.get("region_min_score", 0.0)
+            return len(self.model.tokenizer.encode(text)) + sum(len(r.order(k, floor)) for r in regions)
+        k, floor = spec.cfg.max_regions, spec.cfg.region_min_score
+        return len(self.model.tokenizer.encode(text)) + sum(len(r.confident(k, floor)) for r in regions)
 
 
 # ---------------------------------------------------------------------------------------------- the app
