@@ -111,11 +111,16 @@ def collate_regions(regions: Sequence[EdgeRegions], dim: int, max_regions: int, 
     return feats, boxes, mask
 
 
+def collate_task_regions(regions: Sequence[EdgeRegions], cfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`collate_regions` with a task graph's settings from edge.json (exports older than the score floor: 0)."""
+    return collate_regions(regions, cfg["region_dim"], cfg["max_regions"], cfg.get("region_min_score", 0.0))
+
+
 def prefix_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], cfg: dict) -> dict[str, np.ndarray]:
     """The caption prefix graph's inputs, as `minivlm.tasks.caption_model.build_prefix` with predicted tags."""
     tags = tag_prefix(tokenizer, [r.object_tags(cfg["max_regions"], cfg["tag_min_score"]) for r in regions],
                       cfg["max_text_len"], cfg["max_tag_len"], min_len=1)  # >= 1 column: a masked pad adds nothing
-    feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"], cfg.get("region_min_score", 0.0))
+    feats, boxes, rmask = collate_task_regions(regions, cfg)
     return {"input_ids": tags["tag_ids"], "position_ids": tags["tag_pos"], "region_feats": feats, "region_boxes": boxes,
             "attention_mask": np.concatenate([tags["tag_mask"], rmask], axis=1)}
 
@@ -126,7 +131,7 @@ def fusion_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], texts: S
     encoded = [encode_text_and_tags(tokenizer, q, r.object_tags(cfg["max_regions"], cfg["tag_min_score"]),
                                     cfg["max_text_len"], cfg["max_tag_len"]) for r, q in zip(regions, texts)]
     text = pad_encoded(encoded, tokenizer.pad_id)
-    feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"], cfg.get("region_min_score", 0.0))
+    feats, boxes, rmask = collate_task_regions(regions, cfg)
     return {"input_ids": text["input_ids"], "token_type_ids": text["token_type_ids"],
             "position_ids": text["position_ids"], "text_mask": text["text_mask"], "region_feats": feats,
             "region_boxes": boxes, "region_mask": rmask}
@@ -331,7 +336,7 @@ class EdgeMiniVLM:
             return scores.reshape(n_i, n_t)
         slots = PairSlots(self.tokenizer, texts, [r.object_tags(cfg["max_regions"], cfg["tag_min_score"])
                                                   for r in regions], cfg["max_text_len"], cfg["max_tag_len"])
-        feats, boxes, rmask = collate_regions(regions, cfg["region_dim"], cfg["max_regions"], cfg.get("region_min_score", 0.0))
+        feats, boxes, rmask = collate_task_regions(regions, cfg)
         for flat in chunks(np.arange(n_i * n_t), max(64, self.batch_size)):
             i, t = flat // n_t, flat % n_t
             rows = slots.rows(i, t)

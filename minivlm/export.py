@@ -158,8 +158,8 @@ def export_detector(model: MiniVLM, out: Path) -> dict:
 def _bert_info(cfg) -> dict:
     return {"num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.hidden_size // cfg.num_heads,
             "region_dim": cfg.region_dim, "max_regions": cfg.max_regions, "max_text_len": cfg.max_text_len,
-            "max_tag_len": cfg.max_tag_len, "tag_min_score": cfg.tag_min_score, "region_min_score": cfg.region_min_score,
-            "vocab_size": cfg.vocab_size}
+            "max_tag_len": cfg.max_tag_len, "tag_min_score": cfg.tag_min_score,
+            "region_min_score": cfg.region_min_score, "vocab_size": cfg.vocab_size}
 
 
 def export_caption(model: nn.Module, out: Path) -> dict:

@@ -656,7 +656,8 @@ def test_prompt_tokens_count_the_regions_that_enter_the_transformer():
 
     tok = get_tokenizer()
     r = Regions(boxes=torch.tensor([[0.0, 0, 5, 5]] * 4), features=torch.zeros(4, 8),
-                scores=torch.tensor([0.9, 0.5, 0.1, 0.05]), labels=torch.zeros(4, dtype=torch.long), image_size=(10, 10))
+                scores=torch.tensor([0.9, 0.5, 0.1, 0.05]), labels=torch.zeros(4, dtype=torch.long),
+                image_size=(10, 10))
     e = EdgeRegions(r.boxes.numpy(), r.features.numpy(), r.scores.numpy(), r.labels.numpy(), r.image_size)
     words = len(tok.encode("red star"))
     for floor, want in ((0.0, 3), (0.2, 2), (0.95, 1)):  # max_regions 3; at least the best region

@@ -101,11 +101,16 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def pooled_text_mean(hidden: torch.Tensor, text_mask: torch.Tensor, pooler: Pooler) -> torch.Tensor:
+    """[B, H]: the mean of the token segment's final states (text and tags) through the pooler."""
+    return pooler(masked_mean(hidden[:, :text_mask.shape[1]], text_mask).unsqueeze(1))
+
+
 def text_and_picked_region(hidden: torch.Tensor, text_mask: torch.Tensor, token_type_ids: torch.Tensor,
                            region_mask: torch.Tensor, pooler: Pooler, attention: RegionAttention) -> torch.Tensor:
     """The "region-attention" pooling of VQA and NLVR2, [B, 2H]: the pooled mean of the token segment (text and
     tags) beside the final region states weighted by a query from the text's own tokens (segment 0)."""
     t = text_mask.shape[1]
-    pooled = pooler(masked_mean(hidden[:, :t], text_mask).unsqueeze(1))
     query = masked_mean(hidden[:, :t], text_mask & (token_type_ids == 0))
-    return torch.cat([pooled, attention(query, hidden[:, t:], region_mask)], dim=-1)
+    return torch.cat([pooled_text_mean(hidden, text_mask, pooler), attention(query, hidden[:, t:], region_mask)],
+                     dim=-1)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.eval.vqa_eval import normalize_answer
-from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention, masked_mean, text_and_picked_region
+from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention, pooled_text_mean, text_and_picked_region
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
@@ -170,8 +170,7 @@ class VQAModel(nn.Module):
         if self.pool == "cls":
             return self.head(self.pooler(hidden))
         if self.pool == "text-mean":
-            return self.head(self.pooler(masked_mean(hidden[:, :inputs.text_mask.shape[1]], inputs.text_mask)
-                                         .unsqueeze(1)))
+            return self.head(pooled_text_mean(hidden, inputs.text_mask, self.pooler))
         return self.head(text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
                                                 self.pooler, self.region_attention))
 
