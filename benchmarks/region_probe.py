@@ -8,7 +8,9 @@ With --features, every ground-truth object of a split is matched to the stored r
 is fitted per target — the class, and each attribute group (colour, size, texture in the synthetic world) — on the training
 split and scored on the held-out split, beside the majority-class rate. A transformer cannot answer "what
 colour is the cross?" better than the features let it, so this separates what the extractor gives from what
-the fusion learns (README: Results). With --detector, the probes run on the ground-truth boxes at each point
+the fusion learns (README: Results). Where the store keeps tags, the detector's own class decision on the
+same matched objects is reported too (overall, per class, the most frequent confusions): the object tags
+the transformer reads are only as right as that. With --detector, the probes run on the ground-truth boxes at each point
 of the detector's region path instead (the pixels under the box, the RoIAlign output the head reads, after
 the first linear layer, the region feature), which shows where an attribute is lost. Prints a table and writes
 OUT/region_probe.json (OUT/region_path_probe.json with --detector).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -56,11 +59,13 @@ def boxes_xyxy(anns) -> torch.Tensor:
 
 
 def matched_objects(world: World, split: str, store: FeatureStore, min_iou: float = 0.5
-                    ) -> tuple[torch.Tensor, Targets, int]:
-    """(features [N, D] of the regions matched to ground-truth objects, their targets, unmatched objects)."""
+                    ) -> tuple[torch.Tensor, Targets, int, list[tuple[str, str]]]:
+    """(features [N, D] of the regions matched to ground-truth objects, their targets, unmatched objects,
+    (true class, the region's own tag) of each match where the store keeps tags)."""
     inst = world.instances(split)
     reader = TargetReader(inst)
-    feats, targets, missed = [], reader.empty(), 0
+    names = {c.id: c.name for c in inst.categories}
+    feats, targets, missed, labels = [], reader.empty(), 0, []
     for iid, anns in inst.annotations.items():
         if not anns:
             continue
@@ -75,10 +80,26 @@ def matched_objects(world: World, split: str, store: FeatureStore, min_iou: floa
                 continue
             feats.append(regions.features[j].float())
             reader.add(targets, a)
+            if regions.tags:
+                labels.append((names[a.category_id], regions.tags[j]))
     if not feats:
         raise SystemExit(f"no region of {store.root} overlaps an object of "
                          f"split {split!r} with IoU >= {min_iou}")
-    return torch.stack(feats), targets, missed
+    return torch.stack(feats), targets, missed, labels
+
+
+def label_report(labels: list[tuple[str, str]], top: int = 8) -> dict:
+    """The detector's own class decisions on the matched objects: accuracy overall and per class, and the
+    most frequent confusions (what the object tags get wrong, beside what a probe can read)."""
+    per: dict[str, list[int]] = {}
+    confusions: Counter = Counter()
+    for true, tag in labels:
+        per.setdefault(true, []).append(int(true == tag))
+        if true != tag:
+            confusions[f"{true} -> {tag}"] += 1
+    return {"accuracy": round(100 * sum(sum(v) for v in per.values()) / len(labels), 1),
+            "per_class": {c: round(100 * sum(v) / len(v), 1) for c, v in sorted(per.items())},
+            "confusions": dict(confusions.most_common(top))}
 
 
 PATH_POINTS = ("pixels", "pooled", "fc1", "region feature")
@@ -178,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'region_path_probe.json'}")
         return 0
     store = FeatureStore(args.features)
-    x_tr, t_tr, miss_tr = matched_objects(world, args.train_split, store)
-    x_te, t_te, miss_te = matched_objects(world, args.eval_split, store)
+    x_tr, t_tr, miss_tr, _ = matched_objects(world, args.train_split, store)
+    x_te, t_te, miss_te, labels = matched_objects(world, args.eval_split, store)
     rows = probe_rows(x_tr, t_tr, x_te, t_te)
     print(f"region features {args.features}: {len(x_tr)} matched objects in {args.train_split} "
           f"({miss_tr} unmatched), {len(x_te)} in {args.eval_split} ({miss_te} unmatched)")
@@ -187,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['target']:<10} {r['n_train']:>8} {r['n_eval']:>7} {r['probe_train_acc']:>14.1f} "
               f"{r['probe_eval_acc']:>13.1f} {r['majority_acc']:>11.1f}")
+    tags = label_report(labels) if labels else None
+    if tags:
+        print(f"the detector's own class on the {len(labels)} matched {args.eval_split} objects: {tags['accuracy']:.1f}% ("
+              + ", ".join(f"{c} {a:.0f}" for c, a in tags["per_class"].items()) + ")")
+        print("most frequent confusions: " + ", ".join(f"{k} {n}" for k, n in tags["confusions"].items()))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "region_probe.json", {"features": str(args.features), "data": str(args.data),
-                                                "unmatched": {"train": miss_tr, "eval": miss_te}, "rows": rows},
-               indent=1)
+                                                "unmatched": {"train": miss_tr, "eval": miss_te}, "rows": rows,
+                                                "detector_labels": tags}, indent=1)
     print(f"wrote {args.out / 'region_probe.json'}")
     return 0
 

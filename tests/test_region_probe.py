@@ -22,13 +22,17 @@ def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
     generate_world(tmp_path / "world", images=100, seed=0, nlvr2_pairs=0, workers=1)
     world = World(tmp_path / "world")
     g = torch.Generator().manual_seed(0)
-    with FeatureStoreWriter(tmp_path / "store") as w:
+    vocab = world.class_names() + ["blob", "decoy"]
+    with FeatureStoreWriter(tmp_path / "store", meta={"class_names": vocab}) as w:
         for split in ("train", "test"):
             inst = world.instances(split)
             attrs = inst.attribute_index()
             colour = {a.id for a in inst.attributes if a.group == "colour"}
+            names = {c.id: c.name for c in inst.categories}
             for iid, anns in inst.annotations.items():
                 boxes, feats = [], []
+                # the stored tag: the true class, except in odd-numbered images where it is wrong
+                tags = [names[a.category_id] if iid % 2 == 0 else "blob" for a in anns] + ["decoy"]
                 for a in anns:
                     x, y, bw, bh = a.bbox
                     boxes.append([x, y, x + bw, y + bh])
@@ -39,10 +43,15 @@ def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
                 feats.append(torch.randn(12, generator=g))
                 k = len(boxes)
                 w.add(iid, Regions(boxes=torch.tensor(boxes), features=torch.stack(feats), scores=torch.ones(k),
-                                   labels=torch.zeros(k, dtype=torch.long), image_size=(512, 512)))
+                                   labels=torch.tensor([vocab.index(t) for t in tags]), image_size=(512, 512), tags=tags))
     assert region_probe.main(["--data", str(tmp_path / "world"), "--features", str(tmp_path / "store"),
                               "--out", str(tmp_path / "out")]) == 0
-    rows = {r["target"]: r for r in json.loads((tmp_path / "out" / "region_probe.json").read_text())["rows"]}
+    report = json.loads((tmp_path / "out" / "region_probe.json").read_text())
+    rows = {r["target"]: r for r in report["rows"]}
+    test_anns = world.instances("test").annotations
+    right = sum(len(a) for i, a in test_anns.items() if i % 2 == 0) / sum(len(a) for a in test_anns.values())
+    assert report["detector_labels"]["accuracy"] == round(100 * right, 1)
+    assert all(k.endswith(" -> blob") for k in report["detector_labels"]["confusions"])
     assert set(rows) == {"class", "colour", "size", "texture"}
     n_test = sum(len(a) for a in world.instances("test").annotations.values())
     assert rows["colour"]["n_eval"] == n_test  # every object found its own box, never the decoy
@@ -71,3 +80,11 @@ def test_region_path_probe_finds_colour_in_the_pixels(tmp_path):
                                                          for t in ("class", "colour", "size", "texture")}
     colour = next(r for r in rows if (r["point"], r["target"]) == ("pixels", "colour"))
     assert colour["probe_eval_acc"] > colour["majority_acc"] + 30
+
+
+def test_label_report_counts_each_class_and_confusion():
+    rep = region_probe.label_report([("circle", "circle"), ("circle", "hexagon"), ("hexagon", "circle"),
+                                     ("star", "star")])
+    assert rep["accuracy"] == 50.0
+    assert rep["per_class"] == {"circle": 50.0, "hexagon": 0.0, "star": 100.0}
+    assert rep["confusions"] == {"circle -> hexagon": 1, "hexagon -> circle": 1}

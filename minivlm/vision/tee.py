@@ -168,4 +168,7 @@ def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> TEE
     spec = ckpt.detector_spec()
     model = TEE(spec.tee, spec.class_names, spec.attribute_names)
     checkpoint.load_state_strict(model, ckpt.weights)
-    return model.to(device).eval()
+    # Channels-last convolutions run faster on the CPU, in inference as in training (oneDNN's native layout;
+    # the demo's detector, 64 images, 2 threads: 18 -> 22 images/s, features equal to 3e-5). Weights are
+    # saved contiguous as ever.
+    return model.to(device, memory_format=torch.channels_last).eval()
