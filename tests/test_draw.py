@@ -186,3 +186,8 @@ def test_save_png_never_leaves_a_half_written_file(tmp_path):
         save_png(Image.new("CMYK", (8, 8)), target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sheet.png"]
+
+
+def test_contact_sheet_of_no_images_says_so():
+    with pytest.raises(ValueError, match="no images"):
+        contact_sheet([])

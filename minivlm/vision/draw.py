@@ -45,6 +45,8 @@ def draw_regions(image: Any, regions: Regions, max_boxes: int = 10, min_score: f
 
 def contact_sheet(images: list[Image.Image], columns: int = 3, height: int = 240, pad: int = 4) -> Image.Image:
     """Images scaled to one height, laid out in rows."""
+    if not images:
+        raise ValueError("contact_sheet: no images to lay out")
     thumbs = [im.resize((max(1, round(im.width * height / im.height)), height)) for im in images]
     rows = [thumbs[i:i + columns] for i in range(0, len(thumbs), columns)]
     width = max(sum(t.width for t in row) + pad * (len(row) + 1) for row in rows)
