@@ -10,8 +10,8 @@ split and scored on the held-out split, beside the majority-class rate. A transf
 colour is the cross?" better than the features let it, so this separates what the extractor gives from what
 the fusion learns (README: Results). Where the store keeps tags, the detector's own class decision on the
 same matched objects is reported too (overall, per class, the most frequent confusions): the object tags
-the transformer reads are only as right as that. With --detector, the probes run on the ground-truth boxes at each point
-of the detector's region path instead (the pixels under the box, the RoIAlign output the head reads, after
+the transformer reads are only as right as that. With --detector, the probes run on the ground-truth boxes
+at each point of the detector's region path instead (the pixels under the box, the RoIAlign output the head reads, after
 the first linear layer, the region feature), which shows where an attribute is lost. Prints a table and writes
 OUT/region_probe.json (OUT/region_path_probe.json with --detector).
 """
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['probe_eval_acc']:>13.1f} {r['majority_acc']:>11.1f}")
     tags = label_report(labels) if labels else None
     if tags:
-        print(f"the detector's own class on the {len(labels)} matched {args.eval_split} objects: {tags['accuracy']:.1f}% ("
-              + ", ".join(f"{c} {a:.0f}" for c, a in tags["per_class"].items()) + ")")
+        print(f"the detector's own class on the {len(labels)} matched {args.eval_split} objects: "
+              f"{tags['accuracy']:.1f}% (" + ", ".join(f"{c} {a:.0f}" for c, a in tags["per_class"].items()) + ")")
         print("most frequent confusions: " + ", ".join(f"{k} {n}" for k, n in tags["confusions"].items()))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "region_probe.json", {"features": str(args.features), "data": str(args.data),

@@ -43,7 +43,8 @@ def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
                 feats.append(torch.randn(12, generator=g))
                 k = len(boxes)
                 w.add(iid, Regions(boxes=torch.tensor(boxes), features=torch.stack(feats), scores=torch.ones(k),
-                                   labels=torch.tensor([vocab.index(t) for t in tags]), image_size=(512, 512), tags=tags))
+                                   labels=torch.tensor([vocab.index(t) for t in tags]), image_size=(512, 512),
+                                   tags=tags))
     assert region_probe.main(["--data", str(tmp_path / "world"), "--features", str(tmp_path / "store"),
                               "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "region_probe.json").read_text())
