@@ -111,9 +111,14 @@ def collate_regions(regions: Sequence[EdgeRegions], dim: int, max_regions: int, 
     return feats, boxes, mask
 
 
+def task_region_limits(cfg: dict) -> tuple[int, float]:
+    """(max_regions, region_min_score) of a task graph's edge.json entry (exports older than the floor: 0)."""
+    return cfg["max_regions"], cfg.get("region_min_score", 0.0)
+
+
 def collate_task_regions(regions: Sequence[EdgeRegions], cfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`collate_regions` with a task graph's settings from edge.json (exports older than the score floor: 0)."""
-    return collate_regions(regions, cfg["region_dim"], cfg["max_regions"], cfg.get("region_min_score", 0.0))
+    """`collate_regions` with a task graph's settings from edge.json."""
+    return collate_regions(regions, cfg["region_dim"], *task_region_limits(cfg))
 
 
 def prefix_inputs(tokenizer: Tokenizer, regions: Sequence[EdgeRegions], cfg: dict) -> dict[str, np.ndarray]:

@@ -149,10 +149,13 @@ class Server:
         """Word pieces of the text plus the region tokens the task's transformer reads."""
         spec = self.model.task(task)
         if isinstance(spec, dict):  # the ONNX runtime's edge.json entry and its numpy regions
-            k, floor = spec["max_regions"], spec.get("region_min_score", 0.0)
-            return len(self.model.tokenizer.encode(text)) + sum(len(r.order(k, floor)) for r in regions)
-        k, floor = spec.cfg.max_regions, spec.cfg.region_min_score
-        return len(self.model.tokenizer.encode(text)) + sum(len(r.confident(k, floor)) for r in regions)
+            from minivlm.edge import task_region_limits
+
+            k, floor = task_region_limits(spec)
+            entering = sum(len(r.order(k, floor)) for r in regions)
+        else:
+            entering = sum(len(r.confident(spec.cfg.max_regions, spec.cfg.region_min_score)) for r in regions)
+        return len(self.model.tokenizer.encode(text)) + entering
 
 
 # ---------------------------------------------------------------------------------------------- the app
