@@ -19,6 +19,7 @@ from minivlm.vision.cost import butd_cost_rows, tee_cost_rows, vision_cost_rows
 from minivlm.vision.roi_head import RoIHead, assign_levels, multilevel_roi_align
 from minivlm.vision.rpn import RPN
 from minivlm.vision.tee import TEE, letterbox, load_detector, pad_to_canvas, save_detector
+from torchvision.ops import nms as torchvision_nms
 
 
 def small_cfg(**kw):
@@ -122,6 +123,86 @@ def test_roi_align_reads_the_assigned_level():
     out = multilevel_roi_align(feats, boxes, 2, levels, 4, 2)
     assert torch.allclose(out[0], torch.full_like(out[0], 2.0))
     assert torch.allclose(out[1], torch.full_like(out[1], 5.0))
+
+
+def _onnx_run(fn, args: tuple, path) -> list[np.ndarray]:
+    """fn traced and exported as the detector graph is (`minivlm.export._export`), run by onnxruntime."""
+    import onnxruntime as ort
+
+    from minivlm.export import _export
+
+    class Wrap(torch.nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    _export(Wrap(), args, path, [f"in{i}" for i in range(len(args))], ["out"], {})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {f"in{i}": a.numpy() for i, a in enumerate(args)})
+
+
+def test_traced_roi_align_pools_each_box_once_on_its_level_even_with_levels_empty(tmp_path):
+    """The exported form visits every level (the trace cannot know which are present) but pools each box on
+    its own: with only P2 and P4 boxes in the image, P3 and P5 pool nothing and the values are eager's."""
+    torch.manual_seed(0)
+    feats = [torch.randn(1, 3, 64 // 2**lvl, 64 // 2**lvl) for lvl in range(2, 6)]
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [3.0, 5.0, 40.0, 30.0], [1.0, 2.0, 18.0, 9.0]])
+    levels = torch.tensor([2, 4, 2])
+
+    def pool(f2, f3, f4, f5, b, lv):
+        return multilevel_roi_align([f2, f3, f4, f5], [b], 2, lv, 4, 2)
+
+    args = (*feats, boxes, levels)
+    (got,) = _onnx_run(pool, args, tmp_path / "roi.onnx")
+    np.testing.assert_allclose(got, pool(*args).numpy(), atol=1e-6)
+    for example_levels in (torch.tensor([3, 3, 3]), torch.tensor([5, 2, 4])):  # traced on other levels
+        (again,) = _onnx_run(pool, (*feats, boxes, example_levels), tmp_path / "roi2.onnx")
+        np.testing.assert_allclose(again, pool(*feats, boxes, example_levels).numpy(), atol=1e-6)
+
+
+def test_traced_nms_stops_at_the_kth_survivor_and_keeps_the_same_boxes(tmp_path):
+    """`nms_top` exports as NonMaxSuppression asked for k boxes (torchvision's export asks for all, and
+    onnxruntime then ran NMS over every proposal): the same first k survivors, fewer when fewer survive."""
+    import onnx
+
+    from minivlm.vision.rpn import nms_top
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(400, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 10 + torch.rand(400, 2, generator=g) * 60], 1)
+    scores = torch.rand(400, generator=g)
+    survivors = len(torchvision_nms(boxes, scores, 0.5))
+    for k in (7, survivors + 50):
+        (got,) = _onnx_run(lambda b, s: nms_top(b, s, 0.5, k), (boxes, scores), tmp_path / f"nms{k}.onnx")
+        assert got.tolist() == nms_top(boxes, scores, 0.5, k).tolist() == torchvision_nms(boxes, scores, 0.5)[:k].tolist()
+        graph = onnx.load(str(tmp_path / f"nms{k}.onnx")).graph
+        (node,) = [n for n in graph.node if n.op_type == "NonMaxSuppression"]
+        limit = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}[node.input[2]]
+        assert onnx.numpy_helper.to_array(limit.attribute[0].t).tolist() == [k]
+
+
+def test_bifpn_fusion_is_effdets_bit_for_bit():
+    """`SummedCombine` (a running sum, which exports without Concat/ReduceSum) gives effdet's stacked sum."""
+    import copy
+
+    from effdet.efficientdet import FpnCombine
+
+    from minivlm.vision.bifpn import SummedCombine
+
+    torch.manual_seed(0)
+    tee = TEE(small_cfg()).eval()
+    fpn = tee.fpn
+    combines = [m for m in fpn.modules() if isinstance(m, FpnCombine)]
+    assert combines and all(type(m) is SummedCombine for m in combines)
+    for m in combines:
+        m.edge_weights.data.uniform_(0.0, 2.0)  # effdet starts them at 1: unequal weights show the order
+    stock = copy.deepcopy(fpn)
+    for m in stock.modules():
+        if type(m) is SummedCombine:
+            m.__class__ = FpnCombine
+    with torch.no_grad():
+        feats = tee.backbone(torch.randn(2, 3, 128, 128))
+        for ours, theirs in zip(fpn(feats), stock(feats)):
+            assert torch.equal(ours, theirs)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from minivlm.config import TEEConfig
 with warnings.catch_warnings():  # effdet scripts a helper with the deprecated torch.jit at import
     warnings.simplefilter("ignore", FutureWarning)
     from effdet.config.model_config import default_detection_model_configs
-    from effdet.efficientdet import BiFpn
+    from effdet.efficientdet import BiFpn, FpnCombine
 
 
 def effdet_config(cfg: TEEConfig):
@@ -35,11 +35,32 @@ def effdet_config(cfg: TEEConfig):
     return c
 
 
+class SummedCombine(FpnCombine):
+    """effdet's fast normalised fusion, summed as it goes. effdet stacks the weighted inputs on a new last
+    axis and sums over it, which exports as Unsqueeze + Concat + ReduceSum over a stride-C axis of 2-3:
+    ~30 of onnxruntime's 182 ms for the detector at 600 px (one thread), with the layout reorders around
+    them. A running sum does the same additions in the same order."""
+
+    def forward(self, x: list[Tensor]) -> Tensor:
+        if self.weight_method != "fastattn":
+            return super().forward(x)
+        weights = nn.functional.relu(self.edge_weights.to(dtype=x[0].dtype))
+        total = weights.sum() + 0.0001
+        out = None
+        for i, (offset, resample) in enumerate(zip(self.inputs_offsets, self.resample.values())):
+            term = resample(x[offset]) * weights[i] / total
+            out = term if out is None else out + term
+        return out
+
+
 class BiFPN(nn.Module):
     def __init__(self, cfg: TEEConfig, backbone_channels: list[int]):
         super().__init__()
         feature_info = [dict(num_chs=c) for c in backbone_channels]  # effdet writes sizes into these
         self.fpn = BiFpn(effdet_config(cfg), feature_info)
+        for module in self.fpn.modules():
+            if type(module) is FpnCombine:
+                module.__class__ = SummedCombine  # same parameters and state-dict keys
         self.strides = [2**level for level in range(cfg.min_level, cfg.max_level + 1)]
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:

@@ -121,9 +121,9 @@ def nms_top(boxes: Tensor, scores: Tensor, iou: float, k: int) -> Tensor:
     they are the answer; otherwise the prefix grows (up to all boxes). NMS is quadratic: on TEE-0's
     ~7,400 candidates at 600 px, full NMS took ~100 ms of a ~600 ms image, the first 4 x 300 ~ 3 ms."""
     if torch.jit.is_tracing():
-        # A trace (the ONNX export) would freeze the loop's data-dependent exit: one NMS over every box
-        # keeps the same first k survivors, as ONNX NonMaxSuppression.
-        return nms(boxes, scores, iou)[:k]
+        # A trace (the ONNX export) would freeze the loop's data-dependent exit. ONNX NonMaxSuppression asked
+        # for k boxes stops at the k-th survivor, which bounds the work the same way.
+        return _FirstSurvivors.apply(boxes, scores, iou, k)
     order = torch.sort(scores, descending=True, stable=True).indices
     n = order.numel()
     m = min(n, 4 * k)
@@ -133,6 +133,26 @@ def nms_top(boxes: Tensor, scores: Tensor, iou: float, k: int) -> Tensor:
         if keep.numel() >= k or m == n:
             return sel[keep[:k]]
         m = min(n, 4 * m)
+
+
+class _FirstSurvivors(torch.autograd.Function):
+    """`nms(boxes, scores, iou)[:k]`, exported as NonMaxSuppression with max_output_boxes_per_class = k.
+    torchvision exports nms with no limit, so onnxruntime ran greedy NMS to the end of TEE-0's ~7,400
+    proposals at 600 px: 73 of the detector graph's 257 ms (one thread)."""
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, iou: float, k: int) -> Tensor:
+        return nms(boxes, scores, iou)[:k]
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou: float, k: int):
+        def const(value, dtype):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        selected = g.op("NonMaxSuppression", g.op("Unsqueeze", boxes, const([0], torch.long)),
+                        g.op("Unsqueeze", scores, const([0, 1], torch.long)), const([k], torch.long),
+                        const([iou], torch.float))  # [n, 3]: (batch, class, box index), best first
+        return g.op("Squeeze", g.op("Gather", selected, const([2], torch.long), axis_i=1), const([1], torch.long))
 
 
 def _subsample(labels: Tensor, batch: int, pos_fraction: float) -> Tensor:
