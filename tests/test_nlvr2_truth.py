@@ -74,7 +74,7 @@ TEMPLATES: dict[str, tuple[str, re.Pattern]] = {name: (family, re.compile(patter
     ("exactly/n", "exactly", rf"the (?P<side>{SIDE}) image contains exactly (?P<n>{NUM}) (?P<shape_n>{SHAPE})"),
     ("only-one/other", "only-one", rf"one image contains (?P<art>{ART}) (?P<shape>{SHAPE}) and the other does not"),
     ("only-one/only", "only-one", rf"only one of the images contains (?P<art>{ART}) (?P<shape>{SHAPE})"),
-    ("total", "total", rf"there are (?P<n>{NUM}) (?P<shape_n>{SHAPE}) in total"),
+    ("total", "total", rf"there (?P<verb>is|are) (?P<n>{NUM}) (?P<shape_n>{SHAPE}) in total"),
     ("shapes", "shapes", rf"the (?P<a>{SIDE}) image has more shapes than the (?P<b>{SIDE}) image"),
     ("relation", "relation",
      rf"in the (?P<side>{SIDE}) image, there is (?P<art>{ART}) (?P<colour>{COLOUR}) (?P<shape>{SHAPE}) "
@@ -142,6 +142,7 @@ def evaluate(sentence: str, left: Scene, right: Scene) -> tuple[str, bool]:
         return name, (_n(left, cls) >= 1) != (_n(right, cls) >= 1)
     if name == "total":
         n = _number(g["n"])
+        assert g["verb"] == ("is" if n == 1 else "are"), f"{g['verb']!r} before {n}"
         cls = _shape(g["shape_n"], plural=n != 1)
         return name, _n(left, cls) + _n(right, cls) == n
     if name == "shapes":
@@ -184,6 +185,7 @@ def test_the_checker_on_hand_made_scenes():
         "Only one of the images contains a circle.": False,
         "There are three circles in total.": True,
         "There are four circles in total.": False,
+        "There is one ring in total.": True,
         "The left image has more shapes than the right image.": True,
         "In the left image, there is a red circle to the left of a blue circle.": True,
         "In the left image, there is a red circle above a red star.": True,
@@ -197,6 +199,7 @@ def test_the_checker_on_hand_made_scenes():
         assert evaluate(sentence, left, right)[1] is truth, sentence
     for bad in ["There are more circles in the left image than in the left image.",  # same side twice
                 "The left image contains exactly two circle.",  # number agreement
+                "There are one ring in total.",  # the verb's number
                 "Both images contain an red circle.",  # article
                 "Both images contain a purple squircle.",  # unknown shape
                 "The left image contains exactly no circles."]:

@@ -520,7 +520,7 @@ def _s_total(l: Scene, r: Scene, rng):
     cls = _pick(rng, [o.cls for o in l.objects + r.objects])
     true_n = _count(l, cls) + _count(r, cls)
     n = max(1, true_n + int(rng.choice([-1, 0, 0, 1])))
-    return f"there are {number_word(n)} {noun(cls, rng, n != 1)} in total", true_n == n
+    return f"there {'is' if n == 1 else 'are'} {number_word(n)} {noun(cls, rng, n != 1)} in total", true_n == n
 
 
 def _s_shapes(l: Scene, r: Scene, rng):
