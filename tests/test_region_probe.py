@@ -89,3 +89,43 @@ def test_label_report_counts_each_class_and_confusion():
     assert rep["accuracy"] == 50.0
     assert rep["per_class"] == {"circle": 50.0, "hexagon": 0.0, "star": 100.0}
     assert rep["confusions"] == {"circle -> hexagon": 1, "hexagon -> circle": 1}
+
+
+def test_vqa_binding_puts_each_attribute_question_in_its_bucket(tmp_path):
+    """Regions on every object's true box, with the detector's attribute = the object's colour. Even images:
+    right tags and a VQA model that answers right; odd images: every tag wrong and every answer wrong. The
+    report must split the colour questions exactly along that line."""
+    import vqa_binding
+
+    generate_world(tmp_path / "world", images=60, seed=0, nlvr2_pairs=0, workers=1)
+    world = World(tmp_path / "world")
+    inst = world.instances("test")
+    names = {c.id: c.name for c in inst.categories}
+    colour_of = {a.id: a.name for a in inst.attributes if a.group == "colour"}
+    vocab, attrs = world.class_names() + ["blob"], world.attribute_names()
+    with FeatureStoreWriter(tmp_path / "store", meta={"class_names": vocab, "attribute_names": attrs}) as w:
+        for iid, anns in inst.annotations.items():
+            tags = [names[a.category_id] if iid % 2 == 0 else "blob" for a in anns]
+            colours = [next(colour_of[i] for i in a.attribute_ids if i in colour_of) for a in anns]
+            w.add(iid, Regions(boxes=boxes_xyxy_of(anns), features=torch.zeros(len(anns), 4),
+                               scores=torch.ones(len(anns)), labels=torch.tensor([vocab.index(t) for t in tags]),
+                               image_size=(512, 512), tags=tags, attribute_names=colours,
+                               attributes=torch.tensor([attrs.index(c) for c in colours])))
+    questions = world.vqa("test")
+    results = [{"question_id": q.question_id, "answer": q.multiple_choice_answer if q.image_id % 2 == 0 else "no"}
+               for q in questions]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert vqa_binding.main(["--data", str(tmp_path / "world"), "--features", str(tmp_path / "store"),
+                             "--results", str(tmp_path / "results.json"), "--out", str(tmp_path / "out")]) == 0
+    colour = json.loads((tmp_path / "out" / "vqa_binding.json").read_text())["buckets"]["what color is the"]
+    even = [q for q in questions if q.question_type == "what color is the" and q.image_id % 2 == 0]
+    odd = [q for q in questions if q.question_type == "what color is the" and q.image_id % 2 == 1]
+    assert colour["wrong tag"]["questions"] <= len(odd) and colour["wrong tag"]["vqa_exact"] == 0.0
+    right = {b: colour[b] for b in ("right tag, unique", "right tag, shared") if b in colour}
+    assert sum(r["questions"] for r in right.values()) <= len(even) and right
+    assert all(r["vqa_exact"] == 100.0 and r["detector_attribute_is_answer"] == 100.0 for r in right.values())
+    assert colour["wrong tag"]["detector_attribute_is_answer"] == 100.0  # the attribute is right, the tag is not
+
+
+def boxes_xyxy_of(anns) -> torch.Tensor:
+    return torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a.bbox for a in anns)], dtype=torch.float32)
