@@ -232,7 +232,7 @@ class RoIHead(nn.Module):
             sc = scores[sl]
             keep = torch.where(sc > cfg.region_score_thresh)[0]
             keep = keep[nms_top(boxes[keep], sc[keep], cfg.region_nms_iou, max_regions)]  # sorted by score
-            # Attributes of the kept regions only: the other proposals' were 1 in 6 of the head's work.
+            # Attributes for the kept regions only (max_regions of up to rpn_post_nms_topk proposals).
             f, lab = feat[sl][keep], labels[sl][keep]
             named = cfg.num_attributes > 0 and f.shape[0] > 0
             attrs = self.attribute_head(f, lab + 1)[:, 1:].argmax(1) if named else torch.zeros_like(lab)
