@@ -152,7 +152,7 @@ def export_detector(model: MiniVLM, out: Path) -> dict:
     hw = torch.tensor([float(s), float(s * 3 // 4)])
     _export(DetectorGraph(model.detector), (canvas, hw), out / "detector.onnx", ["canvas", "image_hw"],
             ["boxes", "scores", "labels", "attributes", "features"], {})
-    return {"graph": "detector.onnx", "image_size": s, "region_dim": cfg.region_dim, "max_regions": cfg.max_regions}
+    return {"graph": "detector.onnx", "image_size": s, "region_dim": cfg.feature_dim, "max_regions": cfg.max_regions}
 
 
 def _bert_info(cfg) -> dict:

@@ -112,7 +112,7 @@ class MiniVLM(nn.Module):
         for name, model in self.tasks.items():
             if name not in TASKS:
                 raise MiniVLMError(f"unknown task {name!r}; choose among {', '.join(TASKS)}")
-            check_region_dim(model.cfg, detector.cfg.region_dim, f"{name} transformer vs the detector")
+            check_region_dim(model.cfg, detector.cfg.feature_dim, f"{name} transformer vs the detector")
         if "vqa" in self.tasks and len(self.answers) != self.tasks["vqa"].num_answers:
             raise MiniVLMError(f"{len(self.answers)} answers for a VQA head of {self.tasks['vqa'].num_answers}")
 
@@ -238,7 +238,7 @@ class MiniVLM(nn.Module):
         tokenizer = Tokenizer(ckpt.vocab)
         tasks: dict[str, nn.Module] = {}
         for name, spec in specs.items():
-            check_region_dim(spec.bert, det.tee.region_dim, f"{ckpt.config_path}: tasks.{name} vs the detector")
+            check_region_dim(spec.bert, det.tee.feature_dim, f"{ckpt.config_path}: tasks.{name} vs the detector")
             tasks[name] = build_task_model(name, spec.bert, len(answers) if name == "vqa" else None, tokenizer,
                                            spec.extra)
         model = cls(TEE(det.tee, det.class_names, det.attribute_names), tasks, tokenizer, answers)
@@ -259,7 +259,7 @@ class MiniVLM(nn.Module):
             spec = checkpoint.read(folder, "task").task_spec()
             if spec.task != task:
                 raise MiniVLMError(f"{folder}: holds a fine-tuned {spec.task} model, given as {task}")
-            check_region_dim(spec.bert, detector.cfg.region_dim, f"{folder} ({task}) vs the detector {detector_folder}")
+            check_region_dim(spec.bert, detector.cfg.feature_dim, f"{folder} ({task}) vs the detector {detector_folder}")
             ckpt, model = load_task_folder(folder, device)
             tasks[task] = model
             answers = ckpt.answers() if task == "vqa" else answers

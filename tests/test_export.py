@@ -472,14 +472,15 @@ def test_clear_errors(env, tmp_path, capsys):
 
 
 def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
-    """The demo's region head inputs (pixels, texture-energy maps, box size) trace into the detector graph
-    and give PyTorch's regions."""
+    """The demo's region head inputs (pixels, texture-energy maps, box size) and its region features with
+    the detector's decisions appended trace into the detector graph and give PyTorch's regions."""
     import onnxruntime as ort
 
     from minivlm.export import DetectorGraph, _export
     from minivlm.vision.tee import TEE, letterbox, pad_to_canvas
 
-    cfg = dataclasses.replace(TEE_CFG, roi_texture_pool=True, roi_box_size=True)
+    cfg = dataclasses.replace(TEE_CFG, roi_texture_pool=True, roi_box_size=True, region_label_code=40.0,
+                              attribute_groups=(0, 1))
     torch.manual_seed(0)
     detector = TEE(cfg, ["circle", "square", "star"], ["red", "blue"]).eval()
     for p in detector.roi_head.parameters():
@@ -497,7 +498,7 @@ def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
         with torch.no_grad():
             want = detector.detect(canvas, [tuple(image.shape[1:])])[0]
         got = session.run(None, {"canvas": canvas.numpy(), "image_hw": np.array(image.shape[1:], np.float32)})
-        assert len(want["boxes"]) == len(got[0]) > 0
+        assert len(want["boxes"]) == len(got[0]) > 0 and got[4].shape[1] == cfg.feature_dim == 16 + 3 + 2
         np.testing.assert_array_equal(want["labels"].numpy(), got[2])
         np.testing.assert_allclose(want["boxes"].numpy(), got[0], atol=1e-3)
         np.testing.assert_allclose(want["features"].numpy(), got[4], atol=1e-4, rtol=1e-4)

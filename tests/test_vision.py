@@ -233,6 +233,30 @@ def test_rpn_nms_is_one_class_agnostic_pass_over_all_levels():
     assert torch.allclose(props[0], anchors[1][0])  # the higher score wins, across levels
 
 
+def test_region_label_code_appends_the_detectors_class_and_one_attribute_per_group():
+    """With `region_label_code` each region feature ends in scale x one-hot(class) and, per attribute group,
+    scale x one-hot(the group's best attribute); the dense part is the feature without it."""
+    cfg = small_cfg(num_classes=3, num_attributes=5, attribute_groups=(0, 0, 1, 1, 1))
+    torch.manual_seed(0)
+    plain = TEE(cfg).eval()
+    for p in plain.roi_head.parameters():  # visible score gaps
+        p.data.normal_(0, 0.2) if p.dim() > 1 else None
+    coded = TEE(dataclasses.replace(cfg, region_label_code=7.0)).eval()
+    coded.load_state_dict(plain.state_dict())
+    canvas = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        a, b = plain.detect(canvas, [(128, 128)])[0], coded.detect(canvas, [(128, 128)])[0]
+        assert len(a["labels"]) > 0 and b["features"].shape[1] == coded.cfg.feature_dim == cfg.region_dim + 3 + 5
+        assert torch.equal(a["features"], b["features"][:, : cfg.region_dim])
+        code = b["features"][:, cfg.region_dim:] / 7.0
+        assert torch.equal(code[:, :3].argmax(1), b["labels"]) and torch.all(code[:, :3].sum(1) == 1)
+        assert torch.all(code[:, 3:5].sum(1) == 1) and torch.all(code[:, 5:].sum(1) == 1)  # one per group
+        f = b["features"][:, : cfg.region_dim]
+        logits = coded.roi_head.attribute_head(f, b["labels"] + 1)[:, 1:]
+        assert torch.equal(code[:, 3:5].argmax(1), logits[:, :2].argmax(1))
+        assert torch.equal(code[:, 5:].argmax(1), logits[:, 2:].argmax(1))
+
+
 def test_final_region_nms_is_class_agnostic():
     cfg = small_cfg(num_classes=3, num_attributes=2)
     head = RoIHead(cfg).eval()

@@ -96,7 +96,7 @@ class OnTheFlyRegions:
         self.detector = detector.eval()
         self.paths = dict(sources)
         self.max_regions = max_regions
-        self.feature_dim = detector.cfg.region_dim
+        self.feature_dim = detector.cfg.feature_dim
         self.root = f"on-the-fly {detector.cfg.name}"
         self._cache: dict[int | str, Regions] = {}
 

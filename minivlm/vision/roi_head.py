@@ -210,6 +210,17 @@ class RoIHead(nn.Module):
             losses["fg_acc"] = hit[fg].float().mean() if fg.any() else hit.new_zeros((), dtype=torch.float)
         return losses
 
+    def label_code(self, labels: Tensor, attr_logits: Tensor) -> Tensor:
+        """[R, C + A]: `region_label_code` times a one-hot of each region's class and, per attribute group
+        (one group when the attributes have none), a one-hot of its best attribute."""
+        cfg = self.cfg
+        groups = torch.tensor(cfg.attribute_groups or (0,) * cfg.num_attributes, device=labels.device)
+        attrs = attr_logits.new_zeros(attr_logits.shape)
+        for g in sorted(set(groups.tolist())):
+            best = attr_logits.masked_fill(groups != g, float("-inf")).argmax(1)
+            attrs = attrs + F.one_hot(best, cfg.num_attributes).to(attrs.dtype)
+        return cfg.region_label_code * torch.cat([F.one_hot(labels, cfg.num_classes).to(attrs.dtype), attrs], 1)
+
     @torch.no_grad()
     def detect(self, feats: list[Tensor], proposals: list[Tensor], image_hw: list[tuple[int, int]],
                max_regions: int, canvas: Tensor | None = None) -> list[dict[str, Tensor]]:
@@ -235,8 +246,12 @@ class RoIHead(nn.Module):
             # Attributes for the kept regions only (max_regions of up to rpn_post_nms_topk proposals).
             f, lab = feat[sl][keep], labels[sl][keep]
             named = cfg.num_attributes > 0 and f.shape[0] > 0
-            attrs = self.attribute_head(f, lab + 1)[:, 1:].argmax(1) if named else torch.zeros_like(lab)
-            out.append(dict(boxes=boxes[keep], scores=sc[keep], labels=lab, features=f.float(), attributes=attrs,
+            attr_logits = self.attribute_head(f, lab + 1)[:, 1:] if named else f.new_zeros(f.shape[0], cfg.num_attributes)
+            attrs = attr_logits.argmax(1) if named else torch.zeros_like(lab)
+            f = f.float()
+            if cfg.region_label_code:
+                f = torch.cat([f, self.label_code(lab, attr_logits.float())], 1)
+            out.append(dict(boxes=boxes[keep], scores=sc[keep], labels=lab, features=f, attributes=attrs,
                             class_probs=probs[sl][keep]))
         return out
 
