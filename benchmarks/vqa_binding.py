@@ -46,7 +46,8 @@ ATTRIBUTE_QUESTIONS = {"what color is the": "colour", "what pattern": "texture",
 BUCKETS = ("right tag, unique", "right tag, shared", "wrong tag", "object missed", "not one object")
 
 # Every noun of every class, longest first, so "five-pointed star" is found before "star".
-_WORDS = sorted(((word, cls) for cls, forms in NOUNS.items() for form in forms for word in form), key=lambda w: -len(w[0]))
+_WORDS = sorted(((word, cls) for cls, forms in NOUNS.items() for form in forms for word in form),
+                key=lambda w: -len(w[0]))
 
 
 def named_class(question: str) -> str | None:
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     answers = {int(r["question_id"]): str(r["answer"]) for r in json.loads(Path(args.results).read_text())}
     report = binding_report(World(Path(args.data)), args.split, FeatureStore(args.features), answers, args.min_iou)
-    print(f"{'question type':20s} {'bucket':18s} {'questions':>9s} {'share':>6s} {'VQA exact':>9s} {'detector attr':>13s}")
+    print(f"{'question type':20s} {'bucket':18s} {'questions':>9s} {'share':>6s} {'VQA exact':>9s} "
+          f"{'detector attr':>13s}")
     for qtype, rows in report.items():
         for bucket, r in rows.items():
             print(f"{qtype:20s} {bucket:18s} {r['questions']:9d} {r['share']:5.1f}% {r['vqa_exact']:8.1f}% "

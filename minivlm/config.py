@@ -123,8 +123,8 @@ class TEEConfig:
     # and, per attribute group, a one-hot of its attribute (0: off, the paper's 1024-d feature; off for
     # TEE-X). On for the CPU demo, whose fusion model trains from scratch for ~1,500 steps and does not learn
     # to read colour from the dense feature in that time: VQA colour 44% where the detector's attribute head
-    # names the colour of 88% of the same regions; with its decisions beside the feature, 61% (README,
-    # Results). The scale keeps the code from drowning among 1024 dense values (norm ~38): at 5, 49%.
+    # names the colour of 88% of the same regions; with its decisions beside the feature, 67% (VQA 59.6 ->
+    # 64.8; README, Results). The scale keeps the code from drowning among 1024 dense values (norm ~38).
     region_label_code: float = 0.0
     num_classes: int = VG_NUM_CLASSES  # + 1 background, set from the dataset's vocabulary
     num_attributes: int = VG_NUM_ATTRIBUTES  # + 1 "no attribute"

@@ -173,7 +173,8 @@ def test_traced_nms_stops_at_the_kth_survivor_and_keeps_the_same_boxes(tmp_path)
     survivors = len(torchvision_nms(boxes, scores, 0.5))
     for k in (7, survivors + 50):
         (got,) = _onnx_run(lambda b, s: nms_top(b, s, 0.5, k), (boxes, scores), tmp_path / f"nms{k}.onnx")
-        assert got.tolist() == nms_top(boxes, scores, 0.5, k).tolist() == torchvision_nms(boxes, scores, 0.5)[:k].tolist()
+        want = torchvision_nms(boxes, scores, 0.5)[:k].tolist()
+        assert got.tolist() == nms_top(boxes, scores, 0.5, k).tolist() == want
         graph = onnx.load(str(tmp_path / f"nms{k}.onnx")).graph
         (node,) = [n for n in graph.node if n.op_type == "NonMaxSuppression"]
         limit = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}[node.input[2]]

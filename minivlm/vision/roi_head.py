@@ -246,7 +246,8 @@ class RoIHead(nn.Module):
             # Attributes for the kept regions only (max_regions of up to rpn_post_nms_topk proposals).
             f, lab = feat[sl][keep], labels[sl][keep]
             named = cfg.num_attributes > 0 and f.shape[0] > 0
-            attr_logits = self.attribute_head(f, lab + 1)[:, 1:] if named else f.new_zeros(f.shape[0], cfg.num_attributes)
+            attr_logits = (self.attribute_head(f, lab + 1)[:, 1:] if named
+                           else f.new_zeros(f.shape[0], cfg.num_attributes))
             attrs = attr_logits.argmax(1) if named else torch.zeros_like(lab)
             f = f.float()
             if cfg.region_label_code:
