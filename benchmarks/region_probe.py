@@ -58,6 +58,12 @@ def boxes_xyxy(anns) -> torch.Tensor:
     return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in anns)], dtype=torch.float32)
 
 
+def best_regions(anns, regions) -> tuple[list[float], list[int]]:
+    """Per ground-truth object: the IoU of the region that overlaps it most, and that region's index."""
+    best = box_iou(boxes_xyxy(anns), regions.boxes.float()).max(dim=1)
+    return best.values.tolist(), best.indices.tolist()
+
+
 def matched_objects(world: World, split: str, store: FeatureStore, min_iou: float = 0.5
                     ) -> tuple[torch.Tensor, Targets, int, list[tuple[str, str]]]:
     """(features [N, D] of the regions matched to ground-truth objects, their targets, unmatched objects,
@@ -73,8 +79,7 @@ def matched_objects(world: World, split: str, store: FeatureStore, min_iou: floa
         if regions is None or len(regions) == 0:
             missed += len(anns)
             continue
-        best = box_iou(boxes_xyxy(anns), regions.boxes.float()).max(dim=1)
-        for a, iou, j in zip(anns, best.values.tolist(), best.indices.tolist()):
+        for a, iou, j in zip(anns, *best_regions(anns, regions)):
             if iou < min_iou:
                 missed += 1
                 continue

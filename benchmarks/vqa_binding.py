@@ -29,12 +29,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from torchvision.ops import box_iou
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from region_probe import boxes_xyxy  # noqa: E402
+from region_probe import best_regions  # noqa: E402
 
 from minivlm.data.feature_store import FeatureStore  # noqa: E402
 from minivlm.data.synthetic_text import NOUNS  # noqa: E402
@@ -67,9 +65,8 @@ def bucket_of(question, anns, regions, class_names: dict[int, str], attribute: d
         return "object missed", None
     if not regions.tags:
         raise SystemExit("the region store keeps no tags (class names); extract it with a detector")
-    iou = box_iou(boxes_xyxy(objects), regions.boxes.float())[0]
-    j = int(iou.argmax())
-    if float(iou[j]) < min_iou:
+    (iou,), (j,) = best_regions(objects, regions)
+    if iou < min_iou:
         return "object missed", None
     if regions.tags[j] != cls:
         return "wrong tag", j

@@ -107,7 +107,7 @@ def test_vqa_binding_puts_each_attribute_question_in_its_bucket(tmp_path):
         for iid, anns in inst.annotations.items():
             tags = [names[a.category_id] if iid % 2 == 0 else "blob" for a in anns]
             colours = [next(colour_of[i] for i in a.attribute_ids if i in colour_of) for a in anns]
-            w.add(iid, Regions(boxes=boxes_xyxy_of(anns), features=torch.zeros(len(anns), 4),
+            w.add(iid, Regions(boxes=region_probe.boxes_xyxy(anns), features=torch.zeros(len(anns), 4),
                                scores=torch.ones(len(anns)), labels=torch.tensor([vocab.index(t) for t in tags]),
                                image_size=(512, 512), tags=tags, attribute_names=colours,
                                attributes=torch.tensor([attrs.index(c) for c in colours])))
@@ -125,7 +125,3 @@ def test_vqa_binding_puts_each_attribute_question_in_its_bucket(tmp_path):
     assert sum(r["questions"] for r in right.values()) <= len(even) and right
     assert all(r["vqa_exact"] == 100.0 and r["detector_attribute_is_answer"] == 100.0 for r in right.values())
     assert colour["wrong tag"]["detector_attribute_is_answer"] == 100.0  # the attribute is right, the tag is not
-
-
-def boxes_xyxy_of(anns) -> torch.Tensor:
-    return torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a.bbox for a in anns)], dtype=torch.float32)
