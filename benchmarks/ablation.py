@@ -89,10 +89,12 @@ class Ablation:
         folder = self.out / f"det_{name}"
 
         def setup(data: Path, out: Path, epochs: int, init: Path | None = None) -> DetectorSetup:
-            # the demo's recipe at a smaller canvas
+            # the demo's extractor (its TEE options and attribute loss, so the features end in the region
+            # label code as the demo's do) at a smaller canvas and this benchmark's epochs
             train = replace(DETECTOR_RECIPE, epochs=epochs, optimizer="adamw", lr=0.002, weight_decay=1e-4)
             return DetectorSetup(out=out, data=data, preset=preset, image_size=192, init=init, eval_split="test",
-                                 train=train)
+                                 attribute_loss_weight=DEMO_RECIPE.detector_attribute_weight,
+                                 tee=dict(DEMO_RECIPE.detector_tee), train=train)
 
         if chain:
             pre, half = self.out / f"det_{name}_pre", self.size.chain_epochs
