@@ -248,26 +248,3 @@ def test_pretrain_folder_initialises_another_module_layout(tmp_path):
     assert not report.missing and not report.unused and not report.mismatched
     assert torch.equal(other["encoder"].layers[1].ffn_in.weight, pre.bert.layers[1].ffn_in.weight)
     assert torch.equal(other["match"].classifier.weight, pre.itm.classifier.weight)
-
-
-def test_kv_buffer_matches_concatenation_and_grows():
-    from minivlm.fusion.transformer import KVBuffer, buffered, trim_cache
-
-    g = torch.Generator().manual_seed(0)
-    k, v = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
-    buf = KVBuffer(k, v, capacity=7)
-    ref_k, ref_v = k, v
-    for step in range(4):  # 2 positions per step, the last one dropped: past the capacity of 7 at step 1
-        nk, nv = torch.randn(2, 3, 2, 4, generator=g), torch.randn(2, 3, 2, 4, generator=g)
-        got_k, got_v = buf.append(nk, nv)
-        ref_k, ref_v = torch.cat([ref_k, nk], 2), torch.cat([ref_v, nv], 2)
-        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
-        [buf] = trim_cache([buf], 1)
-        ref_k, ref_v = ref_k[:, :, :-1], ref_v[:, :, :-1]
-    picked = buf.select(torch.tensor([1, 1]))
-    got_k, _ = picked.append(nk, nv)
-    assert torch.equal(got_k, torch.cat([ref_k[[1, 1]], nk], 2))
-    with torch.no_grad():
-        assert isinstance(buffered([(k, v)], 3)[0], KVBuffer)
-    cache = [(k, v)]
-    assert buffered(cache, 3)[0] is cache[0]  # gradients on: in-place writes would break autograd

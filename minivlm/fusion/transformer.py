@@ -42,40 +42,7 @@ from torch import nn
 from minivlm.config import BertConfig
 from minivlm.fusion.embeddings import RegionEmbeddings, TextEmbeddings
 
-
-
-class KVBuffer:
-    """One layer's keys and values, preallocated for step-by-step decoding: a step writes its positions in
-    place. Concatenating instead copies the whole cache in every layer at every step (about a tenth of
-    MiniLM's captioning time in PyTorch, README: Speed). Inference only: the writes are in place."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, capacity: int):
-        b, h, n, d = k.shape
-        self.k, self.v = k.new_empty(b, h, max(capacity, n), d), v.new_empty(b, h, max(capacity, n), d)
-        self.k[:, :, :n], self.v[:, :, :n] = k, v
-        self.n = n
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v [B, heads, m, head_dim] after the cached positions; returns all of them (views)."""
-        end = self.n + k.shape[2]
-        if end > self.k.shape[2]:  # past the planned length: grow once, doubling
-            self.k, self.v = (torch.cat([t, torch.empty_like(t)], 2) for t in (self.k, self.v))
-        self.k[:, :, self.n:end], self.v[:, :, self.n:end] = k, v
-        self.n = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def trim(self, n: int) -> KVBuffer:
-        self.n -= n
-        return self
-
-    def select(self, index: torch.Tensor) -> KVBuffer:
-        """The cache of the rows `index` (beam search's reordering)."""
-        out = KVBuffer.__new__(KVBuffer)
-        out.k, out.v, out.n = self.k.index_select(0, index), self.v.index_select(0, index), self.n
-        return out
-
-
-KVCache = list[tuple[torch.Tensor, torch.Tensor] | KVBuffer]
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 MASK_VALUE = -10000.0
 # Decoding steps feed 1-2 rows per image. For so few rows a CPU linear layer only streams its weights, and
 # PyTorch's `x @ W.T` GEMM reads them at about half the memory bandwidth that `W @ x.T` reaches (measured
@@ -123,20 +90,18 @@ class BertLayer(nn.Module):
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
-                past: tuple[torch.Tensor, torch.Tensor] | KVBuffer | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | KVBuffer]:
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, n, h = x.shape
         q, k, v = self._heads(linear(self.query, x)), self._heads(linear(self.key, x)), self._heads(linear(self.value, x))
-        if isinstance(past, KVBuffer):
-            k, v = past.append(k, v)
-        elif past is not None:
+        if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(b, n, h)
         x = self.attn_ln(x + self.dropout(linear(self.attn_out, a)))
         x = self.ffn_ln(x + self.dropout(linear(self.ffn_out, F.gelu(linear(self.ffn_in, x)))))
-        return x, past if isinstance(past, KVBuffer) else (k, v)
+        return x, (k, v)
 
 
 class MultimodalBert(nn.Module):
@@ -189,16 +154,7 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 
 def trim_cache(cache: KVCache, n: int) -> KVCache:
     """Drops the last `n` cached positions of every layer (e.g. a [MASK] fed only to read a prediction)."""
-    return [c.trim(n) if isinstance(c, KVBuffer) else (c[0][:, :, : c[0].shape[2] - n], c[1][:, :, : c[1].shape[2] - n])
-            for c in cache]
-
-
-def buffered(cache: KVCache, room: int) -> KVCache:
-    """The cache as `KVBuffer`s with space for `room` more positions per layer (unchanged while gradients are
-    on: the buffers are written in place)."""
-    if torch.is_grad_enabled():
-        return cache
-    return [c if isinstance(c, KVBuffer) else KVBuffer(c[0], c[1], c[0].shape[2] + room) for c in cache]
+    return [(k[:, :, : k.shape[2] - n], v[:, :, : v.shape[2] - n]) for k, v in cache]
 
 
 def prefix_causal_mask(seq_valid: torch.Tensor, prefix_valid: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from minivlm.fusion.heads import MLMHead
 from minivlm.fusion.inputs import collate_regions
 from minivlm.fusion.layout import TAG_SEGMENT, TEXT_SEGMENT, tag_prefix
 from minivlm.fusion.loading import LoadReport, load_text_weights
-from minivlm.fusion.transformer import KVBuffer, KVCache, MultimodalBert, buffered, prefix_causal_mask, trim_cache
+from minivlm.fusion.transformer import KVCache, MultimodalBert, prefix_causal_mask, trim_cache
 from minivlm.regions import Regions
 from minivlm.tasks.decode import SpecialIds, beam_search, greedy_search, strip
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
@@ -316,14 +316,12 @@ class CachedSteps:
         mask = torch.cat([before[:, None, :].expand(n, 2, before.shape[1]), self._new.expand(n, 2, 2)], dim=2)
         out = m.bert(input_ids=ids, token_type_ids=torch.full_like(ids, TEXT_SEGMENT), position_ids=pos,
                      attention_mask=mask, past_key_values=self.cache, use_cache=True)
-        # drop the [MASK]; from then on each step writes into preallocated buffers (2 positions, 1 kept)
-        self.cache = buffered(trim_cache(out.past_key_values, 1), m.cfg.max_text_len + 2)
+        self.cache = trim_cache(out.past_key_values, 1)  # drop the [MASK]
         self.seen += 1
         return m.mlm(out.hidden_states[:, 1])
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.cache = [c.select(index) if isinstance(c, KVBuffer)
-                      else (c[0].index_select(0, index), c[1].index_select(0, index)) for c in self.cache]
+        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
         self.prefix_valid = self.prefix_valid.index_select(0, index)
 
 
