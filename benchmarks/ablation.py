@@ -42,7 +42,7 @@ from minivlm.io import read_json, write_json  # noqa: E402
 from minivlm.tasks.finetune import finetune  # noqa: E402
 from minivlm.tasks.pretrain import PretrainSetup, pretrain  # noqa: E402
 from minivlm.vision.extract import extract  # noqa: E402
-from minivlm.vision.train import DETECTOR_RECIPE, DetectorSetup, train_detector  # noqa: E402
+from minivlm.vision.train import DetectorSetup, train_detector  # noqa: E402
 
 DEMO_RECIPE = DEMO_SIZES["default"]  # fine-tuning recipe (objective, lr, curriculum) as the demo: see minivlm.demo
 
@@ -96,12 +96,11 @@ class Ablation:
         folder = self.out / f"det_{name}"
 
         def setup(data: Path, out: Path, epochs: int, init: Path | None = None) -> DetectorSetup:
-            # the demo's extractor (its TEE options and attribute loss, so the features end in the region
-            # label code as the demo's do) at a smaller canvas and this benchmark's epochs
-            train = replace(DETECTOR_RECIPE, epochs=epochs, optimizer="adamw", lr=0.002, weight_decay=1e-4)
-            return DetectorSetup(out=out, data=data, preset=preset, image_size=192, init=init, eval_split="test",
-                                 attribute_loss_weight=DEMO_RECIPE.detector_attribute_weight,
-                                 tee=dict(DEMO_RECIPE.detector_tee), train=train)
+            # the demo's detector setup (its TEE options, attribute loss and optimiser, so the features end in
+            # the region label code as the demo's do) at a smaller canvas, a lower lr and this benchmark's epochs
+            demo = DEMO_RECIPE.detector_setup(data, out, seed=0)
+            return replace(demo, preset=preset, image_size=192, init=init,
+                           train=replace(demo.train, epochs=epochs, lr=0.002))
 
         if chain:
             pre, half = self.out / f"det_{name}_pre", self.size.chain_epochs
