@@ -5,14 +5,16 @@
 
 With --features, every ground-truth object of a split is matched to the stored region that overlaps it most
 (IoU >= 0.5); a linear classifier (multinomial logistic regression, full-batch Adam on standardised features)
-is fitted per target — the class, and each attribute group (colour, size, texture in the synthetic world) — on the training
-split and scored on the held-out split, beside the majority-class rate. A transformer cannot answer "what
-colour is the cross?" better than the features let it, so this separates what the extractor gives from what
-the fusion learns (README: Results). Where the store keeps tags, the detector's own class decision on the
-same matched objects is reported too (overall, per class, the most frequent confusions): the object tags
-the transformer reads are only as right as that. With --detector, the probes run on the ground-truth boxes
-at each point of the detector's region path instead (the pixels under the box, the RoIAlign output the head reads, after
-the first linear layer, the region feature), which shows where an attribute is lost. Prints a table and writes
+is fitted per target (the class, and each attribute group: colour, size, texture in the synthetic world) on
+the training split and scored on the held-out split, beside the majority-class rate, overall and per size of
+the object (`eval_acc_by_size`: whether an attribute is lost on small objects, to the detector's input
+resolution, or at every size). A transformer cannot answer "what colour is the cross?" better than the
+features let it, so this separates what the extractor gives from what the fusion learns (README: Results).
+Where the store keeps tags, the detector's own class decision on the same matched objects is reported too
+(overall, per class, per size, the most frequent confusions): the object tags the transformer reads are only
+as right as that. With --detector, the probes run on the ground-truth boxes at each point of the detector's
+region path instead (the pixels under the box, the RoIAlign output the head reads, after the first linear
+layer, the region feature), which shows where an attribute is lost. Prints a table and writes
 OUT/region_probe.json (OUT/region_path_probe.json with --detector).
 """
 
@@ -43,6 +45,7 @@ class TargetReader:
         self.classes, self.attrs = inst.category_index(), inst.attribute_index()
         self.group_of = {a.id: a.group or "attribute" for a in inst.attributes}
         self.groups = sorted(set(self.group_of.values()))
+        self.attribute_names = inst.attribute_names()  # by attribute index, as the targets hold them
 
     def empty(self) -> Targets:
         return {"class": [], **{g: [] for g in self.groups}}
@@ -93,18 +96,21 @@ def matched_objects(world: World, split: str, store: FeatureStore, min_iou: floa
     return torch.stack(feats), targets, missed, labels
 
 
-def label_report(labels: list[tuple[str, str]], top: int = 8) -> dict:
-    """The detector's own class decisions on the matched objects: accuracy overall and per class, and the
-    most frequent confusions (what the object tags get wrong, beside what a probe can read)."""
+def label_report(labels: list[tuple[str, str]], sizes: list[str] | None = None, top: int = 8) -> dict:
+    """The detector's own class decisions on the matched objects: accuracy overall, per class and per size,
+    and the most frequent confusions (what the object tags get wrong, beside what a probe can read)."""
     per: dict[str, list[int]] = {}
     confusions: Counter = Counter()
     for true, tag in labels:
         per.setdefault(true, []).append(int(true == tag))
         if true != tag:
             confusions[f"{true} -> {tag}"] += 1
-    return {"accuracy": round(100 * sum(sum(v) for v in per.values()) / len(labels), 1),
-            "per_class": {c: round(100 * sum(v) / len(v), 1) for c, v in sorted(per.items())},
-            "confusions": dict(confusions.most_common(top))}
+    report = {"accuracy": round(100 * sum(sum(v) for v in per.values()) / len(labels), 1),
+              "per_class": {c: round(100 * sum(v) / len(v), 1) for c, v in sorted(per.items())},
+              "confusions": dict(confusions.most_common(top))}
+    if sizes is not None:
+        report["accuracy_by_size"] = accuracy_by(torch.tensor([t == g for t, g in labels]), sizes)
+    return report
 
 
 PATH_POINTS = ("pixels", "pooled", "fc1", "region feature")
@@ -135,28 +141,49 @@ def region_path(world: World, split: str, detector, max_images: int = 400) -> tu
     return {k: torch.cat(v) for k, v in points.items()}, targets
 
 
-def probe_rows(x_tr: torch.Tensor, t_tr: Targets, x_te: torch.Tensor, t_te: Targets, **extra) -> list[dict]:
+def accuracy_by(right: torch.Tensor, buckets: list[str]) -> dict[str, float]:
+    """Accuracy (%) of the `right` flags [N] within each bucket name (one per object)."""
+    out: dict[str, list[int]] = {}
+    for r, b in zip(right.tolist(), buckets):
+        out.setdefault(b, []).append(int(r))
+    return {b: round(100 * sum(v) / len(v), 1) for b, v in sorted(out.items())}
+
+
+def probe_rows(x_tr: torch.Tensor, t_tr: Targets, x_te: torch.Tensor, t_te: Targets,
+               sizes: list[str] | None = None, **extra) -> list[dict]:
+    """One row per target; with `sizes` (each held-out object's size name) also its accuracy per size."""
     rows = []
     for name in t_tr:
         y_tr, y_te = torch.tensor(t_tr[name]), torch.tensor(t_te[name])
         keep_tr, keep_te = y_tr >= 0, y_te >= 0
         if keep_tr.sum() == 0 or keep_te.sum() == 0:
             continue
-        train_acc, test_acc = linear_probe(x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te], y_te[keep_te])
+        train_acc, pred = linear_probe(x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te])
+        right = pred == y_te[keep_te]
         majority = torch.bincount(y_te[keep_te]).max().item() / int(keep_te.sum())
-        rows.append({**extra, "target": name, "n_train": int(keep_tr.sum()), "n_eval": int(keep_te.sum()),
-                     "probe_train_acc": round(100 * train_acc, 1), "probe_eval_acc": round(100 * test_acc, 1),
-                     "majority_acc": round(100 * majority, 1)})
+        row = {**extra, "target": name, "n_train": int(keep_tr.sum()), "n_eval": int(keep_te.sum()),
+               "probe_train_acc": round(100 * train_acc, 1),
+               "probe_eval_acc": round(100 * right.float().mean().item(), 1), "majority_acc": round(100 * majority, 1)}
+        if sizes is not None:
+            row["eval_acc_by_size"] = accuracy_by(right, [s for s, k in zip(sizes, keep_te.tolist()) if k])
+        rows.append(row)
     return rows
 
 
-def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                 steps: int = 300, lr: float = 1e-3, seed: int = 0) -> tuple[float, float]:
-    """(train accuracy, held-out accuracy) of a softmax classifier on standardised features."""
+def size_names(targets: Targets, reader: TargetReader) -> list[str] | None:
+    """Each object's size name ("?" where it has none), or None in a world without a size group."""
+    if "size" not in targets:
+        return None
+    return [reader.attribute_names[i] if i >= 0 else "?" for i in targets["size"]]
+
+
+def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                 steps: int = 300, lr: float = 1e-3, seed: int = 0) -> tuple[float, torch.Tensor]:
+    """(train accuracy, held-out predictions) of a softmax classifier on standardised features."""
     torch.manual_seed(seed)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    n = int(max(y_train.max(), y_test.max())) + 1
+    n = int(y_train.max()) + 1
     probe = torch.nn.Linear(x_train.shape[1], n)
     opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(steps):
@@ -165,8 +192,7 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Ten
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return ((probe(x_train).argmax(1) == y_train).float().mean().item(),
-                (probe(x_test).argmax(1) == y_test).float().mean().item())
+        return (probe(x_train).argmax(1) == y_train).float().mean().item(), probe(x_test).argmax(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         detector = load_detector(args.detector).eval()
         x_tr, t_tr = region_path(world, args.train_split, detector)
         x_te, t_te = region_path(world, args.eval_split, detector)
-        rows = [r for point in PATH_POINTS for r in probe_rows(x_tr[point], t_tr, x_te[point], t_te, point=point)]
+        sizes = size_names(t_te, TargetReader(world.instances(args.eval_split)))
+        rows = [r for point in PATH_POINTS
+                for r in probe_rows(x_tr[point], t_tr, x_te[point], t_te, sizes, point=point)]
         print(f"detector {args.detector}: {len(t_tr['class'])} ground-truth boxes in {args.train_split}, "
               f"{len(t_te['class'])} in {args.eval_split}; held-out probe accuracy (%) at each point of the region path")
         names = list(t_tr)
@@ -206,18 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     store = FeatureStore(args.features)
     x_tr, t_tr, miss_tr, _ = matched_objects(world, args.train_split, store)
     x_te, t_te, miss_te, labels = matched_objects(world, args.eval_split, store)
-    rows = probe_rows(x_tr, t_tr, x_te, t_te)
+    sizes = size_names(t_te, TargetReader(world.instances(args.eval_split)))
+    rows = probe_rows(x_tr, t_tr, x_te, t_te, sizes)
     print(f"region features {args.features}: {len(x_tr)} matched objects in {args.train_split} "
           f"({miss_tr} unmatched), {len(x_te)} in {args.eval_split} ({miss_te} unmatched)")
     print(f"{'target':<10} {'train n':>8} {'eval n':>7} {'probe train %':>14} {'probe eval %':>13} {'majority %':>11}")
     for r in rows:
+        by = "  " + ", ".join(f"{k} {v:.1f}" for k, v in r["eval_acc_by_size"].items()) if sizes else ""
         print(f"{r['target']:<10} {r['n_train']:>8} {r['n_eval']:>7} {r['probe_train_acc']:>14.1f} "
-              f"{r['probe_eval_acc']:>13.1f} {r['majority_acc']:>11.1f}")
-    tags = label_report(labels) if labels else None
+              f"{r['probe_eval_acc']:>13.1f} {r['majority_acc']:>11.1f}{by}")
+    tags = label_report(labels, sizes if sizes and len(sizes) == len(labels) else None) if labels else None
     if tags:
         print(f"the detector's own class on the {len(labels)} matched {args.eval_split} objects: "
               f"{tags['accuracy']:.1f}% (" + ", ".join(f"{c} {a:.0f}" for c, a in tags["per_class"].items()) + ")")
         print("most frequent confusions: " + ", ".join(f"{k} {n}" for k, n in tags["confusions"].items()))
+        if "accuracy_by_size" in tags:
+            print("the detector's own class by object size: " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in tags["accuracy_by_size"].items()))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "region_probe.json", {"features": str(args.features), "data": str(args.data),
                                                 "unmatched": {"train": miss_tr, "eval": miss_te}, "rows": rows,

@@ -16,14 +16,12 @@ from minivlm.data.world import World  # noqa: E402
 from minivlm.regions import Regions  # noqa: E402
 
 
-def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
-    """Features = one-hot colour + noise, on each object's true box (plus a decoy region elsewhere): the
-    colour probe must be near perfect and the class probe near the majority rate."""
-    generate_world(tmp_path / "world", images=100, seed=0, nlvr2_pairs=0, workers=1)
-    world = World(tmp_path / "world")
+def write_colour_store(world: World, root: Path, carries_colour=lambda ann: True) -> None:
+    """Regions on each object's true box (plus a decoy elsewhere) whose features are noise, plus a one-hot of the
+    object's colour where `carries_colour(ann)`. The stored tag is the true class, except in odd-numbered images."""
     g = torch.Generator().manual_seed(0)
     vocab = world.class_names() + ["blob", "decoy"]
-    with FeatureStoreWriter(tmp_path / "store", meta={"class_names": vocab}) as w:
+    with FeatureStoreWriter(root, meta={"class_names": vocab}) as w:
         for split in ("train", "test"):
             inst = world.instances(split)
             attrs = inst.attribute_index()
@@ -31,13 +29,13 @@ def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
             names = {c.id: c.name for c in inst.categories}
             for iid, anns in inst.annotations.items():
                 boxes, feats = [], []
-                # the stored tag: the true class, except in odd-numbered images where it is wrong
                 tags = [names[a.category_id] if iid % 2 == 0 else "blob" for a in anns] + ["decoy"]
                 for a in anns:
                     x, y, bw, bh = a.bbox
                     boxes.append([x, y, x + bw, y + bh])
                     f = torch.randn(12, generator=g) * 0.1
-                    f[[attrs[i] for i in a.attribute_ids if i in colour][0]] += 3.0
+                    if carries_colour(a):
+                        f[[attrs[i] for i in a.attribute_ids if i in colour][0]] += 3.0
                     feats.append(f)
                 boxes.append([0.0, 0.0, 1.0, 1.0])  # a decoy no object overlaps
                 feats.append(torch.randn(12, generator=g))
@@ -45,6 +43,14 @@ def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
                 w.add(iid, Regions(boxes=torch.tensor(boxes), features=torch.stack(feats), scores=torch.ones(k),
                                    labels=torch.tensor([vocab.index(t) for t in tags]), image_size=(512, 512),
                                    tags=tags))
+
+
+def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
+    """Features = one-hot colour + noise, on each object's true box (plus a decoy region elsewhere): the
+    colour probe must be near perfect and the class probe near the majority rate."""
+    generate_world(tmp_path / "world", images=100, seed=0, nlvr2_pairs=0, workers=1)
+    world = World(tmp_path / "world")
+    write_colour_store(world, tmp_path / "store")
     assert region_probe.main(["--data", str(tmp_path / "world"), "--features", str(tmp_path / "store"),
                               "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "region_probe.json").read_text())
@@ -58,6 +64,29 @@ def test_probe_reads_the_colour_the_features_carry_and_not_the_class(tmp_path):
     assert rows["colour"]["n_eval"] == n_test  # every object found its own box, never the decoy
     assert rows["colour"]["probe_eval_acc"] > 90
     assert rows["class"]["probe_eval_acc"] < rows["class"]["majority_acc"] + 25
+
+
+def test_probe_accuracy_per_object_size_finds_where_an_attribute_is_lost(tmp_path):
+    """Only medium and large objects carry their colour: the colour probe is right on those and near chance on
+    the small ones, and the detector's own class (right in even images only) is split by size too."""
+    generate_world(tmp_path / "world", images=100, seed=0, nlvr2_pairs=0, workers=1)
+    world = World(tmp_path / "world")
+    size_of = {a.id: a.name for a in world.instances("train").attributes if a.group == "size"}
+    is_small = lambda ann: any(size_of.get(i) == "small" for i in ann.attribute_ids)  # noqa: E731
+    write_colour_store(world, tmp_path / "store", carries_colour=lambda ann: not is_small(ann))
+    assert region_probe.main(["--data", str(tmp_path / "world"), "--features", str(tmp_path / "store"),
+                              "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "region_probe.json").read_text())
+    by_size = next(r for r in report["rows"] if r["target"] == "colour")["eval_acc_by_size"]
+    assert set(by_size) == {"small", "medium", "large"}
+    assert by_size["medium"] > 90 and by_size["large"] > 90
+    assert by_size["small"] < 50
+    test = world.instances("test").annotations
+    for size in by_size:  # the tags are right exactly in the even-numbered images
+        objs = [(i, a) for i, anns in test.items() for a in anns if size_of[[x for x in a.attribute_ids
+                                                                          if x in size_of][0]] == size]
+        right = sum(i % 2 == 0 for i, _ in objs) / len(objs)
+        assert report["detector_labels"]["accuracy_by_size"][size] == round(100 * right, 1)
 
 
 def test_region_path_probe_finds_colour_in_the_pixels(tmp_path):
