@@ -75,6 +75,53 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     assert not list((tmp_path / "run" / "checkpoint").glob(".*tmp"))
 
 
+class NoisyData(torch.utils.data.Dataset):
+    """make_data() with noise drawn from the global RNGs when an item is read (as augmentation does), and more in
+    `noisy_collate` (as MLM masking does): in data-loader workers, those draws come from the workers' RNGs."""
+
+    def __init__(self):
+        self.items = make_data()
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.items[i]
+        return x + 0.1 * torch.randn(4), y + 0.01 * (random.random() + float(np.random.rand()))
+
+
+def noisy_collate(items):
+    x, y = collate(items)
+    return x * (1 + 0.05 * torch.rand(len(items), 1)), y
+
+
+def test_resume_with_data_loader_workers_matches_uninterrupted_run(tmp_path):
+    """With 2 workers, the batch a worker reads after a mid-epoch resume is not the one it read in the
+    uninterrupted run: its random draws must not depend on that."""
+    torch.manual_seed(1)
+    reference = Regression()
+    init = {k: v.clone() for k, v in reference.state_dict().items()}
+    Trainer(reference, cfg(num_workers=2), tmp_path / "ref").fit(NoisyData(), noisy_collate)
+
+    crashing = Regression(crash_at=13)  # dies during step 13 (epoch 1, batch 4), after the step-10 checkpoint
+    crashing.load_state_dict(init)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        Trainer(crashing, cfg(num_workers=2), tmp_path / "run").fit(NoisyData(), noisy_collate)
+    resumed = Regression()
+    Trainer(resumed, cfg(num_workers=2), tmp_path / "run").fit(NoisyData(), noisy_collate)
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
+
+    torch.manual_seed(1)
+    other = Regression()
+    Trainer(other, cfg(num_workers=2, seed=5), tmp_path / "seed5").fit(NoisyData(), noisy_collate)
+    assert not torch.equal(other.lin.weight, reference.lin.weight)  # the draws follow the run's seed
+
+
 def test_sampler_shards_cover_each_index_once_and_resume_midway():
     n, world = 10, 3
     orders = []

@@ -20,12 +20,14 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -74,8 +76,9 @@ class ShardedSampler(Sampler[int]):
     (seed, epoch) alone and able to start mid-epoch, so a resumed run sees exactly the batches it
     would have seen without the interruption."""
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True, keyed: bool = False):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.keyed = keyed  # yield (index, item seed) pairs for `SeededItems`
         self.epoch, self.start = 0, 0
         self.per_rank = math.ceil(n / world)
 
@@ -90,10 +93,34 @@ class ShardedSampler(Sampler[int]):
             order = list(range(self.n))
         order += order[: self.per_rank * self.world - self.n]  # pad so every rank gets as many samples
         mine = order[self.rank:: self.world]
+        if self.keyed:  # the seed names the item's place in the run, whichever worker reads it
+            base = ((self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.rank) * 10_000_019
+            return iter([(i, (base + pos) % 2**63) for pos, i in enumerate(mine)][self.start:])
         return iter(mine[self.start:])
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+class SeededItems(Dataset):
+    """A dataset read in data-loader workers with `ShardedSampler(keyed=True)`: torch's, numpy's and Python's
+    RNGs are seeded from each item's place in the run before it is read. A worker's own RNG runs on from batch
+    to batch, so the random draws of an item (augmentation) and of the collate after it (MLM masks) would
+    depend on which worker reads which batch, and a run resumed mid-epoch hands its workers other batches
+    than the uninterrupted run did; seeded per item, the draws are the same in both."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.dataset[index]
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -226,15 +253,18 @@ class Trainer:
             raise MiniVLMError(f"global batch {cfg.batch_size} is not divisible by {self.world} ranks x "
                                f"{cfg.accumulate} micro-batches (--batch-size, --accumulate)")
         local_batch = cfg.batch_size // self.world
-        sampler = ShardedSampler(len(dataset), self.rank, self.world, cfg.seed, shuffle)
+        # Without workers the items draw from the main process's RNG, which the checkpoint restores.
+        workers = cfg.num_workers > 0
+        sampler = ShardedSampler(len(dataset), self.rank, self.world, cfg.seed, shuffle, keyed=workers)
         # Each new iterator over a DataLoader draws its workers' base seed from the loader's generator, by default
         # torch's global RNG. A run resumed mid-epoch starts an iterator where the uninterrupted run did not, so
         # that draw would shift the restored RNG (dropout, masks, flips) off the uninterrupted run's. A generator
         # of its own, seeded by (seed, epoch), leaves the global RNG alone and gives each epoch's workers the
         # same seeds in both runs.
         loader_rng = torch.Generator()
-        loader = DataLoader(dataset, batch_size=local_batch // cfg.accumulate, sampler=sampler, collate_fn=collate_fn,
-                            num_workers=cfg.num_workers, persistent_workers=False, generator=loader_rng)
+        loader = DataLoader(SeededItems(dataset) if workers else dataset, batch_size=local_batch // cfg.accumulate,
+                            sampler=sampler, collate_fn=collate_fn, num_workers=cfg.num_workers,
+                            persistent_workers=False, generator=loader_rng)
         steps_per_epoch = math.ceil(sampler.per_rank / local_batch)
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
