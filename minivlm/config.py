@@ -116,6 +116,12 @@ class TEEConfig:
     # Also give the head the box's width, height and sqrt(area) over the canvas side (3 more inputs per
     # cell): RoIAlign's fixed grid normalises an object's extent away, and "small / large" is an attribute.
     roi_box_size: bool = False
+    # The class and attribute heads also read the flattened RoI itself (a linear skip past the two linear
+    # layers; the region feature stays theirs). Off for TEE-X. In the CPU demo the first linear layer, which
+    # detection trains, drops class and texture that a linear probe reads from the RoI (91 -> 85% class, 70 ->
+    # 41% texture, at every object size: benchmarks/region_probe.py), and the region code passes on the heads'
+    # decisions.
+    head_reads_pooled: bool = False
     canonical_box_size: int = 224  # FPN eq. 1: k = floor(k0 + log2(sqrt(wh) / 224))
     canonical_level: int = 4
     region_dim: int = 1024  # two linear layers -> 1024-d region features

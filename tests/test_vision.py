@@ -258,6 +258,41 @@ def test_region_label_code_appends_the_detectors_class_and_one_attribute_per_gro
         assert torch.equal(code[:, 5:].argmax(1), logits[:, 2:].argmax(1))
 
 
+def test_heads_reading_the_pooled_roi_see_past_the_two_linear_layers():
+    """`head_reads_pooled`: with the two linear layers zeroed (every region feature the same), the class and
+    attribute logits still differ between RoIs; without it they cannot. Training reaches the skip weights."""
+    cfg = small_cfg(num_classes=3, num_attributes=4, attribute_groups=(0, 0, 1, 1))
+    feats = [torch.randn(1, cfg.fpn_channels, 128 // 2**lvl, 128 // 2**lvl) for lvl in range(2, 7)]
+    rois = [torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 64.0, 120.0, 126.0]])]
+    logits = {}
+    for reads in (False, True):
+        torch.manual_seed(0)
+        head = RoIHead(dataclasses.replace(cfg, head_reads_pooled=reads))
+        for p in head.parameters():
+            p.data.normal_(0, 0.2) if p.dim() > 1 else None
+        head.box_head.fc1.weight.data.zero_()
+        head.box_head.fc2.weight.data.zero_()
+        pooled = head.pool(feats, rois)
+        feat, cls_logits, _ = head.box_head(pooled)
+        assert torch.equal(feat[0], feat[1])
+        attr = head.attribute_head(feat, torch.tensor([1, 1]), pooled if reads else None)
+        logits[reads] = cls_logits, attr
+    assert torch.equal(logits[False][0][0], logits[False][0][1]) and torch.equal(*logits[False][1])
+    assert not torch.allclose(logits[True][0][0], logits[True][0][1])
+    assert not torch.allclose(logits[True][1][0], logits[True][1][1])
+
+    torch.manual_seed(0)
+    m = TEE(small_cfg(head_reads_pooled=True, num_attributes=4, attribute_groups=(0, 0, 1, 1))).train()
+    t, sx, _ = letterbox(torch.rand(3, 100, 120), 128)
+    losses = m({"images": pad_to_canvas([t], 128), "image_hw": [tuple(t.shape[1:])],
+                "targets": [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]) * sx, "labels": torch.tensor([2]),
+                             "attributes": torch.tensor([[1, 3]])}]})
+    losses["loss"].backward()
+    assert m.roi_head.box_head.cls_from_pooled.weight.grad.abs().sum() > 0
+    pooled_part = m.roi_head.attribute_head.hidden.weight.grad[:, cfg.region_dim + 256:]
+    assert pooled_part.abs().sum() > 0
+
+
 def test_final_region_nms_is_class_agnostic():
     cfg = small_cfg(num_classes=3, num_attributes=2)
     head = RoIHead(cfg).eval()

@@ -90,25 +90,32 @@ def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: in
 
 class BoxHead(nn.Module):
     """Two linear layers on the flattened 4x4 RoI (16*C -> 1024 -> 1024) give the region feature; the
-    class layer (num_classes + background) and a class-agnostic box refinement sit on it."""
+    class layer (num_classes + background) and a class-agnostic box refinement sit on it. With
+    `reads_pooled` the class layer also reads the flattened RoI (`TEEConfig.head_reads_pooled`)."""
 
-    def __init__(self, in_dim: int, region_dim: int, num_classes: int):
+    def __init__(self, in_dim: int, region_dim: int, num_classes: int, reads_pooled: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, region_dim)
         self.fc2 = nn.Linear(region_dim, region_dim)
         self.cls = nn.Linear(region_dim, num_classes + 1)
+        self.cls_from_pooled = nn.Linear(in_dim, num_classes + 1, bias=False) if reads_pooled else None
         self.box = nn.Linear(region_dim, 4)
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.normal_(self.box.weight, std=0.001)
         nn.init.zeros_(self.cls.bias)
         nn.init.zeros_(self.box.bias)
+        if self.cls_from_pooled is not None:
+            nn.init.zeros_(self.cls_from_pooled.weight)
 
     def region_feature(self, pooled: Tensor) -> Tensor:
         return F.relu(self.fc2(F.relu(self.fc1(pooled.flatten(1)))))
 
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         feat = self.region_feature(pooled)
-        return feat, self.cls(feat), self.box(feat)
+        cls_logits = self.cls(feat)
+        if self.cls_from_pooled is not None:
+            cls_logits = cls_logits + self.cls_from_pooled(pooled.flatten(1))
+        return feat, cls_logits, self.box(feat)
 
 
 class AttributeHead(nn.Module):
@@ -117,15 +124,17 @@ class AttributeHead(nn.Module):
     A training-time head: it shapes the region features and is not counted in the paper's totals."""
 
     def __init__(self, region_dim: int, num_classes: int, num_attributes: int, embed_dim: int = 256,
-                 hidden_dim: int = 512):
+                 hidden_dim: int = 512, pooled_dim: int = 0):
         super().__init__()
         self.embed = nn.Embedding(num_classes + 1, embed_dim)
-        self.hidden = nn.Linear(region_dim + embed_dim, hidden_dim)
+        self.hidden = nn.Linear(region_dim + embed_dim + pooled_dim, hidden_dim)
         self.out = nn.Linear(hidden_dim, num_attributes + 1)
 
-    def forward(self, feat: Tensor, class_ids: Tensor) -> Tensor:
-        """class_ids: 1-based (0 = background). Returns logits [R, num_attributes + 1], index 0 = none."""
-        return self.out(F.relu(self.hidden(torch.cat([feat, self.embed(class_ids)], dim=1))))
+    def forward(self, feat: Tensor, class_ids: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """class_ids: 1-based (0 = background); `pooled`: the flattened RoI where the head reads it (pooled_dim
+        > 0). Returns logits [R, num_attributes + 1], index 0 = none."""
+        parts = [feat, self.embed(class_ids)] + ([pooled.flatten(1)] if pooled is not None else [])
+        return self.out(F.relu(self.hidden(torch.cat(parts, dim=1))))
 
 
 class RoIHead(nn.Module):
@@ -135,9 +144,11 @@ class RoIHead(nn.Module):
         self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
         in_channels = (cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
                        + (5 * len(TEXTURE_STRIDES) if cfg.roi_texture_pool else 0) + (3 if cfg.roi_box_size else 0))
-        self.box_head = BoxHead(cfg.roi_size**2 * in_channels, cfg.region_dim, cfg.num_classes)
+        in_dim = cfg.roi_size**2 * in_channels
+        self.box_head = BoxHead(in_dim, cfg.region_dim, cfg.num_classes, cfg.head_reads_pooled)
         self.register_buffer("texture_kernel", _texture_kernel(), persistent=False)
-        self.attribute_head = AttributeHead(cfg.region_dim, cfg.num_classes, cfg.num_attributes)
+        self.attribute_head = AttributeHead(cfg.region_dim, cfg.num_classes, cfg.num_attributes,
+                                            pooled_dim=in_dim if cfg.head_reads_pooled else 0)
         self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
     def pool(self, feats: list[Tensor], boxes: list[Tensor], canvas: Tensor | None = None) -> Tensor:
@@ -193,13 +204,15 @@ class RoIHead(nn.Module):
             / max(labels.numel(), 1),
         }
         if fg.any():
-            attr_feat = feat[fg]
+            attr_feat, attr_pooled = feat[fg], pooled[fg]
             if cfg.attribute_backbone_scale != 1.0:
                 # The same features, but the attribute loss reaches the backbone scaled: the two linear
                 # layers learn to keep attributes at full weight without the backbone trading detection away.
                 s = cfg.attribute_backbone_scale
-                attr_feat = self.box_head.region_feature(pooled[fg] * s + pooled[fg].detach() * (1 - s))
-            attr_logits = self.attribute_head(attr_feat, labels[fg]).float()
+                attr_pooled = pooled[fg] * s + pooled[fg].detach() * (1 - s)
+                attr_feat = self.box_head.region_feature(attr_pooled)
+            attr_logits = self.attribute_head(attr_feat, labels[fg],
+                                              attr_pooled if cfg.head_reads_pooled else None).float()
             losses["attr"] = cfg.attribute_loss_weight * attribute_loss(attr_logits, attr_tgt[fg], cfg.attribute_groups,
                                                                         cfg.attribute_group_weights)
         else:
@@ -232,7 +245,8 @@ class RoIHead(nn.Module):
             feat = feats[0].new_zeros(0, cfg.region_dim)
             cls_logits, deltas = feats[0].new_zeros(0, cfg.num_classes + 1), feats[0].new_zeros(0, 4)
         else:
-            feat, cls_logits, deltas = self.box_head(self.pool(feats, proposals, canvas))
+            pooled = self.pool(feats, proposals, canvas)
+            feat, cls_logits, deltas = self.box_head(pooled)
         probs = cls_logits.float().softmax(1)[:, 1:]
         scores, labels = probs.max(1)
         out, start = [], 0
@@ -246,7 +260,8 @@ class RoIHead(nn.Module):
             # Attributes for the kept regions only (max_regions of up to rpn_post_nms_topk proposals).
             f, lab = feat[sl][keep], labels[sl][keep]
             named = cfg.num_attributes > 0 and f.shape[0] > 0
-            attr_logits = (self.attribute_head(f, lab + 1)[:, 1:] if named
+            p = pooled[sl][keep] if cfg.head_reads_pooled and named else None
+            attr_logits = (self.attribute_head(f, lab + 1, p)[:, 1:] if named
                            else f.new_zeros(f.shape[0], cfg.num_attributes))
             attrs = attr_logits.argmax(1) if named else torch.zeros_like(lab)
             f = f.float()
