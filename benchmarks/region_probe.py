@@ -46,7 +46,6 @@ class TargetReader:
         self.classes, self.attrs = inst.category_index(), inst.attribute_index()
         self.group_of = {a.id: a.group or "attribute" for a in inst.attributes}
         self.groups = sorted(set(self.group_of.values()))
-        self.attribute_names = inst.attribute_names()  # by attribute index, as the targets hold them
 
     def empty(self) -> Targets:
         return {"class": [], **{g: [] for g in self.groups}}
@@ -100,17 +99,13 @@ def matched_objects(world: World, split: str, store: FeatureStore, min_iou: floa
 def label_report(labels: list[tuple[str, str]], sizes: list[str] | None = None, top: int = 8) -> dict:
     """The detector's own class decisions on the matched objects: accuracy overall, per class and per size,
     and the most frequent confusions (what the object tags get wrong, beside what a probe can read)."""
-    per: dict[str, list[int]] = {}
-    confusions: Counter = Counter()
-    for true, tag in labels:
-        per.setdefault(true, []).append(int(true == tag))
-        if true != tag:
-            confusions[f"{true} -> {tag}"] += 1
-    report = {"accuracy": round(100 * sum(sum(v) for v in per.values()) / len(labels), 1),
-              "per_class": {c: round(100 * sum(v) / len(v), 1) for c, v in sorted(per.items())},
+    right = torch.tensor([true == tag for true, tag in labels])
+    confusions = Counter(f"{true} -> {tag}" for true, tag in labels if true != tag)
+    report = {"accuracy": round(100 * right.float().mean().item(), 1),
+              "per_class": accuracy_by(right, [true for true, _ in labels]),
               "confusions": dict(confusions.most_common(top))}
     if sizes is not None:
-        report["accuracy_by_size"] = accuracy_by(torch.tensor([t == g for t, g in labels]), sizes)
+        report["accuracy_by_size"] = accuracy_by(right, sizes)
     return report
 
 
@@ -173,11 +168,12 @@ def probe_rows(x_tr: torch.Tensor, t_tr: Targets, x_te: torch.Tensor, t_te: Targ
     return rows
 
 
-def size_names(targets: Targets, reader: TargetReader) -> list[str] | None:
-    """Each object's size name ("?" where it has none), or None in a world without a size group."""
+def size_names(targets: Targets, attribute_names: list[str]) -> list[str] | None:
+    """Each object's size name ("?" where it has none), or None in a world without a size group; the targets
+    hold attribute indices into `attribute_names`."""
     if "size" not in targets:
         return None
-    return [reader.attribute_names[i] if i >= 0 else "?" for i in targets["size"]]
+    return [attribute_names[i] if i >= 0 else "?" for i in targets["size"]]
 
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -232,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         detector = load_detector(args.detector).eval()
         x_tr, t_tr = region_path(world, args.train_split, detector)
         x_te, t_te = region_path(world, args.eval_split, detector)
-        sizes = size_names(t_te, TargetReader(world.instances(args.eval_split)))
+        sizes = size_names(t_te, world.instances(args.eval_split).attribute_names())
         rows = [r for point in PATH_POINTS
                 for r in probe_rows(x_tr[point], t_tr, x_te[point], t_te, sizes, point=point)]
         print(f"detector {args.detector}: {len(t_tr['class'])} ground-truth boxes in {args.train_split}, "
@@ -252,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     store = FeatureStore(args.features)
     x_tr, t_tr, miss_tr, _ = matched_objects(world, args.train_split, store)
     x_te, t_te, miss_te, labels = matched_objects(world, args.eval_split, store)
-    sizes = size_names(t_te, TargetReader(world.instances(args.eval_split)))
+    sizes = size_names(t_te, world.instances(args.eval_split).attribute_names())
     rows = probe_rows(x_tr, t_tr, x_te, t_te, sizes)
     print(f"region features {args.features}: {len(x_tr)} matched objects in {args.train_split} "
           f"({miss_tr} unmatched), {len(x_te)} in {args.eval_split} ({miss_te} unmatched)")
