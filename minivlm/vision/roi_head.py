@@ -11,6 +11,7 @@ from torchvision.ops import box_iou, roi_align
 from minivlm.config import TEEConfig
 from minivlm.vision.anchors import BoxCoder, clip_boxes
 from minivlm.vision.rpn import _subsample, nms_top
+from minivlm.vision.texture import TEXTURE_STRIDES, BoxSpectrum, texture_kernel, texture_roi_align
 
 ROI_MAX_LEVEL = 5  # Lin et al. pool RoIs from P2-P5; P6 serves only the RPN's largest anchors
 
@@ -32,35 +33,6 @@ def image_roi_align(canvas: Tensor, boxes: list[Tensor], output_size: int, sampl
     """RoIAlign of the (normalised) image itself under each box: [R, 3, s, s]."""
     return roi_align(canvas, batch_rois(boxes).to(canvas.dtype), output_size, spatial_scale=1.0,
                      sampling_ratio=sampling_ratio, aligned=True)
-
-
-TEXTURE_STRIDES = (1, 2, 4)
-
-
-def _texture_kernel() -> Tensor:
-    """[5, 1, 3, 3]: forward differences along x, y and both diagonals, and the 4-neighbour Laplacian."""
-    k = torch.zeros(5, 1, 3, 3)
-    for i, (dy, dx) in enumerate([(0, 1), (1, 0), (1, 1), (1, -1)]):
-        k[i, 0, 1, 1], k[i, 0, 1 + dy, 1 + dx] = -1.0, 1.0
-    k[4, 0] = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-    return k
-
-
-def texture_roi_align(canvas: Tensor, boxes: list[Tensor], output_size: int, sampling_ratio: int,
-                      kernel: Tensor) -> Tensor:
-    """RoIAlign of fixed texture-energy maps under each box: log(1 + |filter response| / 0.05) / 4 of the
-    image's luminance, at each of TEXTURE_STRIDES (the image average-pooled first). [R, 5 x strides, s, s].
-    Zero where the image is flat and about 1 at its strongest edges, the range of the other inputs of the
-    head: with log(0.05 + |r|) (-3 where flat) the detector trained to mAP@0.5 0.50 instead of 0.64-0.67."""
-    rois = batch_rois(boxes).to(canvas.dtype)
-    lum = canvas.mean(1, keepdim=True)
-    out = []
-    for stride in TEXTURE_STRIDES:
-        x = F.avg_pool2d(lum, stride) if stride > 1 else lum
-        energy = torch.log1p(F.conv2d(x, kernel.to(x.dtype), padding=1).abs() / 0.05) / 4
-        out.append(roi_align(energy, rois, output_size, spatial_scale=1.0 / stride, sampling_ratio=sampling_ratio,
-                             aligned=True))
-    return torch.cat(out, dim=1)
 
 
 def box_size_cells(boxes: list[Tensor], canvas_size: int, output_size: int) -> Tensor:
@@ -142,11 +114,14 @@ class RoIHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
+        self.spectrum = BoxSpectrum() if cfg.roi_spectrum_pool else None
         in_channels = (cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
-                       + (5 * len(TEXTURE_STRIDES) if cfg.roi_texture_pool else 0) + (3 if cfg.roi_box_size else 0))
+                       + (5 * len(TEXTURE_STRIDES) if cfg.roi_texture_pool else 0)
+                       + (self.spectrum.channels(cfg.roi_size) if self.spectrum is not None else 0)
+                       + (3 if cfg.roi_box_size else 0))
         in_dim = cfg.roi_size**2 * in_channels
         self.box_head = BoxHead(in_dim, cfg.region_dim, cfg.num_classes, cfg.head_reads_pooled)
-        self.register_buffer("texture_kernel", _texture_kernel(), persistent=False)
+        self.register_buffer("texture_kernel", texture_kernel(), persistent=False)
         self.attribute_head = AttributeHead(cfg.region_dim, cfg.num_classes, cfg.num_attributes,
                                             pooled_dim=in_dim if cfg.head_reads_pooled else 0)
         self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
@@ -154,21 +129,24 @@ class RoIHead(nn.Module):
     def pool(self, feats: list[Tensor], boxes: list[Tensor], canvas: Tensor | None = None) -> Tensor:
         """[R, C, s, s] RoIAlign of each box on its level; with `roi_image_pool`, the canvas's pixels under
         the same grid are appended as 3 more channels, with `roi_texture_pool` its texture-energy maps (15),
-        with `roi_box_size` the box's size (3)."""
+        with `roi_spectrum_pool` the box's power-spectrum rings (3), with `roi_box_size` the box's size (3)."""
         cfg = self.cfg
         levels = assign_levels(torch.cat(boxes), cfg.min_level, self.roi_max_level, cfg.canonical_box_size,
                                cfg.canonical_level)
         pooled = multilevel_roi_align(feats[: self.roi_max_level - cfg.min_level + 1], boxes, cfg.min_level, levels,
                                       cfg.roi_size, cfg.roi_sampling_ratio)
         extra = []
-        if cfg.roi_image_pool or cfg.roi_texture_pool:
+        if cfg.roi_image_pool or cfg.roi_texture_pool or cfg.roi_spectrum_pool:
             if canvas is None:
-                raise ValueError("this TEE pools the image under each box (roi_image_pool / roi_texture_pool): "
-                                 "pass the canvas")
+                raise ValueError("this TEE pools the image under each box (roi_image_pool / roi_texture_pool / "
+                                 "roi_spectrum_pool): pass the canvas")
+            rois = batch_rois(boxes)
             if cfg.roi_image_pool:
                 extra.append(image_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio))
             if cfg.roi_texture_pool:
-                extra.append(texture_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio, self.texture_kernel))
+                extra.append(texture_roi_align(canvas, rois, cfg.roi_size, cfg.roi_sampling_ratio, self.texture_kernel))
+            if self.spectrum is not None:
+                extra.append(self.spectrum.cells(canvas, rois, cfg.roi_size))
         if cfg.roi_box_size:
             extra.append(box_size_cells(boxes, cfg.image_size, cfg.roi_size))
         return torch.cat([pooled, *(e.to(pooled.dtype) for e in extra)], dim=1) if extra else pooled

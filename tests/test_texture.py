@@ -1,0 +1,77 @@
+"""The fixed texture descriptors of minivlm/vision/texture.py: the box spectrum's rings and harmonics."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from minivlm.config import get_tee
+from minivlm.vision.tee import TEE
+from minivlm.vision.texture import BoxSpectrum
+
+P = 24
+
+
+def stripes(angle: float, period: float, size: int = P) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    return ((xx * math.cos(angle) + yy * math.sin(angle)) % period < period / 2).float()
+
+
+def split(d: torch.Tensor, spec: BoxSpectrum) -> tuple[torch.Tensor, torch.Tensor]:
+    """[dim] -> ring power [rings], harmonic strengths [rings, harmonics]."""
+    d = d.view(spec.rings, 1 + len(spec.harmonics))
+    return d[:, 0], d[:, 1:]
+
+
+def test_flat_patches_give_zero_and_quarter_turns_change_nothing():
+    spec = BoxSpectrum()
+    assert spec.dim == 11 * 4
+    flat = torch.full((1, P, P), 0.7)
+    torch.testing.assert_close(spec.describe(flat), torch.zeros(1, spec.dim), atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    patches = torch.stack([stripes(0.4, 6.0), torch.rand(P, P, generator=g), stripes(1.1, 4.0) * stripes(2.0, 5.0)])
+    d = spec.describe(patches)
+    for turned in (torch.rot90(patches, 1, (1, 2)), torch.rot90(patches, 2, (1, 2)), patches.transpose(1, 2)):
+        torch.testing.assert_close(spec.describe(turned), d, atol=2e-4, rtol=1e-4)
+
+
+def test_stripes_are_two_fold_and_checks_four_fold_at_their_frequency():
+    spec = BoxSpectrum()
+    n = torch.arange(P, dtype=torch.float32)
+    checks = ((n[:, None] // 3 + n[None] // 3) % 2).float()  # period 6 pixels along both axes
+    power_s, harm_s = split(spec.describe(stripes(0.3, 6.0)[None])[0], spec)
+    power_c, harm_c = split(spec.describe(checks[None])[0], spec)
+    ring_s = int(power_s.argmax())
+    assert ring_s + 1 == 4  # 24 px / 6 px per period = 4 cycles across the box
+    assert harm_s[ring_s, 0] > 0.9  # one orientation: all of the ring's power at one angle (and its opposite)
+    ring_c = int(power_c.argmax())
+    assert harm_c[ring_c, 1] > 0.9 and harm_c[ring_c, 0] < 0.1  # two orientations a quarter turn apart
+
+
+def test_rings_are_relative_to_the_box():
+    """The same pattern, four periods across its box, on a small and on a large box: the same strongest ring."""
+    spec = BoxSpectrum()
+    canvas = torch.zeros(1, 3, 200, 200)
+    canvas[0, :, 10:50, 10:50] = stripes(0.0, 10.0, 40)  # 40 px box, period 10
+    canvas[0, :, 60:180, 60:180] = stripes(0.0, 30.0, 120)  # 120 px box, period 30
+    rois = torch.tensor([[0, 10.0, 10.0, 50.0, 50.0], [0, 60.0, 60.0, 180.0, 180.0]])
+    power = spec.describe(spec.patches(canvas, rois)).view(2, spec.rings, -1)[:, :, 0]
+    assert power.argmax(1).tolist() == [3, 3]
+
+
+def test_the_region_head_reads_the_spectrum_as_three_more_channels():
+    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=64, roi_spectrum_pool=True)
+    model = TEE(cfg).eval()
+    canvas = torch.zeros(1, 3, 64, 64)
+    canvas[0, :, :32, :32] = stripes(0.5, 4.0, 32)
+    boxes = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 32.0, 64.0, 64.0]])]
+    with torch.no_grad():
+        pooled = model.roi_head.pool(model.features(canvas), boxes, canvas)
+    assert tuple(pooled.shape) == (2, cfg.fpn_channels + 3, 4, 4)
+    assert model.roi_head.box_head.fc1.in_features == 16 * (cfg.fpn_channels + 3)
+    cells = pooled[:, cfg.fpn_channels:].flatten(1)
+    assert cells[0, :44].abs().sum() > 1 and cells[1].abs().max() < 1e-5  # striped box / flat box
+    assert torch.equal(cells[:, 44:], torch.zeros(2, 4))  # padding to whole channels
