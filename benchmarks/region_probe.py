@@ -126,7 +126,7 @@ def region_path(world: World, split: str, detector, max_images: int = 400) -> tu
         image, scale, _ = letterbox(world.image_path(split, inst.images[iid]), cfg.image_size)
         canvas = pad_to_canvas([image], cfg.image_size)
         boxes = boxes_xyxy(anns) * scale
-        pooled = head.pool(detector.features(canvas), [boxes], canvas)
+        pooled = head.pool(detector.features(canvas), [boxes], canvas, [tuple(image.shape[1:])])
         fc1 = F.relu(head.box_head.fc1(pooled.flatten(1)))
         points["pixels"].append(image_roi_align(canvas, [boxes], cfg.roi_size, cfg.roi_sampling_ratio).flatten(1))
         points["pooled"].append(pooled.flatten(1))

@@ -537,6 +537,27 @@ def test_roi_texture_pool_tells_stripes_from_flat_and_their_direction():
         model.roi_head.pool(model.features(canvas), boxes)
 
 
+def test_roi_box_image_size_is_over_the_short_side_of_each_image():
+    """Two images letterboxed into one 64-px canvas size, a wide one (64 x 32) and a square one: the same
+    16-px box is half the wide image's short side and a quarter of the square one's."""
+    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=64, roi_box_size=True, roi_box_image_size=True)
+    model = TEE(cfg).eval()
+    canvas = torch.zeros(2, 3, 64, 64)
+    boxes = [torch.tensor([[8.0, 8.0, 24.0, 24.0]]), torch.tensor([[8.0, 8.0, 24.0, 24.0], [0.0, 0.0, 64.0, 16.0]])]
+    with torch.no_grad():
+        pooled = model.roi_head.pool(model.features(canvas), boxes, canvas, [(32, 64), (64, 64)])
+    assert model.roi_head.box_head.fc1.in_features == 16 * (cfg.fpn_channels + 6)
+    image_size = pooled[:, -3:, 0, 0]
+    torch.testing.assert_close(image_size, torch.tensor([[0.5, 0.5, 0.5], [0.25, 0.25, 0.25], [1.0, 0.25, 0.5]]))
+    torch.testing.assert_close(pooled[:, -6:-3, 0, 0], torch.tensor([[0.25] * 3, [0.25] * 3, [1.0, 0.25, 0.5]]))
+    with pytest.raises(ValueError, match="image_hw"):
+        model.roi_head.pool(model.features(canvas), boxes, canvas)
+    model.train()
+    targets = [{"boxes": b, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes]
+    losses = model({"images": canvas, "image_hw": [(32, 64), (64, 64)], "targets": targets})
+    assert torch.isfinite(losses["loss"])
+
+
 @pytest.mark.parametrize("scale", [0.25, 0.0])
 def test_attribute_backbone_scale_scales_only_the_backbones_share_of_the_attribute_gradient(scale):
     torch.manual_seed(0)

