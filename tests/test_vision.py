@@ -514,7 +514,7 @@ def test_roi_image_pool_appends_the_pixels_under_each_box():
 
 
 def test_roi_texture_pool_tells_stripes_from_flat_and_their_direction():
-    from minivlm.vision.texture import TEXTURE_STRIDES
+    from minivlm.vision.box_pixels import TEXTURE_STRIDES
 
     cfg = dataclasses.replace(get_tee("tee-demo"), image_size=64, roi_texture_pool=True, roi_box_size=True)
     model = TEE(cfg).eval()

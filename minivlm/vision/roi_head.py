@@ -11,7 +11,8 @@ from torchvision.ops import box_iou, roi_align
 from minivlm.config import TEEConfig
 from minivlm.vision.anchors import BoxCoder, clip_boxes
 from minivlm.vision.rpn import _subsample, nms_top
-from minivlm.vision.texture import TEXTURE_STRIDES, BoxSpectrum, texture_kernel, texture_roi_align
+from minivlm.vision.box_pixels import (TEXTURE_STRIDES, BoxSilhouette, BoxSpectrum, grid_cells, grid_channels,
+                                       texture_kernel, texture_roi_align)
 
 ROI_MAX_LEVEL = 5  # Lin et al. pool RoIs from P2-P5; P6 serves only the RPN's largest anchors
 
@@ -127,9 +128,10 @@ class RoIHead(nn.Module):
         self.cfg = cfg
         self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
         self.spectrum = BoxSpectrum() if cfg.roi_spectrum_pool else None
+        self.silhouette = BoxSilhouette() if cfg.roi_silhouette else None
         in_channels = (cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
                        + (5 * len(TEXTURE_STRIDES) if cfg.roi_texture_pool else 0)
-                       + (self.spectrum.channels(cfg.roi_size) if self.spectrum is not None else 0)
+                       + sum(grid_channels(m.dim, cfg.roi_size) for m in (self.spectrum, self.silhouette) if m is not None)
                        + (3 if cfg.roi_box_size else 0) + (3 if cfg.roi_box_image_size else 0))
         in_dim = cfg.roi_size**2 * in_channels
         self.box_head = BoxHead(in_dim, cfg.region_dim, cfg.num_classes, cfg.head_reads_pooled)
@@ -142,7 +144,8 @@ class RoIHead(nn.Module):
              image_hw: list[tuple] | None = None) -> Tensor:
         """[R, C, s, s] RoIAlign of each box on its level; with `roi_image_pool`, the canvas's pixels under
         the same grid are appended as 3 more channels, with `roi_texture_pool` its texture-energy maps (15),
-        with `roi_spectrum_pool` the box's power-spectrum rings (3), with `roi_box_size` the box's size over
+        with `roi_spectrum_pool` the box's power-spectrum rings (3), with `roi_silhouette` the object's outline
+        at 12 x 12 (9), with `roi_box_size` the box's size over
         the canvas (3), with `roi_box_image_size` over its image's short side (3; `image_hw`: each image's
         resized (h, w))."""
         cfg = self.cfg
@@ -151,17 +154,18 @@ class RoIHead(nn.Module):
         pooled = multilevel_roi_align(feats[: self.roi_max_level - cfg.min_level + 1], boxes, cfg.min_level, levels,
                                       cfg.roi_size, cfg.roi_sampling_ratio)
         extra = []
-        if cfg.roi_image_pool or cfg.roi_texture_pool or cfg.roi_spectrum_pool:
+        if cfg.roi_image_pool or cfg.roi_texture_pool or cfg.roi_spectrum_pool or cfg.roi_silhouette:
             if canvas is None:
                 raise ValueError("this TEE pools the image under each box (roi_image_pool / roi_texture_pool / "
-                                 "roi_spectrum_pool): pass the canvas")
+                                 "roi_spectrum_pool / roi_silhouette): pass the canvas")
             rois = batch_rois(boxes)
             if cfg.roi_image_pool:
                 extra.append(image_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio))
             if cfg.roi_texture_pool:
                 extra.append(texture_roi_align(canvas, rois, cfg.roi_size, cfg.roi_sampling_ratio, self.texture_kernel))
-            if self.spectrum is not None:
-                extra.append(self.spectrum.cells(canvas, rois, cfg.roi_size))
+            for m in (self.spectrum, self.silhouette):
+                if m is not None:
+                    extra.append(grid_cells(m(canvas, rois), m.dim, cfg.roi_size))
         if cfg.roi_box_size:
             extra.append(box_size_cells(boxes, cfg.image_size, cfg.roi_size))
         if cfg.roi_box_image_size:

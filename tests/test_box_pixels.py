@@ -1,4 +1,5 @@
-"""The fixed texture descriptors of minivlm/vision/texture.py: the box spectrum's rings and harmonics."""
+"""The fixed descriptors of the pixels under a box (minivlm/vision/box_pixels.py): the box spectrum's rings and
+harmonics, the object's silhouette."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from minivlm.config import get_tee
 from minivlm.vision.tee import TEE
-from minivlm.vision.texture import BoxSpectrum
+from minivlm.vision.box_pixels import BoxSilhouette, BoxSpectrum
 
 P = 24
 
@@ -75,3 +76,29 @@ def test_the_region_head_reads_the_spectrum_as_three_more_channels():
     cells = pooled[:, cfg.fpn_channels:].flatten(1)
     assert cells[0, :44].abs().sum() > 1 and cells[1].abs().max() < 1e-5  # striped box / flat box
     assert torch.equal(cells[:, 44:], torch.zeros(2, 4))  # padding to whole channels
+
+
+def test_the_silhouette_is_the_object_against_its_background():
+    """A red disc on a grey, noisy background: ~1 inside the disc, ~0 at the corners, whatever the box's size."""
+    sil = BoxSilhouette()
+    canvas = torch.full((1, 3, 128, 128), 0.5) + 0.02 * torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    for cx, r in [(32.0, 12.0), (88.0, 30.0)]:
+        disc = (xx - cx) ** 2 + (yy - 64) ** 2 < r * r
+        canvas[0, 0][disc], canvas[0, 1][disc], canvas[0, 2][disc] = 1.0, 0.0, 0.0
+    rois = torch.tensor([[0, 32 - 14, 64 - 14, 32 + 14, 64 + 14], [0, 88 - 34, 64 - 34, 88 + 34, 64 + 34]])
+    maps = sil(canvas, rois).view(2, 12, 12)
+    assert sil.dim == 144
+    assert (maps[:, 5:7, 5:7] > 0.9).all() and (maps[:, 0, 0] < 0.15).all()
+    assert (maps[0] - maps[1]).abs().mean() < 0.1  # the same outline at 28 and 68 pixels
+
+
+def test_the_region_head_reads_the_silhouette_as_nine_more_channels():
+    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=64, roi_silhouette=True, roi_spectrum_pool=True)
+    model = TEE(cfg).eval()
+    canvas = torch.zeros(1, 3, 64, 64)
+    boxes = [torch.tensor([[0.0, 0.0, 32.0, 32.0]])]
+    with torch.no_grad():
+        pooled = model.roi_head.pool(model.features(canvas), boxes, canvas)
+    assert tuple(pooled.shape) == (1, cfg.fpn_channels + 3 + 9, 4, 4)
+    assert model.roi_head.box_head.fc1.in_features == 16 * (cfg.fpn_channels + 12)
