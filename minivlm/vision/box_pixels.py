@@ -86,13 +86,12 @@ class BoxSpectrum(nn.Module):
         window = (window[:, None] * window[None]).flatten()
         lin = dft * window - (dft @ window.to(dft.dtype))[:, None] / window.numel()
         self.register_buffer("dft", torch.cat([lin.real, lin.imag]).T.float().contiguous(), persistent=False)
-        cols = []
+        cols, kept_angle = [], angle.flatten()[keep]
         for r in range(1, self.rings + 1):
             ring = (radius.flatten()[keep] == r).to(torch.float64)
             cols.append(ring)
             for k in harmonics:
-                a = angle.flatten()[keep]
-                cols += [ring * torch.cos(k * a), ring * torch.sin(k * a)]
+                cols += [ring * torch.cos(k * kept_angle), ring * torch.sin(k * kept_angle)]
         self.register_buffer("ring_basis", 2 * torch.stack(cols, 1).float(), persistent=False)
 
     @property

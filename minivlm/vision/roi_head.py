@@ -10,9 +10,9 @@ from torchvision.ops import box_iou, roi_align
 
 from minivlm.config import TEEConfig
 from minivlm.vision.anchors import BoxCoder, clip_boxes
-from minivlm.vision.rpn import _subsample, nms_top
 from minivlm.vision.box_pixels import (TEXTURE_STRIDES, BoxSilhouette, BoxSpectrum, grid_cells, grid_channels,
                                        texture_kernel, texture_roi_align)
+from minivlm.vision.rpn import _subsample, nms_top
 
 ROI_MAX_LEVEL = 5  # Lin et al. pool RoIs from P2-P5; P6 serves only the RPN's largest anchors
 
@@ -145,9 +145,8 @@ class RoIHead(nn.Module):
         """[R, C, s, s] RoIAlign of each box on its level; with `roi_image_pool`, the canvas's pixels under
         the same grid are appended as 3 more channels, with `roi_texture_pool` its texture-energy maps (15),
         with `roi_spectrum_pool` the box's power-spectrum rings (3), with `roi_silhouette` the object's outline
-        at 12 x 12 (9), with `roi_box_size` the box's size over
-        the canvas (3), with `roi_box_image_size` over its image's short side (3; `image_hw`: each image's
-        resized (h, w))."""
+        at 12 x 12 (9), with `roi_box_size` the box's size over the canvas (3), with `roi_box_image_size` over
+        its image's short side (3; `image_hw`: each image's resized (h, w))."""
         cfg = self.cfg
         levels = assign_levels(torch.cat(boxes), cfg.min_level, self.roi_max_level, cfg.canonical_box_size,
                                cfg.canonical_level)
