@@ -9,8 +9,8 @@ import math
 import torch
 
 from minivlm.config import get_tee
-from minivlm.vision.tee import TEE
 from minivlm.vision.box_pixels import BoxSilhouette, BoxSpectrum
+from minivlm.vision.tee import TEE
 
 P = 24
 
@@ -81,7 +81,8 @@ def test_the_region_head_reads_the_spectrum_as_three_more_channels():
 def test_the_silhouette_is_the_object_against_its_background():
     """A red disc on a grey, noisy background: ~1 inside the disc, ~0 at the corners, whatever the box's size."""
     sil = BoxSilhouette()
-    canvas = torch.full((1, 3, 128, 128), 0.5) + 0.02 * torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    canvas = torch.full((1, 3, 128, 128), 0.5) + 0.02 * noise
     yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
     for cx, r in [(32.0, 12.0), (88.0, 30.0)]:
         disc = (xx - cx) ** 2 + (yy - 64) ** 2 < r * r

@@ -472,9 +472,9 @@ def test_clear_errors(env, tmp_path, capsys):
 
 
 def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
-    """The demo's region head inputs (pixels, texture-energy maps, the box's spectrum rings, the silhouette, box size over the
-    canvas and over the image's short side: both images are not square), its heads reading the RoI too, and
-    its region features with the detector's decisions appended trace into the detector graph and give
+    """The demo's region head inputs (pixels, texture-energy maps, the box's spectrum rings, the silhouette, box
+    size over the canvas and over the image's short side: neither image is square), its heads reading the RoI
+    too, and its region features with the detector's decisions appended trace into the detector graph and give
     PyTorch's regions."""
     import onnxruntime as ort
 
@@ -482,8 +482,8 @@ def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
     from minivlm.vision.tee import TEE, letterbox, pad_to_canvas
 
     cfg = dataclasses.replace(TEE_CFG, roi_texture_pool=True, roi_spectrum_pool=True, roi_silhouette=True,
-                              roi_box_size=True, roi_box_image_size=True, region_label_code=40.0, attribute_groups=(0, 1),
-                              head_reads_pooled=True)
+                              roi_box_size=True, roi_box_image_size=True, region_label_code=40.0,
+                              attribute_groups=(0, 1), head_reads_pooled=True)
     torch.manual_seed(0)
     detector = TEE(cfg, ["circle", "square", "star"], ["red", "blue"]).eval()
     for p in detector.roi_head.parameters():

@@ -129,9 +129,10 @@ class RoIHead(nn.Module):
         self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
         self.spectrum = BoxSpectrum() if cfg.roi_spectrum_pool else None
         self.silhouette = BoxSilhouette() if cfg.roi_silhouette else None
+        descriptors = [m for m in (self.spectrum, self.silhouette) if m is not None]
         in_channels = (cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
                        + (5 * len(TEXTURE_STRIDES) if cfg.roi_texture_pool else 0)
-                       + sum(grid_channels(m.dim, cfg.roi_size) for m in (self.spectrum, self.silhouette) if m is not None)
+                       + sum(grid_channels(m.dim, cfg.roi_size) for m in descriptors)
                        + (3 if cfg.roi_box_size else 0) + (3 if cfg.roi_box_image_size else 0))
         in_dim = cfg.roi_size**2 * in_channels
         self.box_head = BoxHead(in_dim, cfg.region_dim, cfg.num_classes, cfg.head_reads_pooled)
@@ -162,7 +163,7 @@ class RoIHead(nn.Module):
                 extra.append(image_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio))
             if cfg.roi_texture_pool:
                 extra.append(texture_roi_align(canvas, rois, cfg.roi_size, cfg.roi_sampling_ratio, self.texture_kernel))
-            for m in (self.spectrum, self.silhouette):
+            for m in (self.spectrum, self.silhouette):  # the order the channels were counted in
                 if m is not None:
                     extra.append(grid_cells(m(canvas, rois), m.dim, cfg.roi_size))
         if cfg.roi_box_size:
