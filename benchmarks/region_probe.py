@@ -115,7 +115,7 @@ PATH_POINTS = ("pixels", "pooled", "fc1", "region feature")
 @torch.no_grad()
 def region_path(world: World, split: str, detector, max_images: int = 400) -> tuple[dict[str, torch.Tensor], Targets]:
     """Features of every ground-truth box of `split` at each point of the detector's region path."""
-    from minivlm.vision.roi_head import image_roi_align
+    from minivlm.vision.roi_head import batch_rois, image_roi_align
     from minivlm.vision.tee import letterbox, pad_to_canvas
 
     inst = world.instances(split)
@@ -128,7 +128,8 @@ def region_path(world: World, split: str, detector, max_images: int = 400) -> tu
         boxes = boxes_xyxy(anns) * scale
         pooled = head.pool(detector.features(canvas), [boxes], canvas, [tuple(image.shape[1:])])
         fc1 = F.relu(head.box_head.fc1(pooled.flatten(1)))
-        points["pixels"].append(image_roi_align(canvas, [boxes], cfg.roi_size, cfg.roi_sampling_ratio).flatten(1))
+        pixels = image_roi_align(canvas, batch_rois([boxes]), cfg.roi_size, cfg.roi_sampling_ratio)
+        points["pixels"].append(pixels.flatten(1))
         points["pooled"].append(pooled.flatten(1))
         points["fc1"].append(fc1)
         points["region feature"].append(F.relu(head.box_head.fc2(fc1)))

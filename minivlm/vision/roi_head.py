@@ -30,30 +30,29 @@ def batch_rois(boxes: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
 
 
-def image_roi_align(canvas: Tensor, boxes: list[Tensor], output_size: int, sampling_ratio: int) -> Tensor:
-    """RoIAlign of the (normalised) image itself under each box: [R, 3, s, s]."""
-    return roi_align(canvas, batch_rois(boxes).to(canvas.dtype), output_size, spatial_scale=1.0,
-                     sampling_ratio=sampling_ratio, aligned=True)
+def image_roi_align(canvas: Tensor, rois: Tensor, output_size: int, sampling_ratio: int) -> Tensor:
+    """RoIAlign of the (normalised) image itself under each RoI ([R, 5], `batch_rois`): [R, 3, s, s]."""
+    return roi_align(canvas, rois.to(canvas.dtype), output_size, spatial_scale=1.0, sampling_ratio=sampling_ratio,
+                     aligned=True)
 
 
-def box_size_cells(boxes: list[Tensor], canvas_size: int, output_size: int) -> Tensor:
-    """[R, 3, s, s]: each box's width, height and sqrt(area) over the canvas side, constant over the grid."""
+def box_size_cells(boxes: list[Tensor], over: float | Tensor, output_size: int) -> Tensor:
+    """[R, 3, s, s]: each box's width, height and sqrt(area) over `over` (a length, or one per box: [R]),
+    constant over the grid."""
     b = torch.cat(boxes)
     w, h = (b[:, 2] - b[:, 0]).clamp(min=0), (b[:, 3] - b[:, 1]).clamp(min=0)
-    size = torch.stack([w, h, (w * h).sqrt()], dim=1) / canvas_size
+    over = over[:, None] if isinstance(over, Tensor) else over
+    size = torch.stack([w, h, (w * h).sqrt()], dim=1) / over
     return size[:, :, None, None].expand(-1, -1, output_size, output_size)
 
 
 def box_image_size_cells(boxes: list[Tensor], image_hw: list[tuple], output_size: int) -> Tensor:
-    """[R, 3, s, s]: each box's width, height and sqrt(area) over the short side of its image (the resized
-    image, not the square canvas it is padded into), constant over the grid. (h, w) may be traced tensors."""
+    """`box_size_cells` over the short side of each box's image (the resized image, not the square canvas it
+    is padded into). (h, w) may be traced tensors."""
     short = torch.cat([b.new_ones(b.shape[0]) * torch.minimum(torch.as_tensor(h, dtype=b.dtype),
                                                               torch.as_tensor(w, dtype=b.dtype))
                        for b, (h, w) in zip(boxes, image_hw)])
-    b = torch.cat(boxes)
-    w, h = (b[:, 2] - b[:, 0]).clamp(min=0), (b[:, 3] - b[:, 1]).clamp(min=0)
-    size = torch.stack([w, h, (w * h).sqrt()], dim=1) / short[:, None]
-    return size[:, :, None, None].expand(-1, -1, output_size, output_size)
+    return box_size_cells(boxes, short, output_size)
 
 
 def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: int, levels: Tensor,
@@ -129,10 +128,11 @@ class RoIHead(nn.Module):
         self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
         self.spectrum = BoxSpectrum() if cfg.roi_spectrum_pool else None
         self.silhouette = BoxSilhouette() if cfg.roi_silhouette else None
-        descriptors = [m for m in (self.spectrum, self.silhouette) if m is not None]
+        # A plain tuple (the modules are registered above): the order `pool` appends their channels in.
+        self.descriptors = tuple(m for m in (self.spectrum, self.silhouette) if m is not None)
         in_channels = (cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
                        + (5 * len(TEXTURE_STRIDES) if cfg.roi_texture_pool else 0)
-                       + sum(grid_channels(m.dim, cfg.roi_size) for m in descriptors)
+                       + sum(grid_channels(m.dim, cfg.roi_size) for m in self.descriptors)
                        + (3 if cfg.roi_box_size else 0) + (3 if cfg.roi_box_image_size else 0))
         in_dim = cfg.roi_size**2 * in_channels
         self.box_head = BoxHead(in_dim, cfg.region_dim, cfg.num_classes, cfg.head_reads_pooled)
@@ -160,12 +160,10 @@ class RoIHead(nn.Module):
                                  "roi_spectrum_pool / roi_silhouette): pass the canvas")
             rois = batch_rois(boxes)
             if cfg.roi_image_pool:
-                extra.append(image_roi_align(canvas, boxes, cfg.roi_size, cfg.roi_sampling_ratio))
+                extra.append(image_roi_align(canvas, rois, cfg.roi_size, cfg.roi_sampling_ratio))
             if cfg.roi_texture_pool:
                 extra.append(texture_roi_align(canvas, rois, cfg.roi_size, cfg.roi_sampling_ratio, self.texture_kernel))
-            for m in (self.spectrum, self.silhouette):  # the order the channels were counted in
-                if m is not None:
-                    extra.append(grid_cells(m(canvas, rois), m.dim, cfg.roi_size))
+            extra += [grid_cells(m(canvas, rois), m.dim, cfg.roi_size) for m in self.descriptors]
         if cfg.roi_box_size:
             extra.append(box_size_cells(boxes, cfg.image_size, cfg.roi_size))
         if cfg.roi_box_image_size:
