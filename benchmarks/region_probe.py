@@ -4,7 +4,7 @@
     python benchmarks/region_probe.py --data runs/demo/world --detector runs/demo/detector
 
 With --features, every ground-truth object of a split is matched to the stored region that overlaps it most
-(IoU >= 0.5); a linear classifier (multinomial logistic regression, full-batch Adam on standardised features,
+(IoU >= 0.5); a linear classifier (multinomial logistic regression fitted to convergence by L-BFGS on standardised features,
 its L2 weight chosen on a fifth of the training objects held out) is fitted per target (the class, and each
 attribute group: colour, size, texture in the synthetic world) on the training split and scored on the
 held-out split, beside the majority-class rate, overall and per size of the object (`eval_acc_by_size`:
@@ -193,19 +193,26 @@ def choose_l2(x: torch.Tensor, y: torch.Tensor, grid: tuple[float, ...] = L2_GRI
 
 
 def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, l2: float = 1e-4,
-                 steps: int = 300, lr: float = 1e-3, seed: int = 0) -> tuple[float, torch.Tensor]:
-    """(train accuracy, held-out predictions) of a softmax classifier on standardised features."""
+                 max_iter: int = 100, seed: int = 0) -> tuple[float, torch.Tensor]:
+    """(train accuracy, held-out predictions) of a softmax classifier on standardised features, fitted to
+    convergence (L-BFGS on cross-entropy + l2/2 |W|^2, as scikit-learn's LogisticRegression). The earlier 300
+    Adam steps at lr 1e-3 stopped short: on the demo's features they read the detector's own size decision,
+    stored in the features, as 88.1% where the detector's head gets 94.8 (README: Results)."""
     torch.manual_seed(seed)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     n = int(y_train.max()) + 1
     probe = torch.nn.Linear(x_train.shape[1], n)
-    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=l2)
-    for _ in range(steps):
-        loss = F.cross_entropy(probe(x_train), y_train)
+    opt = torch.optim.LBFGS(probe.parameters(), lr=1, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
         opt.zero_grad()
+        loss = F.cross_entropy(probe(x_train), y_train) + 0.5 * l2 * probe.weight.square().sum()
         loss.backward()
-        opt.step()
+        return loss
+
+    opt.step(closure)
     with torch.no_grad():
         return (probe(x_train).argmax(1) == y_train).float().mean().item(), probe(x_test).argmax(1)
 

@@ -157,14 +157,14 @@ def test_vqa_binding_puts_each_attribute_question_in_its_bucket(tmp_path):
 
 
 def test_probe_chooses_its_l2_weight_on_held_out_training_objects():
-    """Three dimensions name the class (with noise) among 600 of pure noise, 240 training objects: the weakest
+    """Three dimensions name the class (with noise) among 100 of pure noise, 240 training objects: the weakest
     L2 fits the noise by heart; the weight chosen on a held-out fifth generalises better."""
     g = torch.Generator().manual_seed(0)
 
     def data(n):
         y = torch.randint(0, 3, (n,), generator=g)
-        x = torch.randn(n, 603, generator=g)
-        x[:, :3] += 1.5 * torch.nn.functional.one_hot(y, 3)
+        x = torch.randn(n, 103, generator=g)
+        x[:, :3] += 1.0 * torch.nn.functional.one_hot(y, 3)
         return x, y
 
     (x_tr, y_tr), (x_te, y_te) = data(240), data(600)
