@@ -77,6 +77,19 @@ def test_task_round_trip(tmp_path):
     assert ckpt.answers() == ANSWERS and same_state(loaded, vqa)
 
 
+def test_a_task_folder_with_its_own_head_initialises_another_task(tmp_path):
+    """A region-attention VQA folder (its head has weights a [CLS] head has not) starts an NLVR2 model: the
+    loader rebuilds the folder's model with its pooling before taking the transformer from it."""
+    torch.manual_seed(0)
+    vqa = build_task_model("vqa", BERT, len(ANSWERS), extra={"pool": "region-attention"})
+    write_task_config(tmp_path / "vqa", "vqa", BERT, state=vqa.state_dict(), num_answers=len(ANSWERS),
+                      pool="region-attention")
+    write_lines(tmp_path / "vqa" / "answers.txt", ANSWERS)
+    nlvr2 = build_task_model("nlvr2", BERT)
+    init_from_pretrained(nlvr2, tmp_path / "vqa")
+    assert all(torch.equal(a, b) for a, b in zip(nlvr2.bert.state_dict().values(), vqa.bert.state_dict().values()))
+
+
 def test_model_round_trip_is_one_weights_file(tmp_path, detector):
     torch.manual_seed(0)
     tasks = {"vqa": build_task_model("vqa", BERT, len(ANSWERS)), "nlvr2": build_task_model("nlvr2", BERT)}

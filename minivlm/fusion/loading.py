@@ -181,7 +181,8 @@ def canonical_checkpoint(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         source: nn.Module = PretrainModel(ckpt.bert_config())
     elif ckpt.kind == "task":
         spec = ckpt.task_spec()
-        source = build_task_model(spec.task, spec.bert, len(ckpt.answers()) if spec.task == "vqa" else None)
+        source = build_task_model(spec.task, spec.bert, len(ckpt.answers()) if spec.task == "vqa" else None,
+                                  extra=spec.extra)  # its pooling: a region-attention head has more weights
     else:
         raise DataFormatError(ckpt.config_path, f"a {ckpt.kind} folder holds no transformer to initialise from")
     load_state_strict(source, ckpt.weights)
