@@ -483,11 +483,14 @@ def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
 
     cfg = dataclasses.replace(TEE_CFG, roi_texture_pool=True, roi_spectrum_pool=True, roi_silhouette=True,
                               roi_box_size=True, roi_box_image_size=True, region_label_code=40.0,
-                              attribute_groups=(0, 1), head_reads_pooled=True)
+                              attribute_groups=(0, 1), head_reads_pooled=True, attribute_pooled_norm=True)
     torch.manual_seed(0)
     detector = TEE(cfg, ["circle", "square", "star"], ["red", "blue"]).eval()
     for p in detector.roi_head.parameters():
         p.data.normal_(0, 0.2) if p.dim() > 1 else None
+    norm = detector.roi_head.attribute_head.pooled_norm  # statistics a trained head has, not BatchNorm's 0 / 1
+    norm.running_mean.normal_(0, 0.5)
+    norm.running_var.uniform_(0.2, 3.0)
     s = cfg.image_size
     _export(DetectorGraph(detector), (torch.randn(1, 3, s, s), torch.tensor([float(s), float(s * 3 // 4)])),
             tmp_path / "detector.onnx", ["canvas", "image_hw"], ["boxes", "scores", "labels", "attributes", "features"], {})

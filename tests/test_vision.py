@@ -293,6 +293,30 @@ def test_heads_reading_the_pooled_roi_see_past_the_two_linear_layers():
     assert pooled_part.abs().sum() > 0
 
 
+def test_attribute_pooled_norm_standardises_what_the_attribute_head_reads_of_the_roi():
+    """`attribute_pooled_norm`: in training the attribute head reads each input of the flattened RoI
+    standardised over the sampled RoIs, so one channel scaled by 10 (as box sizes sit beside backbone
+    activations ten times their spread) leaves its logits as they were; without it they change. In eval
+    the running statistics, which training moved, stand in."""
+    cfg = small_cfg(num_classes=3, num_attributes=4, attribute_groups=(0, 0, 1, 1), head_reads_pooled=True)
+    feats = [torch.randn(1, cfg.fpn_channels, 128 // 2**lvl, 128 // 2**lvl) for lvl in range(2, 7)]
+    rois = [torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 64.0, 120.0, 126.0], [5.0, 70.0, 50.0, 120.0]])]
+    region_feat, labels = torch.randn(3, cfg.region_dim), torch.tensor([1, 2, 3])
+    for norm in (False, True):
+        torch.manual_seed(0)
+        head = RoIHead(dataclasses.replace(cfg, attribute_pooled_norm=norm)).train()
+        pooled = head.pool(feats, rois)
+        scaled = pooled.clone()
+        scaled[:, 0] *= 10.0
+        logits = [head.attribute_head(region_feat, labels, x) for x in (pooled, scaled)]
+        assert torch.allclose(*logits, atol=1e-3) == norm  # BatchNorm's eps: equal to ~1e-4
+    stats = head.attribute_head.pooled_norm
+    assert stats.running_mean.abs().sum() > 0 and not torch.allclose(stats.running_var, torch.ones_like(stats.running_var))
+    head.eval()
+    assert not torch.allclose(head.attribute_head(region_feat, labels, pooled),
+                              head.attribute_head(region_feat, labels, scaled), atol=1e-3)
+
+
 def test_final_region_nms_is_class_agnostic():
     cfg = small_cfg(num_classes=3, num_attributes=2)
     head = RoIHead(cfg).eval()

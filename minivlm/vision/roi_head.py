@@ -72,6 +72,20 @@ def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: in
     return out
 
 
+class Standardise(nn.BatchNorm1d):
+    """Each input standardised over the batch in training, by the running statistics at inference: a
+    BatchNorm without affine weights, written out at inference so its ONNX graph does not need the input's
+    width as a static shape (a flattened RoI's is not)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return super().forward(x)
+        return (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
+
+
 class BoxHead(nn.Module):
     """Two linear layers on the flattened 4x4 RoI (16*C -> 1024 -> 1024) give the region feature; the
     class layer (num_classes + background) and a class-agnostic box refinement sit on it. With
@@ -105,11 +119,14 @@ class BoxHead(nn.Module):
 class AttributeHead(nn.Module):
     """Bottom-up attention's attribute head: the region feature concatenated with an embedding of the
     region's class (ground truth in training, predicted at inference) -> hidden -> attributes + "none".
-    A training-time head: it shapes the region features and is not counted in the paper's totals."""
+    A training-time head: it shapes the region features and is not counted in the paper's totals. With
+    `pooled_dim` it also reads the flattened RoI, and with `norm_pooled` (`TEEConfig.attribute_pooled_norm`)
+    each of those inputs standardised over the sampled RoIs (running statistics at inference)."""
 
     def __init__(self, region_dim: int, num_classes: int, num_attributes: int, embed_dim: int = 256,
-                 hidden_dim: int = 512, pooled_dim: int = 0):
+                 hidden_dim: int = 512, pooled_dim: int = 0, norm_pooled: bool = False):
         super().__init__()
+        self.pooled_norm = Standardise(pooled_dim) if pooled_dim and norm_pooled else nn.Identity()
         self.embed = nn.Embedding(num_classes + 1, embed_dim)
         self.hidden = nn.Linear(region_dim + embed_dim + pooled_dim, hidden_dim)
         self.out = nn.Linear(hidden_dim, num_attributes + 1)
@@ -117,7 +134,7 @@ class AttributeHead(nn.Module):
     def forward(self, feat: Tensor, class_ids: Tensor, pooled: Tensor | None = None) -> Tensor:
         """class_ids: 1-based (0 = background); `pooled`: the flattened RoI where the head reads it (pooled_dim
         > 0). Returns logits [R, num_attributes + 1], index 0 = none."""
-        parts = [feat, self.embed(class_ids)] + ([pooled.flatten(1)] if pooled is not None else [])
+        parts = [feat, self.embed(class_ids)] + ([self.pooled_norm(pooled.flatten(1))] if pooled is not None else [])
         return self.out(F.relu(self.hidden(torch.cat(parts, dim=1))))
 
 
@@ -138,7 +155,8 @@ class RoIHead(nn.Module):
         self.box_head = BoxHead(in_dim, cfg.region_dim, cfg.num_classes, cfg.head_reads_pooled)
         self.register_buffer("texture_kernel", texture_kernel(), persistent=False)
         self.attribute_head = AttributeHead(cfg.region_dim, cfg.num_classes, cfg.num_attributes,
-                                            pooled_dim=in_dim if cfg.head_reads_pooled else 0)
+                                            pooled_dim=in_dim if cfg.head_reads_pooled else 0,
+                                            norm_pooled=cfg.attribute_pooled_norm)
         self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
     def pool(self, feats: list[Tensor], boxes: list[Tensor], canvas: Tensor | None = None,
