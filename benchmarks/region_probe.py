@@ -4,11 +4,12 @@
     python benchmarks/region_probe.py --data runs/demo/world --detector runs/demo/detector
 
 With --features, every ground-truth object of a split is matched to the stored region that overlaps it most
-(IoU >= 0.5); a linear classifier (multinomial logistic regression fitted to convergence by L-BFGS on standardised features,
-its L2 weight chosen on a fifth of the training objects held out) is fitted per target (the class, and each
-attribute group: colour, size, texture in the synthetic world) on the training split and scored on the
-held-out split, beside the majority-class rate, overall and per size of the object (`eval_acc_by_size`:
-whether an attribute is lost on small objects, to the detector's input resolution, or at every size). A
+(IoU >= 0.5); a linear classifier (multinomial logistic regression on standardised features, fitted to
+convergence by L-BFGS, its L2 weight chosen on a fifth of the training objects held out) is fitted per
+target (the class, and each attribute group: colour, size, texture in the synthetic world) on the training
+split and scored on the held-out split, beside the majority-class rate, overall and per size of the object
+(`eval_acc_by_size`: whether an attribute is lost on small objects, to the detector's input resolution, or
+at every size). A
 transformer cannot answer "what colour is the cross?" better than the features let it, so this separates
 what the extractor gives from what the fusion learns (README: Results). Where the store keeps tags, the
 detector's own class decision on the same matched objects is reported too (overall, per class, per size, the

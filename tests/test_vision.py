@@ -311,7 +311,8 @@ def test_attribute_pooled_norm_standardises_what_the_attribute_head_reads_of_the
         logits = [head.attribute_head(region_feat, labels, x) for x in (pooled, scaled)]
         assert torch.allclose(*logits, atol=1e-3) == norm  # BatchNorm's eps: equal to ~1e-4
     stats = head.attribute_head.pooled_norm
-    assert stats.running_mean.abs().sum() > 0 and not torch.allclose(stats.running_var, torch.ones_like(stats.running_var))
+    assert stats.running_mean.abs().sum() > 0
+    assert not torch.allclose(stats.running_var, torch.ones_like(stats.running_var))
     head.eval()
     assert not torch.allclose(head.attribute_head(region_feat, labels, pooled),
                               head.attribute_head(region_feat, labels, scaled), atol=1e-3)
