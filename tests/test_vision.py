@@ -316,6 +316,9 @@ def test_attribute_pooled_norm_standardises_what_the_attribute_head_reads_of_the
     head.eval()
     assert not torch.allclose(head.attribute_head(region_feat, labels, pooled),
                               head.attribute_head(region_feat, labels, scaled), atol=1e-3)
+    head.train()  # one foreground RoI in a training batch: BatchNorm would refuse it
+    one = head.attribute_head(region_feat[:1], labels[:1], pooled[:1])
+    assert torch.isfinite(one).all() and one.shape == (1, cfg.num_attributes + 1)
 
 
 def test_final_region_nms_is_class_agnostic():

@@ -75,13 +75,14 @@ def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: in
 class Standardise(nn.BatchNorm1d):
     """Each input standardised over the batch in training, by the running statistics at inference: a
     BatchNorm without affine weights, written out at inference so its ONNX graph does not need the input's
-    width as a static shape (a flattened RoI's is not)."""
+    width as a static shape (a flattened RoI's is not). A training batch of one row (an image whose only
+    foreground RoI is its one object) has no spread to standardise by: the running statistics stand in."""
 
     def __init__(self, dim: int):
         super().__init__(dim, affine=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if self.training and x.shape[0] > 1:
             return super().forward(x)
         return (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
 
