@@ -5,19 +5,18 @@
 
 With --features, every ground-truth object of a split is matched to the stored region that overlaps it most
 (IoU >= 0.5); a linear classifier (multinomial logistic regression on standardised features, fitted to
-convergence by L-BFGS, its L2 weight chosen on a fifth of the training objects held out) is fitted per
-target (the class, and each attribute group: colour, size, texture in the synthetic world) on the training
-split and scored on the held-out split, beside the majority-class rate, overall and per size of the object
-(`eval_acc_by_size`: whether an attribute is lost on small objects, to the detector's input resolution, or
-at every size). A
-transformer cannot answer "what colour is the cross?" better than the features let it, so this separates
-what the extractor gives from what the fusion learns (README: Results). Where the store keeps tags, the
-detector's own class decision on the same matched objects is reported too (overall, per class, per size, the
-most frequent confusions): the object tags the transformer reads are only as right as that. With --detector,
-the probes run on the ground-truth boxes at each point of the detector's region path instead (the pixels
-under the box, the RoIAlign output the head reads, after the first linear layer, the region feature), which
-shows where an attribute is lost. Prints a table and writes
-OUT/region_probe.json (OUT/region_path_probe.json with --detector).
+convergence by L-BFGS, its L2 weight chosen on a fifth of the training objects held out) is fitted per target
+(the class, and each attribute group: colour, size, texture in the synthetic world) on the training split and
+scored on the held-out split, beside the majority-class rate, overall and per size of the object
+(`eval_acc_by_size`: whether an attribute is lost on small objects, to the detector's input resolution, or at
+every size). A transformer cannot answer "what colour is the cross?" better than the features let it, so this
+separates what the extractor gives from what the fusion learns (README: Results). Where the store keeps tags,
+the detector's own class decision on the same matched objects is reported too (overall, per class, per size,
+the most frequent confusions): the object tags the transformer reads are only as right as that. With
+--detector, the probes run on the ground-truth boxes at each point of the detector's region path instead (the
+pixels under the box, the RoIAlign output the head reads, after the first linear layer, the region feature),
+which shows where an attribute is lost. Prints a table and writes OUT/region_probe.json
+(OUT/region_path_probe.json with --detector).
 """
 
 from __future__ import annotations
