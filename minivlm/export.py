@@ -218,8 +218,11 @@ def export_fusion(task: str, model: nn.Module, out: Path) -> dict:
 
 
 def quantize(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation of the graph's matrix products (weights int8 per channel, activations
-    quantised on the fly): onnxruntime's quantiser, no calibration data needed."""
+    """Dynamic 8-bit quantisation of the graph's matrix products (weights per channel, activations quantised
+    on the fly): onnxruntime's quantiser, no calibration data needed. Weights are unsigned like the
+    activations (U8U8): with signed weights (U8S8) a CPU without VNNI (AVX2 only) sums pairs of products in
+    16 bits with saturation (VPMADDUBSW), and on such a machine the test model's answer scores moved by 0.37
+    against fp32 (0.048 with U8U8, inside the test's 0.05; 0.07 with 7-bit weights, the other remedy)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -228,7 +231,7 @@ def quantize(src: Path, dst: Path) -> None:
     try:
         with atomic_path(dst) as tmp:
             quantize_dynamic(str(src), str(tmp), op_types_to_quantize=INT8_OPS, per_channel=True,
-                             weight_type=QuantType.QInt8)
+                             weight_type=QuantType.QUInt8)
     finally:
         root.setLevel(level)
 
