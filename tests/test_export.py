@@ -474,7 +474,7 @@ def test_clear_errors(env, tmp_path, capsys):
 def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
     """The demo's region head inputs (pixels, texture-energy maps, the box's spectrum rings, the silhouette, box
     size over the canvas and over the image's short side: neither image is square), its heads reading the RoI
-    too, and its region features with the detector's decisions appended trace into the detector graph and give
+    too, its object class head, and its region features with the detector's decisions appended trace into the detector graph and give
     PyTorch's regions."""
     import onnxruntime as ort
 
@@ -483,7 +483,8 @@ def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
 
     cfg = dataclasses.replace(TEE_CFG, roi_texture_pool=True, roi_spectrum_pool=True, roi_silhouette=True,
                               roi_box_size=True, roi_box_image_size=True, region_label_code=40.0,
-                              attribute_groups=(0, 1), head_reads_pooled=True, attribute_pooled_norm=True)
+                              attribute_groups=(0, 1), head_reads_pooled=True, attribute_pooled_norm=True,
+                              object_class_head=True)
     torch.manual_seed(0)
     detector = TEE(cfg, ["circle", "square", "star"], ["red", "blue"]).eval()
     for p in detector.roi_head.parameters():
@@ -491,6 +492,9 @@ def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
     norm = detector.roi_head.attribute_head.pooled_norm  # statistics a trained head has, not BatchNorm's 0 / 1
     norm.running_mean.normal_(0, 0.5)
     norm.running_var.uniform_(0.2, 3.0)
+    objects = detector.roi_head.object_class.norm
+    objects.running_mean.normal_(0, 0.5)
+    objects.running_var.uniform_(0.2, 3.0)
     s = cfg.image_size
     _export(DetectorGraph(detector), (torch.randn(1, 3, s, s), torch.tensor([float(s), float(s * 3 // 4)])),
             tmp_path / "detector.onnx", ["canvas", "image_hw"], ["boxes", "scores", "labels", "attributes", "features"], {})

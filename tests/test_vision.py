@@ -340,6 +340,53 @@ def test_final_region_nms_is_class_agnostic():
     assert torch.all(det["scores"][:-1] >= det["scores"][1:])
 
 
+def test_object_class_head_names_the_kept_regions_and_the_tags_and_codes_follow_it():
+    """`object_class_head`: NMS, boxes and scores stay the class layer's; the class of each kept region, its
+    class probabilities, its region code and the class the attribute head is told are the object head's."""
+    cfg = small_cfg(num_classes=3, num_attributes=2, attribute_groups=(0, 0), region_label_code=5.0,
+                    object_class_head=True)
+    head = RoIHead(cfg).eval()
+    feats = [torch.zeros(1, cfg.fpn_channels, 128 // 2**lvl, 128 // 2**lvl) for lvl in range(2, 7)]
+    proposals = [torch.tensor([[10.0, 10.0, 40.0, 40.0], [60.0, 60.0, 90.0, 90.0], [95.0, 5.0, 125.0, 35.0]])]
+    logits = torch.tensor([[0.0, 9.0, 0.0, 0.0], [0.0, 8.0, 0.0, 0.0], [0.0, 0.0, 7.0, 0.0]])
+    head.box_head.forward = lambda pooled: (torch.zeros(pooled.shape[0], cfg.region_dim), logits,
+                                            torch.zeros(pooled.shape[0], 4))
+    objects = torch.tensor([[0.0, 0.0, 6.0], [5.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # per proposal, as pooled
+    head.object_class.forward = lambda pooled: objects[: pooled.shape[0]]
+    told = []
+    attribute_forward = head.attribute_head.forward
+    head.attribute_head.forward = lambda f, ids, p=None: told.append(ids.clone()) or attribute_forward(f, ids, p)
+    det = head.detect(feats, proposals, [(128, 128)], max_regions=10)[0]
+    assert det["scores"].tolist() == pytest.approx(logits.softmax(1)[:, 1:].max(1).values.tolist())
+    assert det["labels"].tolist() == [2, 0, 1]  # the class layer said [0, 0, 1]
+    assert torch.allclose(det["class_probs"], objects.softmax(1))
+    code = det["features"][:, cfg.region_dim: cfg.region_dim + cfg.num_classes]
+    assert code.argmax(1).tolist() == [2, 0, 1] and torch.all(code.sum(1) == cfg.region_label_code)
+    assert told[0].tolist() == [3, 1, 2]  # 1-based
+
+
+def test_object_class_head_trains_on_foreground_rois_inside_the_detector_loss():
+    torch.manual_seed(0)
+    with_head = TEE(small_cfg(object_class_head=True)).train()
+    plain = TEE(small_cfg()).train()
+    plain.load_state_dict(with_head.state_dict(), strict=False)
+    t, sx, _ = letterbox(torch.rand(3, 100, 120), 128)
+    batch = {
+        "images": pad_to_canvas([t], 128), "image_hw": [tuple(t.shape[1:])],
+        "targets": [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 110.0, 100.0]]) * sx,
+                     "labels": torch.tensor([0, 5]), "attributes": torch.tensor([[1, 3], [-1, -1]])}],
+    }
+    torch.manual_seed(1)
+    losses = with_head(batch)
+    torch.manual_seed(1)
+    without = plain(batch)
+    assert "object_cls" not in without and losses["object_cls"].item() > 0
+    assert losses["loss"].item() == pytest.approx(without["loss"].item() + losses["object_cls"].item(), rel=1e-5)
+    losses["loss"].backward()
+    assert with_head.roi_head.object_class.out.weight.grad.abs().sum() > 0
+    assert with_head.roi_head.object_class.norm.running_mean.abs().sum() > 0
+
+
 def test_box_coder_round_trip():
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
     ref = torch.tensor([[0.0, 0.0, 10.0, 20.0], [5.0, 5.0, 50.0, 30.0]])

@@ -139,6 +139,21 @@ class AttributeHead(nn.Module):
         return self.out(F.relu(self.hidden(torch.cat(parts, dim=1))))
 
 
+class ObjectClassHead(nn.Module):
+    """`TEEConfig.object_class_head`: the class of a region already taken for an object, from the flattened
+    RoI standardised (as the attribute head's), through one hidden layer. Logits [R, num_classes], no
+    background: the class layer decides what is an object and how sure, this head what it is."""
+
+    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 512):
+        super().__init__()
+        self.norm = Standardise(in_dim)
+        self.hidden = nn.Linear(in_dim, hidden_dim)
+        self.out = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.out(F.relu(self.hidden(self.norm(pooled.flatten(1)))))
+
+
 class RoIHead(nn.Module):
     def __init__(self, cfg: TEEConfig):
         super().__init__()
@@ -158,6 +173,7 @@ class RoIHead(nn.Module):
         self.attribute_head = AttributeHead(cfg.region_dim, cfg.num_classes, cfg.num_attributes,
                                             pooled_dim=in_dim if cfg.head_reads_pooled else 0,
                                             norm_pooled=cfg.attribute_pooled_norm)
+        self.object_class = ObjectClassHead(in_dim, cfg.num_classes) if cfg.object_class_head else None
         self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
     def pool(self, feats: list[Tensor], boxes: list[Tensor], canvas: Tensor | None = None,
@@ -234,8 +250,13 @@ class RoIHead(nn.Module):
                                               attr_pooled if cfg.head_reads_pooled else None).float()
             losses["attr"] = cfg.attribute_loss_weight * attribute_loss(attr_logits, attr_tgt[fg], cfg.attribute_groups,
                                                                         cfg.attribute_group_weights)
+            if self.object_class is not None:
+                # The RoI as the attribute head reads it: the backbone gets this loss scaled as that one.
+                losses["object_cls"] = F.cross_entropy(self.object_class(attr_pooled).float(), labels[fg] - 1)
         else:
             losses["attr"] = feat.sum() * 0.0
+            if self.object_class is not None:
+                losses["object_cls"] = feat.sum() * 0.0
         with torch.no_grad():
             hit = cls_logits.argmax(1) == labels
             losses["cls_acc"] = hit.float().mean()
@@ -277,7 +298,10 @@ class RoIHead(nn.Module):
             keep = torch.where(sc > cfg.region_score_thresh)[0]
             keep = keep[nms_top(boxes[keep], sc[keep], cfg.region_nms_iou, max_regions)]  # sorted by score
             # Attributes for the kept regions only (max_regions of up to rpn_post_nms_topk proposals).
-            f, lab = feat[sl][keep], labels[sl][keep]
+            f, lab, class_probs = feat[sl][keep], labels[sl][keep], probs[sl][keep]
+            if self.object_class is not None and f.shape[0] > 0:
+                class_probs = self.object_class(pooled[sl][keep]).float().softmax(1)
+                lab = class_probs.argmax(1)
             named = cfg.num_attributes > 0 and f.shape[0] > 0
             p = pooled[sl][keep] if cfg.head_reads_pooled and named else None
             attr_logits = (self.attribute_head(f, lab + 1, p)[:, 1:] if named
@@ -287,7 +311,7 @@ class RoIHead(nn.Module):
             if cfg.region_label_code:
                 f = torch.cat([f, self.label_code(lab, attr_logits.float())], 1)
             out.append(dict(boxes=boxes[keep], scores=sc[keep], labels=lab, features=f, attributes=attrs,
-                            class_probs=probs[sl][keep]))
+                            class_probs=class_probs))
         return out
 
 

@@ -27,7 +27,7 @@ from minivlm.vision.bifpn import BiFPN
 from minivlm.vision.roi_head import RoIHead
 from minivlm.vision.rpn import RPN
 
-LOSS_KEYS = ("rpn_obj", "rpn_box", "cls", "box", "attr")
+LOSS_KEYS = ("rpn_obj", "rpn_box", "cls", "box", "attr", "object_cls")  # object_cls: with object_class_head
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class TEE(nn.Module):
         feats = self.features(images)
         proposals, losses = self.rpn(feats, batch["image_hw"], [t["boxes"] for t in targets])
         losses.update(self.roi_head.loss(feats, proposals, targets, images, batch["image_hw"]))
-        losses["loss"] = sum(losses[k] for k in LOSS_KEYS)
+        losses["loss"] = sum(losses[k] for k in LOSS_KEYS if k in losses)
         return losses
 
     @torch.no_grad()

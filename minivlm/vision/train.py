@@ -39,7 +39,8 @@ DETECTOR_RECIPE = TrainConfig(epochs=5, batch_size=8, lr=0.1, optimizer="sgd", m
                               weight_decay=4e-5, warmup_steps=30, grad_clip=10.0, log_every=10, ckpt_every=100)
 
 # Layers whose shape depends on the class / attribute vocabulary: re-initialised by --init when it differs.
-CLASS_HEADS = ("roi_head.box_head.cls.", "roi_head.box_head.cls_from_pooled.", "roi_head.attribute_head.embed.")
+CLASS_HEADS = ("roi_head.box_head.cls.", "roi_head.box_head.cls_from_pooled.", "roi_head.attribute_head.embed.",
+               "roi_head.object_class.out.")
 ATTRIBUTE_HEADS = ("roi_head.attribute_head.out.",)
 
 
