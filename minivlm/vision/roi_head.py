@@ -1,5 +1,6 @@
 """Region head: FPN level assignment (Lin et al. eq. 1), RoIAlign 4x4, two linear layers to 1024-d
-region features, and the class / box / attribute heads on top of them."""
+region features, and the class / box / attribute heads on top of them (with `object_class_head`, a second class
+head that names the regions the class layer keeps)."""
 
 from __future__ import annotations
 
