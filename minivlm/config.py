@@ -150,7 +150,7 @@ class TEEConfig:
     # A second class head for the regions detection keeps: the flattened RoI standardised -> 512 -> classes,
     # trained on foreground RoIs only; its class replaces the class layer's in the region's tag, the region
     # code and the attribute head's class embedding (detection scores and boxes stay the class layer's). Off
-    # for TEE-X. On for the demo: on ground-truth boxes its class layer, which must also tell background from
+    # for TEE-X. On for the demo: on ground-truth boxes the class layer, which must also tell background from
     # objects with a linear read of the RoI, named 88.9% of the classes where a converged linear probe on the
     # same input names 95.3 (hexagon 46%, pentagon 63%, circle 74% in the demo's own decisions); with it, the
     # demo's own class 90.9% and mAP@0.5 0.834 against 88.0% and 0.799 (one run each; README: Results).
