@@ -77,8 +77,9 @@ QUICK_TRAIN_CONFIGS = {  # stage folder -> train_config.json
 QUICK_METRICS = {"detector_map50": 0.0, "pretrain_heldout_mlm_acc": 0.06667, "pretrain_heldout_itm_acc": 0.45714,
                  "caption_CIDEr": 0.0, "caption_METEOR": 0.04251, "caption_ROUGE_L": 0.20553,
                  "caption_baseline_most_common_caption_CIDEr": 0.12838, "vqa_accuracy": 31.96,
-                 "vqa_baseline_per_question_type": 42.86, "nlvr2_accuracy": 50.0, "retrieval_TR@1": 14.286,
-                 "retrieval_IR@5": 77.143}
+                 "vqa_baseline_per_question_type": 42.86, "nlvr2_accuracy": 50.0, "retrieval_TR@1": 14.286}
+# Not image R@5: the quick model's image scores are near ties, which CPUs rank differently (77.1 on an AVX512
+# VM, 65.7 on an AVX2 one, with every loss here equal to 0.3%); retrieval is held by its loss and text R@1.
 QUICK_LOSSES = {"detector/metrics.json": 5.07829, "pretrain/result.json": 11.74504, "caption/ce/log.jsonl": 5.66478,
                 "vqa/metrics.json": 5.70016, "nlvr2/metrics.json": 0.86784, "retrieval/metrics.json": 0.68887}
 
