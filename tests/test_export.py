@@ -474,8 +474,8 @@ def test_clear_errors(env, tmp_path, capsys):
 def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
     """The demo's region head inputs (pixels, texture-energy maps, the box's spectrum rings, the silhouette, box
     size over the canvas and over the image's short side: neither image is square), its heads reading the RoI
-    too, its object class head, and its region features with the detector's decisions appended trace into the detector graph and give
-    PyTorch's regions."""
+    too, its object class head, and its region features with the detector's decisions appended trace into the
+    detector graph and give PyTorch's regions."""
     import onnxruntime as ort
 
     from minivlm.export import DetectorGraph, _export

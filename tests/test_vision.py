@@ -28,6 +28,16 @@ def small_cfg(**kw):
     return dataclasses.replace(get_tee("tee-demo"), **{**base, **kw})
 
 
+def two_object_batch() -> dict:
+    """A training batch of one random 120x100 image on a 128-px canvas with two objects, one with attributes."""
+    t, sx, _ = letterbox(torch.rand(3, 100, 120), 128)
+    return {
+        "images": pad_to_canvas([t], 128), "image_hw": [tuple(t.shape[1:])],
+        "targets": [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 110.0, 100.0]]) * sx,
+                     "labels": torch.tensor([0, 5]), "attributes": torch.tensor([[1, 3], [-1, -1]])}],
+    }
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -370,12 +380,7 @@ def test_object_class_head_trains_on_foreground_rois_inside_the_detector_loss():
     with_head = TEE(small_cfg(object_class_head=True)).train()
     plain = TEE(small_cfg()).train()
     plain.load_state_dict(with_head.state_dict(), strict=False)
-    t, sx, _ = letterbox(torch.rand(3, 100, 120), 128)
-    batch = {
-        "images": pad_to_canvas([t], 128), "image_hw": [tuple(t.shape[1:])],
-        "targets": [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 110.0, 100.0]]) * sx,
-                     "labels": torch.tensor([0, 5]), "attributes": torch.tensor([[1, 3], [-1, -1]])}],
-    }
+    batch = two_object_batch()
     torch.manual_seed(1)
     losses = with_head(batch)
     torch.manual_seed(1)
@@ -441,12 +446,7 @@ def test_canvas_size_is_checked(model):
 def test_tiny_forward_backward_has_finite_losses():
     torch.manual_seed(0)
     m = TEE(small_cfg()).train()
-    t, sx, _ = letterbox(torch.rand(3, 100, 120), 128)
-    batch = {
-        "images": pad_to_canvas([t], 128), "image_hw": [tuple(t.shape[1:])],
-        "targets": [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 110.0, 100.0]]) * sx,
-                     "labels": torch.tensor([0, 5]), "attributes": torch.tensor([[1, 3], [-1, -1]])}],
-    }
+    batch = two_object_batch()
     losses = m(batch)
     for key in ("loss", "rpn_obj", "rpn_box", "cls", "box", "attr"):
         assert torch.isfinite(losses[key]), key

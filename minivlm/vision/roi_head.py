@@ -300,11 +300,12 @@ class RoIHead(nn.Module):
             keep = keep[nms_top(boxes[keep], sc[keep], cfg.region_nms_iou, max_regions)]  # sorted by score
             # Attributes for the kept regions only (max_regions of up to rpn_post_nms_topk proposals).
             f, lab, class_probs = feat[sl][keep], labels[sl][keep], probs[sl][keep]
-            if self.object_class is not None and f.shape[0] > 0:
-                class_probs = self.object_class(pooled[sl][keep]).float().softmax(1)
+            roi = pooled[sl][keep] if f.shape[0] > 0 else None  # no `pooled` at all when no image has proposals
+            if self.object_class is not None and roi is not None:
+                class_probs = self.object_class(roi).float().softmax(1)
                 lab = class_probs.argmax(1)
-            named = cfg.num_attributes > 0 and f.shape[0] > 0
-            p = pooled[sl][keep] if cfg.head_reads_pooled and named else None
+            named = cfg.num_attributes > 0 and roi is not None
+            p = roi if cfg.head_reads_pooled and named else None
             attr_logits = (self.attribute_head(f, lab + 1, p)[:, 1:] if named
                            else f.new_zeros(f.shape[0], cfg.num_attributes))
             attrs = attr_logits.argmax(1) if named else torch.zeros_like(lab)
