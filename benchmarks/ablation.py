@@ -63,8 +63,8 @@ class Size:
 SIZES = {
     "quick": Size(images=40, detection_images=60, unlabeled=12, detector_epochs=1, chain_epochs=1,
                   pretrain_epochs=1, caption_epochs=1, vqa_epochs=1, batch=16),
-    # ~55 minutes on 2 idle cores: 5 detectors at 192 px (~250-320 steps each: fewer leave TEE untrained),
-    # then 14 transformer runs (pre-training, captioning, VQA) of ~90-200 steps each.
+    # ~67 minutes on 2 idle AVX512 cores, ~94 on AVX2-only ones: 5 detectors at 192 px (~250-320 steps each:
+    # fewer leave TEE untrained), then 18 transformer runs (pre-training, captioning, VQA) of ~90-200 steps each.
     "default": Size(images=200, detection_images=400, unlabeled=200, detector_epochs=14, chain_epochs=5,
                     pretrain_epochs=2, caption_epochs=4, vqa_epochs=3, batch=32),
 }
