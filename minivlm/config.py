@@ -339,6 +339,7 @@ class PretrainTaskConfig:
 
 
 CAPTION_OBJECTIVES = ("masked", "every-token")
+CAPTION_OUTPUT_VOCABS = ("all", "train")
 
 
 @dataclass
@@ -350,6 +351,10 @@ class CaptionTaskConfig:
     objective: str = "masked"
     mask_prob: float = 0.15
     max_gen_len: int = 20
+    # "all": the decoder scores BERT's 30,522 word pieces (the paper). "train": only those of the training
+    # captions (and [SEP]); the rest get a -1e4 bias, so every decoder (PyTorch, ONNX) emits the same tokens.
+    # On a CPU the 30,522-wide layer and its softmax were half of an every-token training step.
+    output_vocab: str = "all"
     scst_samples: int = 5
 
 

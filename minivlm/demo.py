@@ -53,6 +53,9 @@ class DemoSize:
     # the most-common-caption baseline within the budget (README: Results). "paper" keeps the paper's.
     caption_objective: str = "every-token"
     caption_mask_prob: float = 0.15
+    # The word pieces the caption decoder may emit (FinetuneSetup.caption_output_vocab): those of the
+    # training captions, unless a size says "all" (the paper's 30,522, half of an every-token CPU step).
+    caption_output_vocab: str = "train"
     task_lr: dict[str, float] = dataclasses.field(default_factory=lambda: {"caption": 1e-3})
     # Questions cost nothing to generate: more per image (up to ~20 distinct) and more NLVR2 statements per
     # pair give VQA and NLVR2 more supervision on the same images and features. None: VQA v2's 4-6.
@@ -104,7 +107,8 @@ class DemoSize:
         if task in self.task_lr:
             train = dataclasses.replace(train, lr=self.task_lr[task], warmup_steps=30)
         if task == "caption":
-            fields.update(caption_objective=self.caption_objective, caption_mask_prob=self.caption_mask_prob)
+            fields.update(caption_objective=self.caption_objective, caption_mask_prob=self.caption_mask_prob,
+                          caption_output_vocab=self.caption_output_vocab)
         if task == "vqa":
             fields.update(curriculum_epochs=self.vqa_curriculum_epochs, vqa_pool=self.vqa_pool)
         if task == "nlvr2":

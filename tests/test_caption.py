@@ -18,8 +18,8 @@ from minivlm.fusion.loading import canonical_state_dict
 from minivlm.fusion.transformer import prefix_causal_mask
 from minivlm.io import save_weights, write_json
 from minivlm.regions import Regions
-from minivlm.tasks.caption_data import CaptionDataset, mask_captions
-from minivlm.tasks.caption_model import IGNORE, CachedSteps, CaptionModel, FullSteps, build_prefix, predict_captions
+from minivlm.tasks.caption_data import CaptionDataset, mask_captions, output_vocabulary
+from minivlm.tasks.caption_model import IGNORE, OUTSIDE_VOCAB_BIAS, CachedSteps, CaptionModel, FullSteps, build_prefix, predict_captions
 from minivlm.tasks.caption_train import ScstObjective, train_caption
 from minivlm.tasks.decode import SpecialIds, greedy_search
 from minivlm.text.tokenizer import Tokenizer
@@ -268,6 +268,63 @@ def test_every_token_objective_trains_the_decoder(tok, image_regions):
     assert model.caption(tok, [image_regions[i] for i in range(4)]) == CAPTIONS
 
 
+@pytest.mark.parametrize("objective", ["masked", "every-token"])
+def test_restricted_output_vocabulary_is_the_full_softmax_with_the_rest_shut(tok, image_regions, objective):
+    """output_vocab="train": training scores only the training captions' word pieces, and the loss equals
+    the full-width decoder's (whose other rows get a -1e4 bias), so inference and ONNX need no change."""
+    model = new_model(tok, seed=2).train()
+    ds = CaptionDataset(list(enumerate(CAPTIONS)), image_regions, tok, model.cfg, CaptionTaskConfig(objective=objective))
+    allowed = output_vocabulary(ds)
+    words = {w for c in CAPTIONS for w in c.split()}
+    assert sorted(tok.id_to_token(i) for i in allowed.tolist()) == sorted(words | {"[SEP]"})
+    model.restrict_output(allowed)
+    bias = model.mlm.decoder.bias.detach()
+    shut = torch.ones(tok.vocab_size, dtype=torch.bool)
+    shut[allowed] = False
+    assert torch.all(bias[shut] == OUTSIDE_VOCAB_BIAS) and torch.all(bias[~shut] != OUTSIDE_VOCAB_BIAS)
+
+    batch = ds.collate([ds[i] for i in range(4)], generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    restricted = model(batch)
+    ids, index = model.output_ids, model.output_index
+    model.output_ids = model.output_index = None
+    torch.manual_seed(0)
+    full = model(batch)
+    assert torch.allclose(restricted["loss"], full["loss"], atol=1e-5)
+    assert float(restricted["acc"]) == float(full["acc"])
+
+    model.output_ids, model.output_index = ids, index
+    model.zero_grad()
+    restricted["loss"].backward()
+    assert torch.count_nonzero(model.mlm.decoder.weight.grad[shut]) == 0  # the shut rows are not trained
+    assert torch.count_nonzero(model.mlm.decoder.weight.grad[~shut]) > 0
+
+    bad = CaptionDataset([(0, "a big cat")], image_regions, tok, model.cfg,
+                         CaptionTaskConfig(objective=objective, mask_prob=1.0))
+    with pytest.raises(MiniVLMError, match="outside the caption output vocabulary"):
+        model(bad.collate([bad[0]], generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(MiniVLMError, match="output vocabulary"):
+        model.restrict_output(torch.tensor([tok.vocab_size]))
+
+
+def test_restricted_output_vocabulary_trains_and_decodes_only_its_words(tok, image_regions):
+    model = new_model(tok, seed=1).train()
+    ds = CaptionDataset(list(enumerate(CAPTIONS)), image_regions, tok, model.cfg,
+                        CaptionTaskConfig(objective="every-token"))
+    model.restrict_output(output_vocabulary(ds))
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(40):
+        out = model(ds.collate([ds[i] for i in range(4)]))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert model.caption(tok, [image_regions[i] for i in range(4)]) == CAPTIONS
+    # Whatever the regions, nothing outside the training captions' words comes out.
+    words = {w for c in CAPTIONS for w in c.split()}
+    odd = [regions(5, 100 + i, ["sky", "tree"]) for i in range(6)]
+    assert all(set(c.split()) <= words for c in model.caption(tok, odd))
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -364,8 +421,11 @@ def test_train_caption_ce_then_scst_and_reload(tok, tmp_path, image_regions):
     ce = TrainConfig(epochs=2, max_steps=4, batch_size=4, lr=5e-3, log_every=2, amp=False)
     scst = TrainConfig(max_steps=2, batch_size=2, lr=1e-4, log_every=1, amp=False)
     model = train_caption(None, world, store, tmp_path / "run", cfg, ce, scst, tokenizer=tok,
-                          task_cfg=CaptionTaskConfig(max_gen_len=6, scst_samples=2), val_images=5)
+                          task_cfg=CaptionTaskConfig(max_gen_len=6, scst_samples=2, output_vocab="train"),
+                          val_images=5)
     assert model.scst is None
+    allowed = {i for c in CAPTIONS for i in tok.encode(c + " one")} | {tok.sep_id}
+    assert set(model.output_ids.tolist()) == allowed
     ce_log = [json.loads(x) for x in (tmp_path / "run" / "ce" / "log.jsonl").read_text().splitlines()]
     scst_log = [json.loads(x) for x in (tmp_path / "run" / "scst" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in ce_log if "loss" in e] == [2, 4]
@@ -380,6 +440,12 @@ def test_train_caption_ce_then_scst_and_reload(tok, tmp_path, image_regions):
     prefix = build_prefix(tok, [image_regions[0]], cfg)
     model.eval()
     assert again.generate(prefix, max_len=6) == model.generate(prefix, max_len=6)
+    # the restriction travels in the weights: a reloaded model (no output_ids) still emits only those words
+    assert again.output_ids is None
+    shut = torch.ones(tok.vocab_size, dtype=torch.bool)
+    shut[sorted(allowed)] = False
+    assert torch.all(again.mlm.decoder.bias[shut] < -9000)
+    assert set(sum(again.generate(build_prefix(tok, [regions(4, s, ["sky"]) for s in range(5)], cfg), max_len=6), [])) <= allowed
 
 
 def test_from_pretrained_vl_loads_bert_and_mlm(tok, tmp_path):

@@ -29,10 +29,14 @@ class MLMHead(nn.Module):
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.apply(init_bert_weights)
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., H]: what the decoder's rows score."""
+        return self.LayerNorm(F.gelu(linear(self.dense, hidden)))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., vocab] logits."""
         # `linear`: a decoding step reads this 30522-word layer for one row; see fusion.transformer.linear.
-        return linear(self.decoder, self.LayerNorm(F.gelu(linear(self.dense, hidden))))
+        return linear(self.decoder, self.transform(hidden))
 
 
 class Pooler(nn.Module):

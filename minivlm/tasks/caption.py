@@ -47,7 +47,8 @@ class CaptionTask(Task):
         return {"scst": bool(self.setup.scst_steps)}
 
     def task_config(self) -> CaptionTaskConfig:
-        return CaptionTaskConfig(objective=self.setup.caption_objective, mask_prob=self.setup.caption_mask_prob)
+        return CaptionTaskConfig(objective=self.setup.caption_objective, mask_prob=self.setup.caption_mask_prob,
+                                 output_vocab=self.setup.caption_output_vocab)
 
     def dataset(self, train, cfg: BertConfig | None = None):
         return CaptionDataset(train, self.store, self.run.tokenizer, cfg or self.cfg, self.task_config())

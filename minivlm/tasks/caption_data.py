@@ -69,6 +69,15 @@ class CaptionDataset(Dataset):
         return CaptionBatch(keys, masked, valid, labels, prefix)
 
 
+def output_vocabulary(dataset: CaptionDataset) -> torch.Tensor:
+    """The word pieces the dataset's captions are made of, and [SEP] (the decoder's stop): what
+    `CaptionModel.restrict_output` lets it emit. [CLS] is never predicted."""
+    tok = dataset.tokenizer
+    ids, valid = caption_text(tok, [c for _, c in dataset.items], dataset.cfg.max_text_len)
+    used = torch.from_numpy(ids)[torch.from_numpy(valid).bool()]
+    return torch.unique(torch.cat([used[used != tok.cls_id], torch.tensor([tok.sep_id])]))
+
+
 def references_in_store(world: World, split: str, store: FeatureStore) -> dict[int, list[str]]:
     """Image id -> reference captions of `split`, for the images `store` holds."""
     return {k: v for k, v in world.caption_references(split).items() if store.find(k) is not None}

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100
 DEFAULT_MAX_LEN = 20  # the paper's generation length
+OUTSIDE_VOCAB_BIAS = -1e4  # decoder bias of the word pieces outside a restricted output vocabulary
 TAG_CHOICES = ("predicted", "none")
 
 
@@ -155,6 +156,10 @@ class CaptionModel(nn.Module):
         self.mlm = MLMHead(cfg)
         self.ids = special or SpecialIds.from_tokenizer(get_tokenizer())
         self.scst: ScstObjective | None = None  # set for the SCST stage (not a module: no weights)
+        # restrict_output's word pieces, and each vocabulary id's row among them (-1: outside); not saved,
+        # the decoder's bias carries the restriction.
+        self.output_ids: torch.Tensor | None = None
+        self.output_index: torch.Tensor | None = None
         self.load_report: LoadReport | None = None
 
     @property
@@ -199,15 +204,43 @@ class CaptionModel(nn.Module):
             return self.scst.loss(self, batch)
         if batch.objective == "every-token":
             hidden, valid = self.teacher_forced_hidden(batch.prefix, batch.input_ids[:, 1:])
-            logits, labels = self.mlm(hidden[valid]).float(), batch.labels[:, 1:][valid]  # no vocab rows for pads
+            logits, labels = self.training_logits(hidden[valid], batch.labels[:, 1:][valid])  # no vocab rows for pads
             return {"loss": F.cross_entropy(logits, labels), "acc": token_accuracy(logits, labels)}
         s = batch.input_ids.shape[1]
         pos = torch.arange(s, device=batch.input_ids.device).expand(len(batch), s)
         mask = prefix_causal_mask(batch.caption_mask, batch.prefix.valid())
         hidden = self.encode(batch.input_ids, pos, mask, batch.prefix)
         chosen = batch.labels != IGNORE
-        logits, labels = self.mlm(hidden[chosen]).float(), batch.labels[chosen]
+        logits, labels = self.training_logits(hidden[chosen], batch.labels[chosen])
         return {"loss": F.cross_entropy(logits, labels), "acc": token_accuracy(logits, labels)}
+
+    def restrict_output(self, token_ids: torch.Tensor) -> None:
+        """Lets the decoder emit only `token_ids` (CaptionTaskConfig.output_vocab="train"): training scores
+        those rows only, and every other row's bias becomes -1e4, so the full-width decoder that inference
+        and the ONNX graphs run gives the same softmax (exp(-1e4) is 0 in fp32) and the same tokens."""
+        ids = torch.unique(token_ids.to(torch.long))
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+            raise MiniVLMError(f"output vocabulary: {ids.numel()} ids, all must be in [0, {self.cfg.vocab_size})")
+        index = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long)
+        index[ids] = torch.arange(ids.numel())
+        with torch.no_grad():
+            bias = self.mlm.decoder.bias
+            shut = torch.ones_like(bias, dtype=torch.bool)
+            shut[ids.to(bias.device)] = False
+            bias[shut] = OUTSIDE_VOCAB_BIAS
+        device = self.mlm.decoder.weight.device
+        self.output_ids, self.output_index = ids.to(device), index.to(device)
+
+    def training_logits(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits of `hidden` [N, H] and `labels` [N] in the same index space: the whole vocabulary, or
+        the output vocabulary's rows only after `restrict_output` (the rest would add nothing but time)."""
+        if self.output_ids is None:
+            return self.mlm(hidden).float(), labels
+        index = self.output_index[labels]
+        if bool((index < 0).any()):
+            raise MiniVLMError("a training caption holds a word piece outside the caption output vocabulary")
+        rows, decoder = self.output_ids, self.mlm.decoder
+        return F.linear(self.mlm.transform(hidden), decoder.weight[rows], decoder.bias[rows]).float(), index
 
     # -- decoding ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -24,7 +24,7 @@ from minivlm.config import BertConfig, CaptionTaskConfig, TrainConfig
 from minivlm.data.feature_store import FeatureStore
 from minivlm.data.world import World
 from minivlm.errors import MiniVLMError
-from minivlm.tasks.caption_data import caption_dataset_from_world, references_in_store
+from minivlm.tasks.caption_data import caption_dataset_from_world, output_vocabulary, references_in_store
 from minivlm.tasks.caption_model import CachedSteps, CaptionBatch, CaptionModel, predict_captions
 from minivlm.tasks.decode import SpecialIds, greedy_search, strip
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
@@ -125,6 +125,8 @@ def train_caption(pretrained: str | Path | None, world: World, store: FeatureSto
                if val_split and val_images > 0 else None)
 
     ce_set = caption_dataset_from_world(world, train_split, store, tokenizer, cfg, task, tags)
+    if task.output_vocab == "train":
+        model.restrict_output(output_vocabulary(ce_set))
     Trainer(model, train_cfg, out / "ce", desc="caption-ce").fit(ce_set, ce_set.collate, eval_fn)
 
     if scst_cfg is not None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from minivlm.config import BERT_PRESETS, CAPTION_OBJECTIVES, BertConfig, CaptionTaskConfig, RetrievalTaskConfig, TrainConfig, VQATaskConfig
+from minivlm.config import BERT_PRESETS, CAPTION_OBJECTIVES, CAPTION_OUTPUT_VOCABS, BertConfig, CaptionTaskConfig, RetrievalTaskConfig, TrainConfig, VQATaskConfig
 from minivlm.errors import MiniVLMError
 from minivlm.io import atomic_path, write_json, write_text
 from minivlm.tasks.data import TASKS, init_from_pretrained, task_bert_config
@@ -100,6 +100,10 @@ class FinetuneSetup:
                                     help="caption: 'masked' (the paper) or 'every-token' (every token predicted "
                                          "from the clean caption before it, in one pass: the decoder's own "
                                          "situation; trains faster on a small budget)")
+    caption_output_vocab: str = option(CaptionTaskConfig.output_vocab, choices=CAPTION_OUTPUT_VOCABS,
+                                       help="caption: the word pieces the decoder may emit: 'all' of BERT's "
+                                            "(the paper) or only those of the training captions ('train': a CPU "
+                                            "trains faster, the 30,522-wide layer was half an every-token step)")
     progress: bool = option(True, help="progress bars at evaluation")
     train: TrainConfig | None = option(None, help=f"trainer (default: the task's, epochs {DEFAULT_EPOCHS}, "
                                                   f"lr {DEFAULT_LR}, batch 32)")
