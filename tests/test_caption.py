@@ -305,6 +305,8 @@ def test_restricted_output_vocabulary_is_the_full_softmax_with_the_rest_shut(tok
         model(bad.collate([bad[0]], generator=torch.Generator().manual_seed(0)))
     with pytest.raises(MiniVLMError, match="output vocabulary"):
         model.restrict_output(torch.tensor([tok.vocab_size]))
+    with pytest.raises(MiniVLMError, match="output vocabulary must be one of"):
+        train_caption(None, None, None, "unused", model.cfg, TrainConfig(), task_cfg=CaptionTaskConfig(output_vocab="nope"))
 
 
 def test_restricted_output_vocabulary_trains_and_decodes_only_its_words(tok, image_regions):

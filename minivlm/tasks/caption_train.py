@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from minivlm.config import BertConfig, CaptionTaskConfig, TrainConfig
+from minivlm.config import CAPTION_OUTPUT_VOCABS, BertConfig, CaptionTaskConfig, TrainConfig
 from minivlm.data.feature_store import FeatureStore
 from minivlm.data.world import World
 from minivlm.errors import MiniVLMError
@@ -111,6 +111,8 @@ def train_caption(pretrained: str | Path | None, world: World, store: FeatureSto
     from minivlm.train.trainer import Trainer
 
     task = task_cfg or CaptionTaskConfig()
+    if task.output_vocab not in CAPTION_OUTPUT_VOCABS:
+        raise MiniVLMError(f"caption output vocabulary must be one of {CAPTION_OUTPUT_VOCABS}, got {task.output_vocab!r}")
     tokenizer = tokenizer or get_tokenizer()
     out = Path(out_dir)
     train_split = train_split or world.train_split("captions")
