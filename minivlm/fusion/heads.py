@@ -29,14 +29,13 @@ class MLMHead(nn.Module):
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.apply(init_bert_weights)
 
-    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [..., H]: what the decoder's rows score."""
-        return self.LayerNorm(F.gelu(linear(self.dense, hidden)))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [..., vocab] logits."""
+    def forward(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H] -> [..., vocab] logits, or [..., len(rows)]: the logits of those vocabulary rows only."""
+        h = self.LayerNorm(F.gelu(linear(self.dense, hidden)))
+        if rows is not None:
+            return F.linear(h, self.decoder.weight[rows], self.decoder.bias[rows])
         # `linear`: a decoding step reads this 30522-word layer for one row; see fusion.transformer.linear.
-        return linear(self.decoder, self.transform(hidden))
+        return linear(self.decoder, h)
 
 
 class Pooler(nn.Module):

@@ -156,10 +156,8 @@ class CaptionModel(nn.Module):
         self.mlm = MLMHead(cfg)
         self.ids = special or SpecialIds.from_tokenizer(get_tokenizer())
         self.scst: ScstObjective | None = None  # set for the SCST stage (not a module: no weights)
-        # restrict_output's word pieces, and each vocabulary id's row among them (-1: outside); not saved,
-        # the decoder's bias carries the restriction.
+        # restrict_output's word pieces, sorted; not saved: the decoder's bias carries the restriction.
         self.output_ids: torch.Tensor | None = None
-        self.output_index: torch.Tensor | None = None
         self.load_report: LoadReport | None = None
 
     @property
@@ -218,29 +216,26 @@ class CaptionModel(nn.Module):
         """Lets the decoder emit only `token_ids` (CaptionTaskConfig.output_vocab="train"): training scores
         those rows only, and every other row's bias becomes -1e4, so the full-width decoder that inference
         and the ONNX graphs run gives the same softmax (exp(-1e4) is 0 in fp32) and the same tokens."""
-        ids = torch.unique(token_ids.to(torch.long))
+        bias = self.mlm.decoder.bias
+        ids = torch.unique(token_ids.to(device=bias.device, dtype=torch.long))  # sorted
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
             raise MiniVLMError(f"output vocabulary: {ids.numel()} ids, all must be in [0, {self.cfg.vocab_size})")
-        index = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long)
-        index[ids] = torch.arange(ids.numel())
         with torch.no_grad():
-            bias = self.mlm.decoder.bias
             shut = torch.ones_like(bias, dtype=torch.bool)
-            shut[ids.to(bias.device)] = False
+            shut[ids] = False
             bias[shut] = OUTSIDE_VOCAB_BIAS
-        device = self.mlm.decoder.weight.device
-        self.output_ids, self.output_index = ids.to(device), index.to(device)
+        self.output_ids = ids
 
     def training_logits(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 logits of `hidden` [N, H] and `labels` [N] in the same index space: the whole vocabulary, or
         the output vocabulary's rows only after `restrict_output` (the rest would add nothing but time)."""
-        if self.output_ids is None:
+        rows = self.output_ids
+        if rows is None:
             return self.mlm(hidden).float(), labels
-        index = self.output_index[labels]
-        if bool((index < 0).any()):
+        index = torch.searchsorted(rows, labels)
+        if bool((rows[index.clamp(max=len(rows) - 1)] != labels).any()):
             raise MiniVLMError("a training caption holds a word piece outside the caption output vocabulary")
-        rows, decoder = self.output_ids, self.mlm.decoder
-        return F.linear(self.mlm.transform(hidden), decoder.weight[rows], decoder.bias[rows]).float(), index
+        return self.mlm(hidden, rows).float(), index
 
     # -- decoding ------------------------------------------------------------------------------------
     @torch.no_grad()
