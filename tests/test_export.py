@@ -514,19 +514,23 @@ def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
         np.testing.assert_allclose(want["features"].numpy(), got[4], atol=1e-4, rtol=1e-4)
 
 
-def test_nlvr2_region_attention_graph_matches_pytorch(tmp_path):
-    """NLVR2's region-attention pooling (two sequences per pair) traced with other batch, token and region
-    counts than the run's, and a pair whose second image has fewer regions."""
+@pytest.mark.parametrize("task,pool", [("nlvr2", "region-attention"), ("nlvr2", "region-count"),
+                                       ("vqa", "region-count")])
+def test_region_pooling_graphs_match_pytorch(tmp_path, task, pool):
+    """The region heads (NLVR2: two sequences per pair; the count head's sum of sigmoids and its answer bins)
+    traced with other batch, token and region counts than the run's, and a sequence with fewer regions."""
     import onnxruntime as ort
 
     from minivlm.export import FUSION_INPUTS, export_fusion
     from minivlm.fusion.inputs import FusionBatch
 
     torch.manual_seed(0)
-    model = build_task_model("nlvr2", BERT, extra={"pool": "region-attention"}).eval()
+    model = build_task_model(task, BERT, len(ANSWERS) if task == "vqa" else None, extra={"pool": pool}).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.3) if p.dim() > 1 else None
-    info = export_fusion("nlvr2", model, tmp_path)
+    if task == "vqa":
+        model.set_answers(ANSWERS[:-1] + ["2"])  # a number answer: the count's bins reach its logit
+    info = export_fusion(task, model, tmp_path)
     b, t, r = 6, 9, 3
     types = torch.zeros(b, t, dtype=torch.long)
     types[:, 6:] = 1

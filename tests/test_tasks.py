@@ -16,8 +16,8 @@ from minivlm.regions import Regions
 from minivlm.tasks.nlvr2 import NLVR2_POOLS, NLVR2Collator, NLVR2Model, NLVR2Pair
 from minivlm.tasks.retrieval import (MISMATCHED, RetrievalCollator, RetrievalDataset, RetrievalModel, _norm,
                                      chance_recall, score_all_pairs, score_pairs)
-from minivlm.tasks.vqa import (VQACollator, VQAExample, VQAModel, baseline_results, build_answer_vocab,
-                               soft_targets, target_tensor, vqa_loss)
+from minivlm.tasks.vqa import (VQACollator, VQAExample, VQAModel, answer_numbers, baseline_results,
+                               build_answer_vocab, count_targets, soft_targets, target_tensor, vqa_loss)
 from minivlm.text.tokenizer import get_tokenizer
 
 TINY = BertConfig("tiny", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2, vocab_size=30522,
@@ -456,6 +456,75 @@ def test_vqa_region_attention_binds_the_named_object_to_its_colour(tok):
     idx, _ = model.predict(tok, [r for _, r, _ in test], [e.question for e, _, _ in test], top_k=1)
     acc = (idx[:, 0] == torch.tensor([c for _, _, c in test])).float().mean().item()
     assert acc >= 0.9, acc  # reading any one of the three regions: ~1/3
+
+
+def test_count_targets_are_the_best_answer_when_it_is_a_number():
+    numbers = answer_numbers(["yes", "2", "no", "0", "red", "10"])
+    assert numbers.tolist() == [-1, 2, -1, 0, -1, 10]
+    targets = torch.tensor([[0, 1.0, 0, 0.3, 0, 0],  # "2"
+                            [0, 0, 0, 1.0, 0, 0],  # "0": a count too
+                            [1.0, 0, 0, 0.3, 0, 0],  # "yes" is best: not a counting question
+                            [0, 0, 0, 0, 0, 0]])  # no answer in the set
+    value, is_count = count_targets(targets, numbers)
+    assert is_count.tolist() == [True, True, False, False] and value[:2].tolist() == [2, 0]
+
+
+def _counting_data(tok, cfg, n: int, seed: int):
+    """Images of 1-5 one-hot objects of 4 classes; "how many <class>s are there?", answers "0".."5"."""
+    g = torch.Generator().manual_seed(seed)
+    classes = ["circles", "squares", "stars", "hearts"]
+    out = []
+    for i in range(n):
+        k = int(torch.randint(1, 6, (1,), generator=g))
+        cls = torch.randint(4, (k,), generator=g)
+        boxes = torch.tensor([[5.0 + 18 * j, 10, 20 + 18 * j, 30] for j in range(k)])
+        r = Regions(boxes=boxes, features=F.one_hot(cls, cfg.region_dim).float(), scores=torch.ones(k), labels=cls,
+                    image_size=(100, 100), tags=[])
+        asked = int(cls[int(torch.randint(k, (1,), generator=g))]) if torch.rand(1, generator=g) < 0.8 else \
+            int(torch.randint(4, (1,), generator=g))
+        n_true = int((cls == asked).sum())
+        out.append((VQAExample(i, i, f"how many {classes[asked]} are there?", {n_true: 1.0}), r, n_true))
+    return out
+
+
+def test_vqa_region_count_counts_the_named_class_on_new_images(tok):
+    """The count head sums a sigmoid per region and its first count is fitted to the answer: on new images that
+    count must follow how many regions of the named class there are."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, region_dim=8)
+    answers = [str(i) for i in range(6)]
+    data = _counting_data(tok, cfg, 384, seed=0)
+    train, test = data[:256], data[256:]
+    collate = VQACollator(tok, cfg, len(answers))
+    batches = [collate([(e, r) for e, r, _ in train[i:i + 32]]) for i in range(0, 256, 32)]
+    model = VQAModel(cfg, len(answers), "region-count")
+    model.set_answers(answers)
+    _fit(model, batches, 300, lr=3e-3)
+    idx, _ = model.predict(tok, [r for _, r, _ in test], [e.question for e, _, _ in test], top_k=1)
+    truth = torch.tensor([c for _, _, c in test])
+    acc = (idx[:, 0] == truth).float().mean().item()
+    assert acc >= 0.75, acc  # the most common answer: 57%
+    with torch.no_grad():
+        _, counts = model.logits_and_counts(collate([(e, r) for e, r, _ in test]).inputs)
+    assert (counts[:, 0] - truth).abs().mean() < 0.4, counts[:, 0]  # always the mean count: 0.66; untrained: 1.06
+
+
+def test_region_count_pool_is_kept_by_the_folder_and_starts_nlvr2(tmp_path):
+    from minivlm.io import write_lines
+    from minivlm.model import build_task_model, load_task_folder, write_task_config
+    from minivlm.tasks.data import init_from_pretrained
+
+    answers = ["yes", "no", "2", "3"]
+    vqa = build_task_model("vqa", TINY, len(answers), extra={"pool": "region-count"})
+    vqa.set_answers(answers)
+    write_task_config(tmp_path / "vqa", "vqa", TINY, state=vqa.state_dict(), num_answers=len(answers),
+                      pool="region-count")
+    write_lines(tmp_path / "vqa" / "answers.txt", answers)
+    _, loaded = load_task_folder(tmp_path / "vqa")
+    assert loaded.pool == "region-count" and loaded.answer_numbers.tolist() == [-1, -1, 2, 3]
+    nlvr2 = build_task_model("nlvr2", TINY, extra={"pool": "region-count"})
+    init_from_pretrained(nlvr2, tmp_path / "vqa")  # the count head fitted by VQA's counting questions carries over
+    assert torch.equal(nlvr2.region_count.key.weight, vqa.region_count.key.weight)
 
 
 def test_regions_below_the_score_floor_do_not_enter_the_transformer():

@@ -5,6 +5,7 @@
 * `Pooler` + `ITMHead`: [CLS] -> dense + tanh -> 2-way classifier (image-text matched / polluted).
 * `RegionAttention`: the question's state scores the final region states (top-down attention), for the
   VQA head that reads the regions it picked.
+* `RegionCount`: soft counts of the regions the question names (sums of sigmoids), embedded for the answer head.
 * `ClassifierHead`: [CLS] pooled -> MLP -> N outputs, for the tasks' VQA (3129 answers), NLVR2 (two
   pooled vectors concatenated) and retrieval (1 score) heads.
 
@@ -114,6 +115,51 @@ def text_and_picked_region(hidden: torch.Tensor, text_mask: torch.Tensor, token_
     """The "region-attention" pooling of VQA and NLVR2, [B, 2H]: the pooled mean of the token segment (text and
     tags) beside the final region states weighted by a query from the text's own tokens (segment 0)."""
     t = text_mask.shape[1]
-    query = masked_mean(hidden[:, :t], text_mask & (token_type_ids == 0))
+    query = question_query(hidden, text_mask, token_type_ids)
     return torch.cat([pooled_text_mean(hidden, text_mask, pooler), attention(query, hidden[:, t:], region_mask)],
                      dim=-1)
+
+
+def question_query(hidden: torch.Tensor, text_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+    """[B, H]: the mean final state of the text's own tokens (segment 0, not the tags): what the region heads'
+    queries are made from."""
+    return masked_mean(hidden[:, :text_mask.shape[1]], text_mask & (token_type_ids == 0))
+
+
+class RegionCount(nn.Module):
+    """How many regions a question names: per head, Σ_r sigmoid(query . key_r + b) over the final region
+    states, the query from the question's tokens (Zhang et al.'s counting idea, simplified). Softmax attention
+    cannot count (two identical circles give the same weighted mean as one); a sum of independent sigmoids can.
+    Each head's count is spread over soft bins 0..`max_count` (bin k gets max(0, 1 - |count - k|)) and embedded,
+    so the answer head reads a count as it reads a region. The first head's count is also what a task can fit
+    to a number it knows (VQA: the answer of a counting question), which tells the key which regions to count:
+    the answer alone, through the bins, barely does."""
+
+    def __init__(self, cfg: BertConfig, heads: int = 4, max_count: int = 10):
+        super().__init__()
+        self.heads, self.max_count = heads, max_count
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.bias = nn.Parameter(torch.full((heads,), -2.0))  # sigmoid(-2) = 0.12: most regions start uncounted
+        self.embed = nn.Linear(heads * (max_count + 1), cfg.hidden_size)
+        self.apply(init_bert_weights)
+
+    def counts(self, question: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        """question [B, H], regions [B, R, H], region_mask [B, R] -> [B, heads] soft counts."""
+        b, r, h = regions.shape
+        q = self.query(question).view(b, 1, self.heads, h // self.heads)
+        k = self.key(regions).view(b, r, self.heads, h // self.heads)
+        scores = (q * k).sum(-1) / (h // self.heads) ** 0.5 + self.bias  # [B, R, heads]
+        return (torch.sigmoid(scores.float()) * region_mask.unsqueeze(-1)).sum(1)
+
+    def forward(self, question: torch.Tensor, regions: torch.Tensor,
+                region_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (counts [B, heads], their embedding [B, H])."""
+        counts = self.counts(question, regions, region_mask)
+        bins = self.bins(counts)
+        return counts, self.embed(bins.flatten(1).to(self.embed.weight.dtype))
+
+    def bins(self, counts: torch.Tensor) -> torch.Tensor:
+        """[..., max_count + 1]: bin k gets max(0, 1 - |count - k|)."""
+        grid = torch.arange(self.max_count + 1, device=counts.device, dtype=counts.dtype)
+        return (1 - (counts.clamp(max=self.max_count).unsqueeze(-1) - grid).abs()).clamp(min=0)

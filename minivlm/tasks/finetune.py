@@ -82,10 +82,13 @@ class FinetuneSetup:
     curriculum_epochs: int = option(0, help="vqa: epochs on the attribute questions (colour, shape, size, "
                                             "pattern) before the full set")
     vqa_pool: str = option("cls", help="vqa: what the answer head reads: [CLS] (OSCAR), the mean of the question "
-                                       "and tag tokens, or that mean beside the final region states weighted by "
-                                       "the question (region-attention)", choices=VQA_POOLS)
+                                       "and tag tokens, that mean beside the final region states weighted by "
+                                       "the question (region-attention), or that and soft counts of the regions "
+                                       "the question names, fitted to the counting answers (region-count)",
+                           choices=VQA_POOLS)
     nlvr2_pool: str = option("cls", help="nlvr2: what the classifier reads of each image: [CLS] (OSCAR) or the "
-                                         "text mean beside the regions the statement picks (region-attention)",
+                                         "text mean beside the regions the statement picks (region-attention), "
+                                         "or that and soft counts of the regions it names (region-count)",
                              choices=NLVR2_POOLS)
     negatives: int = option(RetrievalTaskConfig.negatives_per_positive,
                             help="retrieval: mismatched pairs per matched pair")

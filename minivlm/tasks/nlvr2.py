@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.feature_store import FeatureStore
 from minivlm.data.readers import NLVR2Example
-from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention, text_and_picked_region
+from minivlm.fusion.heads import (ClassifierHead, Pooler, RegionAttention, RegionCount, question_query,
+                                  text_and_picked_region)
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.errors import MiniVLMError
@@ -98,8 +99,10 @@ class NLVR2Collator:
 
 
 # What the classifier reads of each image's sequence: the pooled [CLS] (OSCAR), or the text mean beside the
-# regions the statement picks (as VQA's "region-attention", `fusion.heads.text_and_picked_region`).
-NLVR2_POOLS = ("cls", "region-attention")
+# regions the statement picks (as VQA's "region-attention", `fusion.heads.text_and_picked_region`), or that and
+# the soft counts of the regions the statement names (`fusion.heads.RegionCount`; most statements compare counts,
+# and a count head fitted by VQA's counting questions carries over when NLVR2 starts from a VQA model).
+NLVR2_POOLS = ("cls", "region-attention", "region-count")
 
 
 class NLVR2Model(nn.Module):
@@ -110,15 +113,21 @@ class NLVR2Model(nn.Module):
         self.cfg, self.pool = cfg, pool
         self.bert = MultimodalBert(cfg)
         self.pooler = Pooler(cfg)
-        if pool == "region-attention":
+        if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg)
-        self.head = ClassifierHead(cfg, 2, in_mult=4 if pool == "region-attention" else 2)
+        if pool == "region-count":
+            self.region_count = RegionCount(cfg)
+        self.head = ClassifierHead(cfg, 2, in_mult={"region-attention": 4, "region-count": 6}.get(pool, 2))
 
     def joint(self, inputs: FusionBatch) -> torch.Tensor:
         """[2B sequences] -> [B, 2P]: the left and right pooled vectors side by side."""
         hidden = self.bert(**inputs.model_inputs()).hidden_states
         pooled = self.pooler(hidden) if self.pool == "cls" else text_and_picked_region(
             hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask, self.pooler, self.region_attention)
+        if self.pool == "region-count":
+            query = question_query(hidden, inputs.text_mask, inputs.token_type_ids)
+            _, counted = self.region_count(query, hidden[:, inputs.text_mask.shape[1]:], inputs.region_mask)
+            pooled = torch.cat([pooled, counted], dim=-1)
         b = pooled.shape[0] // 2
         return torch.cat([pooled[:b], pooled[b:]], dim=1)
 

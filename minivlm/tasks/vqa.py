@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.eval.vqa_eval import normalize_answer
-from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention, pooled_text_mean, text_and_picked_region
+from minivlm.fusion.heads import (ClassifierHead, Pooler, RegionAttention, RegionCount, pooled_text_mean,
+                                  question_query, text_and_picked_region)
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
@@ -137,8 +138,23 @@ class VQACollator:
 # final states (question and tags), through the same pooler: with oracle regions it learnt faster from random
 # weights (57.4 vs 52.8 in 1,200 steps, README: Grounding), the question's words being where the answer is bound.
 # "region-attention": the text-mean vector beside the final region states weighted by a query from the question's
-# tokens (`RegionAttention`, top-down attention).
-VQA_POOLS = ("cls", "text-mean", "region-attention")
+# tokens (`RegionAttention`, top-down attention). "region-count": that, and the soft counts of the regions the
+# question names (`RegionCount`), the first fitted to the answer of each counting question (`COUNT_LOSS_WEIGHT`).
+VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count")
+COUNT_LOSS_WEIGHT = 1.0
+
+
+def answer_numbers(answers: Sequence[str]) -> torch.Tensor:
+    """[A]: each answer's value where it is a whole number ("0", "3"; the normalisation turns "three" into "3"),
+    else -1."""
+    return torch.tensor([float(a) if a.isdigit() else -1.0 for a in answers])
+
+
+def count_targets(targets: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the number each row's best answer is [B], which rows' best answer is a number [B] bool)."""
+    best = targets.argmax(1)
+    value = numbers[best]
+    return value.clamp(min=0), (value >= 0) & (targets.amax(1) > 0)
 
 
 class VQAModel(nn.Module):
@@ -151,9 +167,23 @@ class VQAModel(nn.Module):
         self.cfg, self.num_answers, self.pool = cfg, num_answers, pool
         self.bert = MultimodalBert(cfg)
         self.pooler = Pooler(cfg)
-        if pool == "region-attention":
+        if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg)
-        self.head = ClassifierHead(cfg, num_answers, in_mult=2 if pool == "region-attention" else 1)
+        if pool == "region-count":
+            self.region_count = RegionCount(cfg)
+            # Which answers are numbers; set from the answer set (`set_answers`), saved with the weights.
+            self.register_buffer("answer_numbers", torch.full((num_answers,), -1.0))
+            # The first count's bin of each number answer is added to that answer's logit, times this: a direct
+            # path from the fitted count to the answer it names.
+            self.count_scale = nn.Parameter(torch.tensor(4.0))
+        self.head = ClassifierHead(cfg, num_answers, in_mult={"region-attention": 2, "region-count": 3}.get(pool, 1))
+
+    @torch.no_grad()
+    def set_answers(self, answers: Sequence[str]) -> None:
+        if len(answers) != self.num_answers:
+            raise ValueError(f"{len(answers)} answers for a head of {self.num_answers}")
+        if self.pool == "region-count":
+            self.answer_numbers.copy_(answer_numbers(answers))
 
     @torch.no_grad()
     def init_answer_bias(self, targets: Sequence[dict[int, float]]) -> None:
@@ -165,20 +195,42 @@ class VQAModel(nn.Module):
         p = target_tensor(targets, self.num_answers).mean(0).clamp(1e-4, 1 - 1e-4)
         self.head.net[-1].bias.copy_(torch.log(p / (1 - p)))
 
-    def logits(self, inputs: FusionBatch) -> torch.Tensor:
+    def logits_and_counts(self, inputs: FusionBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(answer logits [B, A], the region-count head's soft counts [B, heads] or None)."""
         hidden = self.bert(**inputs.model_inputs()).hidden_states
         if self.pool == "cls":
-            return self.head(self.pooler(hidden))
+            return self.head(self.pooler(hidden)), None
         if self.pool == "text-mean":
-            return self.head(pooled_text_mean(hidden, inputs.text_mask, self.pooler))
-        return self.head(text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
-                                                self.pooler, self.region_attention))
+            return self.head(pooled_text_mean(hidden, inputs.text_mask, self.pooler)), None
+        picked = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
+                                        self.pooler, self.region_attention)
+        if self.pool == "region-attention":
+            return self.head(picked), None
+        query = question_query(hidden, inputs.text_mask, inputs.token_type_ids)
+        counts, counted = self.region_count(query, hidden[:, inputs.text_mask.shape[1]:], inputs.region_mask)
+        logits = self.head(torch.cat([picked, counted], dim=-1))
+        numbers = self.answer_numbers.long()
+        named = (numbers >= 0) & (numbers <= self.region_count.max_count)
+        bins = self.region_count.bins(counts[:, 0])[:, numbers.clamp(0, self.region_count.max_count)]
+        return logits + self.count_scale * bins.to(logits.dtype) * named, counts
+
+    def logits(self, inputs: FusionBatch) -> torch.Tensor:
+        return self.logits_and_counts(inputs)[0]
 
     def forward(self, batch: VQABatch) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch.inputs)
+        logits, counts = self.logits_and_counts(batch.inputs)
         # VQA score of the arg-max answer: the training accuracy in the official metric's units (0..1).
         score = batch.targets.gather(1, logits.argmax(1, keepdim=True)).mean()
-        return {"loss": vqa_loss(logits.float(), batch.targets), "vqa_score": score.detach()}
+        out = {"loss": vqa_loss(logits.float(), batch.targets), "vqa_score": score.detach()}
+        if counts is not None:
+            # The first count is fitted to the answer of each counting question: the one signal that says which
+            # regions to count (through the soft bins alone the head learnt to count every region).
+            number, is_count = count_targets(batch.targets, self.answer_numbers)
+            err = F.smooth_l1_loss(counts[:, 0], number, reduction="none")
+            count_loss = (err * is_count).sum() / is_count.sum().clamp(min=1)
+            out["loss"] = out["loss"] + COUNT_LOSS_WEIGHT * count_loss
+            out["count_loss"] = count_loss.detach()
+        return out
 
     @torch.no_grad()
     def predict(self, tokenizer: Tokenizer, regions_list: Sequence[Regions], questions: Sequence[str],
@@ -272,6 +324,7 @@ class VQATask(Task):
     def build_model(self, cfg):
         model = VQAModel(cfg, len(self.answers), self.setup.vqa_pool)
         self.run.init(model)
+        model.set_answers(self.answers)
         model.init_answer_bias([e.targets for e in self.train])  # after init: a pre-trained head keeps the prior
         return model
 
