@@ -111,19 +111,19 @@ def pooled_text_mean(hidden: torch.Tensor, text_mask: torch.Tensor, pooler: Pool
 
 
 def text_and_picked_region(hidden: torch.Tensor, text_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                           region_mask: torch.Tensor, pooler: Pooler, attention: RegionAttention) -> torch.Tensor:
+                           region_mask: torch.Tensor, pooler: Pooler, attention: RegionAttention,
+                           counter: RegionCount | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The "region-attention" pooling of VQA and NLVR2, [B, 2H]: the pooled mean of the token segment (text and
-    tags) beside the final region states weighted by a query from the text's own tokens (segment 0)."""
+    tags) beside the final region states weighted by a query from the text's own tokens (segment 0). With a
+    `counter` ("region-count"), the embedding of its counts under the same query follows, [B, 3H], and the
+    counts [B, heads] come back beside it (else None)."""
     t = text_mask.shape[1]
-    query = question_query(hidden, text_mask, token_type_ids)
-    return torch.cat([pooled_text_mean(hidden, text_mask, pooler), attention(query, hidden[:, t:], region_mask)],
-                     dim=-1)
-
-
-def question_query(hidden: torch.Tensor, text_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-    """[B, H]: the mean final state of the text's own tokens (segment 0, not the tags): what the region heads'
-    queries are made from."""
-    return masked_mean(hidden[:, :text_mask.shape[1]], text_mask & (token_type_ids == 0))
+    query, regions = masked_mean(hidden[:, :t], text_mask & (token_type_ids == 0)), hidden[:, t:]
+    parts = [pooled_text_mean(hidden, text_mask, pooler), attention(query, regions, region_mask)]
+    if counter is None:
+        return torch.cat(parts, dim=-1), None
+    counts, counted = counter(query, regions, region_mask)
+    return torch.cat([*parts, counted], dim=-1), counts
 
 
 class RegionCount(nn.Module):

@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.feature_store import FeatureStore
 from minivlm.data.readers import NLVR2Example
-from minivlm.fusion.heads import (ClassifierHead, Pooler, RegionAttention, RegionCount, question_query,
-                                  text_and_picked_region)
+from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention, RegionCount, text_and_picked_region
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.errors import MiniVLMError
@@ -115,19 +114,15 @@ class NLVR2Model(nn.Module):
         self.pooler = Pooler(cfg)
         if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg)
-        if pool == "region-count":
-            self.region_count = RegionCount(cfg)
+        self.region_count = RegionCount(cfg) if pool == "region-count" else None
         self.head = ClassifierHead(cfg, 2, in_mult={"region-attention": 4, "region-count": 6}.get(pool, 2))
 
     def joint(self, inputs: FusionBatch) -> torch.Tensor:
         """[2B sequences] -> [B, 2P]: the left and right pooled vectors side by side."""
         hidden = self.bert(**inputs.model_inputs()).hidden_states
         pooled = self.pooler(hidden) if self.pool == "cls" else text_and_picked_region(
-            hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask, self.pooler, self.region_attention)
-        if self.pool == "region-count":
-            query = question_query(hidden, inputs.text_mask, inputs.token_type_ids)
-            _, counted = self.region_count(query, hidden[:, inputs.text_mask.shape[1]:], inputs.region_mask)
-            pooled = torch.cat([pooled, counted], dim=-1)
+            hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask, self.pooler, self.region_attention,
+            self.region_count)[0]
         b = pooled.shape[0] // 2
         return torch.cat([pooled[:b], pooled[b:]], dim=1)
 

@@ -28,7 +28,7 @@ from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.eval.vqa_eval import normalize_answer
 from minivlm.fusion.heads import (ClassifierHead, Pooler, RegionAttention, RegionCount, pooled_text_mean,
-                                  question_query, text_and_picked_region)
+                                  text_and_picked_region)
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
@@ -169,8 +169,8 @@ class VQAModel(nn.Module):
         self.pooler = Pooler(cfg)
         if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg)
+        self.region_count = RegionCount(cfg) if pool == "region-count" else None
         if pool == "region-count":
-            self.region_count = RegionCount(cfg)
             # Which answers are numbers; set from the answer set (`set_answers`), saved with the weights.
             self.register_buffer("answer_numbers", torch.full((num_answers,), -1.0))
             # The first count's bin of each number answer is added to that answer's logit, times this: a direct
@@ -202,13 +202,11 @@ class VQAModel(nn.Module):
             return self.head(self.pooler(hidden)), None
         if self.pool == "text-mean":
             return self.head(pooled_text_mean(hidden, inputs.text_mask, self.pooler)), None
-        picked = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
-                                        self.pooler, self.region_attention)
-        if self.pool == "region-attention":
-            return self.head(picked), None
-        query = question_query(hidden, inputs.text_mask, inputs.token_type_ids)
-        counts, counted = self.region_count(query, hidden[:, inputs.text_mask.shape[1]:], inputs.region_mask)
-        logits = self.head(torch.cat([picked, counted], dim=-1))
+        pooled, counts = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
+                                                self.pooler, self.region_attention, self.region_count)
+        logits = self.head(pooled)
+        if counts is None:
+            return logits, None
         numbers = self.answer_numbers.long()
         named = (numbers >= 0) & (numbers <= self.region_count.max_count)
         bins = self.region_count.bins(counts[:, 0])[:, numbers.clamp(0, self.region_count.max_count)]
