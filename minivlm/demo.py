@@ -75,6 +75,9 @@ class DemoSize:
     # + ITM teach the small transformer to answer from the tags and the question, which VQA fine-tuning
     # does not unlearn in the demo's steps (README: Results, VQA).
     vqa_init: str = "pretrained"
+    # "pretrained" or "vqa": NLVR2 fine-tuned from this run's VQA model (an intermediate task: its counts and
+    # comparisons of counts then start from a transformer that has answered questions about single images).
+    nlvr2_init: str = "pretrained"
     # bf16 autocast in the transformer stages where the CPU has bf16 units (TrainConfig.cpu_amp): ~1.6x
     # faster steps on the project's machine, spent on more epochs. Off in `quick`, whose numbers a test holds.
     cpu_amp: bool = False
@@ -84,6 +87,8 @@ class DemoSize:
     def __post_init__(self):
         if self.vqa_init not in ("pretrained", "random"):
             raise ValueError(f"vqa_init must be 'pretrained' or 'random' (got {self.vqa_init!r})")
+        if self.nlvr2_init not in ("pretrained", "vqa"):
+            raise ValueError(f"nlvr2_init must be 'pretrained' or 'vqa' (got {self.nlvr2_init!r})")
 
     def detector_setup(self, data: Path, out: Path, seed: int) -> DetectorSetup:
         from minivlm.vision.train import DETECTOR_RECIPE, DetectorSetup
@@ -195,14 +200,20 @@ class Demo:
 
         # One held-out split per task (the report reads the test split); retrieval scores every image x
         # caption pair with a full transformer pass, so its test set is capped at `retrieval_eval_images`.
-        from_random = task == "vqa" and self.size.vqa_init == "random"
         finetune(self.size.finetune_setup(
-            task, data=self.world, features=self.features, out=self.out / task,
-            pretrained=None if from_random else self.pretrain / "model",
+            task, data=self.world, features=self.features, out=self.out / task, pretrained=self.starts_from(task),
             preset=self.size.bert_preset, seed=self.seed, eval_splits=["test1" if task == "nlvr2" else "test"],
             nlvr2_features=self.nlvr2_features if task == "nlvr2" else None,
             max_eval=self.size.retrieval_eval_images if task == "retrieval" else None))
         return read_json(self.out / task / "metrics.json")
+
+    def starts_from(self, task: str) -> Path | None:
+        """The folder `task` is fine-tuned from (None: random weights)."""
+        if task == "vqa" and self.size.vqa_init == "random":
+            return None
+        if task == "nlvr2" and self.size.nlvr2_init == "vqa":
+            return self.out / "vqa"  # TASKS runs VQA before NLVR2
+        return self.pretrain / "model"
 
     def assemble(self) -> dict:
         from minivlm.export import export_model

@@ -152,3 +152,15 @@ def test_report_refuses_a_task_folder_of_an_earlier_version():
     assert summary_metrics({"nlvr2": {"eval": {"test1": one_shape}}})["nlvr2_chance"] == 50.0
     with pytest.raises(MiniVLMError, match="earlier version"):  # silently dropping its numbers would hide it
         summary_metrics({"nlvr2": {"eval": {"test1": {"accuracy": 58.0}}}})
+
+
+def test_each_task_starts_from_the_folder_its_size_names(tmp_path):
+    from minivlm.demo import Demo
+
+    default = Demo(tmp_path, SIZES["default"])
+    assert default.starts_from("vqa") is None  # VQA from random weights
+    assert [default.starts_from(t) for t in ("caption", "nlvr2", "retrieval")] == [tmp_path / "pretrain" / "model"] * 3
+    long = Demo(tmp_path, SIZES["long"])
+    assert long.starts_from("nlvr2") == tmp_path / "vqa" and TASKS.index("vqa") < TASKS.index("nlvr2")
+    with pytest.raises(ValueError, match="nlvr2_init"):
+        dataclasses.replace(SIZES["long"], nlvr2_init="caption")
