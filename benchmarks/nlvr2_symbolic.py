@@ -1,0 +1,191 @@
+"""What the detector's regions allow on the synthetic NLVR2: a symbolic reader of its tags against the model.
+
+The generator writes NLVR2 statements from eight templates (counts, comparisons of counts, existence,
+relations; `minivlm.data.synthetic_text`). This benchmark parses each statement back into its template and
+evaluates it on the detector's own decisions for the two images: the class (tag) of every region that scores at
+least `--min-score`, its best attribute (a colour, when the attribute head names one) and its box. No learning:
+if this reader is right far more often than the fine-tuned model, the regions carry the answer and the model
+has not learnt to count and compare from its training statements; if not, the detector is the limit.
+
+Per kind of statement, beside the reader and the model (`--results`, the `results_<split>.json` a fine-tuned
+NLVR2 folder writes), the kind's prior: the share of its majority label in the training split.
+
+    python benchmarks/nlvr2_symbolic.py --data runs/demo/world --features runs/demo/features_nlvr2 \
+        --results runs/demo/nlvr2/results_test1.json       # -> benchmarks/results/nlvr2_symbolic.json
+
+For the synthetic world only: real NLVR2 statements are free text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minivlm.data.feature_store import FeatureStore  # noqa: E402
+from minivlm.data.synthetic_text import COLOURS, NOUNS, NUMBER_WORDS  # noqa: E402
+from minivlm.data.world import World  # noqa: E402
+from minivlm.io import write_json  # noqa: E402
+from minivlm.regions import Regions  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One object as the reader sees it: class, colour (None if unknown) and box x1, y1, x2, y2."""
+    cls: str
+    colour: str | None
+    box: tuple[float, float, float, float]
+
+
+Reader = Callable[[list[Thing], list[Thing]], bool]  # (left objects, right objects) -> is the statement true?
+
+_NOUN = {word: cls for cls, forms in NOUNS.items() for pair in forms for word in pair}
+_NOUN_RE = "|".join(sorted(map(re.escape, _NOUN), key=len, reverse=True))  # longest first: "crescent moon"
+_COLOUR_RE = "|".join(COLOURS)
+_NUMBER = {w: i for i, w in enumerate(NUMBER_WORDS)}
+_RELATION = {"to the left of": "left of", "left of": "left of", "to the right of": "right of",
+             "right of": "right of", "above": "above", "over": "above", "below": "below", "under": "below",
+             "beneath": "below"}
+_RELATION_RE = "|".join(sorted(map(re.escape, _RELATION), key=len, reverse=True))
+
+
+def _count(things: list[Thing], cls: str, colour: str | None = None) -> int:
+    return sum(t.cls == cls and (colour is None or t.colour == colour) for t in things)
+
+
+def _number(word: str) -> int:
+    return _NUMBER[word] if word in _NUMBER else int(word)
+
+
+def _holds(a: Thing, b: Thing, relation: str) -> bool:
+    """The generator's relations on boxes: strictly apart along one axis."""
+    return {"left of": a.box[2] <= b.box[0], "right of": b.box[2] <= a.box[0],
+            "above": a.box[3] <= b.box[1], "below": b.box[3] <= a.box[1]}[relation]
+
+
+def _sides(first: str) -> tuple[int, int]:
+    return (0, 1) if first == "left" else (1, 0)
+
+
+def read_statement(text: str) -> tuple[str, Reader] | None:
+    """(kind, reader) for a statement of one of the generator's templates, else None."""
+    s = text.lower().strip().rstrip(".")
+    m = re.fullmatch(rf"the (left|right) image has more shapes than the (?:left|right) image", s)
+    if m:
+        a, b = _sides(m.group(1))
+        return "more shapes", lambda l, r: len((l, r)[a]) > len((l, r)[b])
+    m = re.fullmatch(rf"both images contain the same number of ({_NOUN_RE})", s)
+    if m:
+        cls = _NOUN[m.group(1)]
+        return "same number", lambda l, r: _count(l, cls) == _count(r, cls)
+    m = (re.fullmatch(rf"there are more ({_NOUN_RE}) in the (left|right) image than in the (?:left|right) image", s)
+         or re.fullmatch(rf"the (left|right) image contains more ({_NOUN_RE}) than the (?:left|right) image", s))
+    if m:
+        noun, side = (m.group(1), m.group(2)) if m.group(1) in _NOUN else (m.group(2), m.group(1))
+        cls, (a, b) = _NOUN[noun], _sides(side)
+        return "more X", lambda l, r: _count((l, r)[a], cls) > _count((l, r)[b], cls)
+    m = re.fullmatch(rf"there (?:is|are) (\w+) ({_NOUN_RE}) in total", s)
+    if m:
+        n, cls = _number(m.group(1)), _NOUN[m.group(2)]
+        return "N in total", lambda l, r: _count(l, cls) + _count(r, cls) == n
+    m = re.fullmatch(rf"(?:both images contain an?|each image contains at least one) (?:({_COLOUR_RE}) )?({_NOUN_RE})", s)
+    if m:
+        colour, cls = m.group(1), _NOUN[m.group(2)]
+        return "both contain", lambda l, r: _count(l, cls, colour) > 0 and _count(r, cls, colour) > 0
+    m = (re.fullmatch(rf"one image contains an? ({_NOUN_RE}) and the other does not", s)
+         or re.fullmatch(rf"only one of the images contains an? ({_NOUN_RE})", s))
+    if m:
+        cls = _NOUN[m.group(1)]
+        return "only one", lambda l, r: (_count(l, cls) > 0) != (_count(r, cls) > 0)
+    m = re.fullmatch(rf"the (left|right) image contains (?:no ({_NOUN_RE})|exactly (\w+) ({_NOUN_RE}))", s)
+    if m:
+        i = _sides(m.group(1))[0]
+        n, cls = (0, _NOUN[m.group(2)]) if m.group(2) else (_number(m.group(3)), _NOUN[m.group(4)])
+        return "exactly N", lambda l, r: _count((l, r)[i], cls) == n
+    m = re.fullmatch(rf"in the (left|right) image, there is an? ({_COLOUR_RE}) ({_NOUN_RE}) ({_RELATION_RE}) "
+                     rf"an? ({_COLOUR_RE}) ({_NOUN_RE})", s)
+    if m:
+        i, relation = _sides(m.group(1))[0], _RELATION[m.group(4)]
+        first, second = (m.group(2), _NOUN[m.group(3)]), (m.group(5), _NOUN[m.group(6)])
+
+        def related(l: list[Thing], r: list[Thing]) -> bool:
+            things = (l, r)[i]
+            return any(_holds(p, q, relation) for p in things for q in things
+                       if p is not q and (p.colour, p.cls) == first and (q.colour, q.cls) == second)
+        return "relation", related
+    return None
+
+
+def things_of(regions: Regions, min_score: float) -> list[Thing]:
+    """The regions the reader trusts: tag, best attribute when it is a colour, box."""
+    names = regions.attribute_names or [None] * len(regions)
+    return [Thing(regions.tags[i], names[i] if names[i] in COLOURS else None, tuple(regions.boxes[i].tolist()))
+            for i in range(len(regions)) if float(regions.scores[i]) >= min_score]
+
+
+def kind_priors(statements) -> dict[str, float]:
+    """Per kind, the share (%) of its majority label among `statements` (NLVR2Example)."""
+    labels: dict[str, Counter] = defaultdict(Counter)
+    for e in statements:
+        read = read_statement(e.sentence)
+        labels[read[0] if read else "unparsed"][e.label] += 1
+    return {k: 100.0 * max(c.values()) / sum(c.values()) for k, c in labels.items()}
+
+
+def evaluate(world: World, store: FeatureStore, split: str, min_score: float,
+             results: dict[str, bool] | None = None) -> dict:
+    """Per kind of statement: n, the reader's accuracy, the model's (if `results`), the kind's training prior."""
+    rows: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    priors = kind_priors(world.nlvr2(world.train_split("nlvr2")))
+    for e in world.nlvr2(split):
+        left, right = store.get(store.find(e.left_image)), store.get(store.find(e.right_image))
+        read = read_statement(e.sentence)
+        kind = read[0] if read else "unparsed"
+        guess = read[1](things_of(left, min_score), things_of(right, min_score)) if read else False
+        for key in (kind, "all"):
+            rows[key]["reader"].append(guess == e.label)
+            if results is not None and e.identifier in results:
+                rows[key]["model"].append(results[e.identifier] == e.label)
+    out = {}
+    for kind, r in sorted(rows.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+        n = len(r["reader"])
+        out[kind] = {"n": n, "reader": 100.0 * sum(r["reader"]) / n, "prior": priors.get(kind),
+                     "model": 100.0 * sum(r["model"]) / len(r["model"]) if r.get("model") else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="the synthetic world (`minivlm make-data` output)")
+    p.add_argument("--features", type=Path, required=True, help="the feature store of its NLVR2 images")
+    p.add_argument("--split", default="test1")
+    p.add_argument("--min-score", type=float, default=0.3, help="regions under this score are not counted")
+    p.add_argument("--results", type=Path, help="a fine-tuned model's results_<split>.json, to compare per kind")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nlvr2_symbolic.json")
+    args = p.parse_args(argv)
+    results = None
+    if args.results:
+        results = {r["identifier"]: bool(r["prediction"]) for r in json.loads(args.results.read_text())}
+    table = evaluate(World(args.data), FeatureStore(args.features), args.split, args.min_score, results)
+    print(f"NLVR2 {args.split}, regions scoring >= {args.min_score}")
+    print(f"| kind | statements | its prior (train) | model | symbolic reader of the detector's tags |")
+    print("|---|---|---|---|---|")
+    for kind, r in table.items():
+        cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"| {kind} | {r['n']} | {cell(r['prior'])} | {cell(r['model'])} | {r['reader']:.1f} |")
+    write_json(args.out, {"data": str(args.data), "features": str(args.features), "split": args.split,
+                          "min_score": args.min_score, "results": str(args.results) if args.results else None,
+                          "kinds": table})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

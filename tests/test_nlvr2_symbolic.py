@@ -1,0 +1,84 @@
+"""benchmarks/nlvr2_symbolic.py: the symbolic reader must read every generated statement as the generator meant it."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import nlvr2_symbolic as sym  # noqa: E402
+
+from minivlm.data.feature_store import FeatureStoreWriter  # noqa: E402
+from minivlm.data.synthetic import CLASSES, generate_world, render_scene  # noqa: E402
+from minivlm.data.synthetic_text import nlvr2_statement  # noqa: E402
+from minivlm.data.world import World  # noqa: E402
+from minivlm.regions import Regions  # noqa: E402
+
+
+def _things(scene) -> list[sym.Thing]:
+    return [sym.Thing(o.cls, o.colour, (o.box[0], o.box[1], o.box[0] + o.box[2], o.box[1] + o.box[3]))
+            for o in scene.objects]
+
+
+def test_the_reader_gives_the_generators_truth_on_the_true_scenes():
+    """On the scenes a statement was written about, the reader's verdict is the statement's label, for every
+    template (true and false statements, all eight kinds)."""
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(120):
+        classes = [CLASSES[i] for i in rng.choice(len(CLASSES), 3, replace=False)]
+        left, right = (render_scene(rng, classes)[1] for _ in range(2))
+        for label in (True, False):
+            text = nlvr2_statement(left, right, label, rng)
+            read = sym.read_statement(text)
+            assert read is not None, text
+            kinds.add(read[0])
+            assert read[1](_things(left), _things(right)) == label, text
+    assert kinds == {"more shapes", "same number", "more X", "N in total", "both contain", "only one", "exactly N",
+                     "relation"}
+
+
+def test_the_reader_leaves_other_text_unread():
+    assert sym.read_statement("The dog on the left is asleep.") is None
+
+
+def test_things_keep_confident_regions_and_only_colours_as_colours():
+    r = Regions(boxes=torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]]), features=torch.zeros(3, 4),
+                scores=torch.tensor([0.9, 0.5, 0.1]), labels=torch.tensor([0, 1, 0]), image_size=(64, 64),
+                tags=["circle", "square", "circle"], attributes=torch.tensor([0, 1, 0]),
+                attribute_names=["red", "striped", "red"])
+    things = sym.things_of(r, min_score=0.3)
+    assert [(t.cls, t.colour) for t in things] == [("circle", "red"), ("square", None)]
+    assert things[1].box == (20.0, 0.0, 30.0, 10.0)
+
+
+def test_the_benchmark_scores_the_reader_and_a_models_results_per_kind(tmp_path):
+    """A store whose regions name nothing: the reader says "false" to every statement but the ones that hold of
+    empty images; a model whose results are the labels scores 100."""
+    generate_world(tmp_path / "world", images=16, seed=0, nlvr2_pairs=8, workers=1, nlvr2_statements=4)
+    world = World(tmp_path / "world")
+    with FeatureStoreWriter(tmp_path / "store", meta={"class_names": ["nothing"]}) as w:
+        for split in ("train", "dev", "test1"):
+            for e in world.nlvr2(split):
+                for name in (e.left_image, e.right_image):
+                    key = f"{split}/{name}"
+                    if key not in w.done_keys():
+                        w.add(key, Regions(boxes=torch.tensor([[0.0, 0, 4, 4]]), features=torch.zeros(1, 8),
+                                           scores=torch.tensor([0.9]), labels=torch.tensor([0]), image_size=(32, 32),
+                                           tags=["nothing"]))
+    test = world.nlvr2("test1")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"identifier": e.identifier, "prediction": e.label} for e in test]))
+    out = tmp_path / "out.json"
+    assert sym.main(["--data", str(tmp_path / "world"), "--features", str(tmp_path / "store"),
+                     "--results", str(results), "--out", str(out)]) == 0
+    kinds = json.loads(out.read_text())["kinds"]
+    assert kinds["all"]["n"] == len(test) == sum(v["n"] for k, v in kinds.items() if k != "all")
+    assert kinds["all"]["model"] == 100.0
+    empty = [(e, sym.read_statement(e.sentence)) for e in test]
+    expected = sum(read[1]([sym.Thing("nothing", None, (0, 0, 4, 4))], [sym.Thing("nothing", None, (0, 0, 4, 4))])
+                   == e.label for e, read in empty)
+    assert kinds["all"]["reader"] == 100.0 * expected / len(test)
