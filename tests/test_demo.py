@@ -34,6 +34,9 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
                 "vqa_baseline_per_question_type", "nlvr2_baseline_majority", "retrieval_chance_TR@1",
                 "retrieval_chance_IR@1"):
         assert isinstance(metrics[key], (int, float)), key
+    # The captions' object words against the images' objects, beside the same captions on shuffled images.
+    assert "caption_colour_precision" in metrics and "caption_baseline_shuffled_colour_precision" in metrics
+    assert metrics["caption_class_precision"] is None or 0 <= metrics["caption_class_precision"] <= 100
     # SPICE is never a made-up number: either a score or the reason it is missing.
     assert metrics["caption_SPICE"] is not None or "SPICE" in metrics["caption_SPICE_unavailable"]
     html = (out / "report.html").read_text()

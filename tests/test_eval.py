@@ -311,3 +311,31 @@ def test_malformed_results_name_file_and_field(tmp_path, capsys):
     assert cli_main(["evaluate", "--task", "caption", "--results", bad, "--references", caps]) == 1
     err = capsys.readouterr().err
     assert "bad.json" in err and "caption" in err and "Traceback" not in err
+
+
+def test_caption_grounding_checks_each_mention_against_the_images_objects(tmp_path):
+    """Class and attribute words of a caption against the image's objects: synonyms and plurals read as their
+    class, attribute words right before the noun only, the references of a generated world all right."""
+    from minivlm.data.synthetic import generate_world
+    from minivlm.data.world import World
+    from minivlm.eval.caption_grounding import caption_grounding, image_objects, mentions, rotated, vocabulary
+
+    generate_world(tmp_path / "w", images=12, seed=0, nlvr2_pairs=0, workers=1)
+    world = World(tmp_path / "w")
+    inst = world.instances("train")
+    vocab = vocabulary(inst)
+    assert mentions("A large striped pink disc and two plus signs on a striped background.", vocab) == [
+        ("circle", {"texture": "striped", "colour": "pink", "size": "large"}), ("cross", {})]
+    assert mentions("Five shapes in four different colors.", vocab) == []
+    refs = world.caption_references("train")
+    objects = image_objects(inst)
+    truth = caption_grounding({k: " . ".join(v) for k, v in refs.items()}, objects, vocab)
+    assert truth["mentions"] > 20 and truth["class_precision"] == truth["colour_precision"] == 100.0
+    image = next(iter(objects))
+    cls, attrs = objects[image][0]
+    colour = next(a for a in attrs if a in {"red", "orange", "yellow", "green", "blue", "purple", "pink", "white",
+                                            "black"})
+    wrong = next(c for c in ("red", "blue") if not any(c in a for k, a in objects[image] if k == cls))
+    one = caption_grounding({image: f"a {colour} {cls} and a {wrong} {cls}."}, objects, vocab)
+    assert one == {"mentions": 2, "class_precision": 100.0, "colour_mentions": 2, "colour_precision": 50.0}
+    assert rotated({1: "a", 2: "b", 3: "c"}) == {1: "b", 2: "c", 3: "a"}

@@ -1,6 +1,7 @@
 """The captioning task (Sec. 4.4) for the fine-tuning driver: the model (`caption_model`), its data
 (`caption_data`) and its training, cross-entropy then SCST (`caption_train`), behind the Task protocol, scored
-with the COCO metrics beside the most common training caption.
+with the COCO metrics beside the most common training caption, and where the split's objects carry attributes,
+with the captions' object words checked against them (`eval.caption_grounding`).
 """
 
 from __future__ import annotations
@@ -96,4 +97,24 @@ class CaptionTask(Task):
         if metrics["SPICE"] is None:
             metrics["SPICE_unavailable"] = spice_unavailable_reason() or model.get("SPICE_unavailable")
         baselines = {"baseline_most_common_caption_CIDEr": base["CIDEr"]} if "CIDEr" in base else {}
+        grounding = self.grounding(split, results, examples)
+        if grounding:
+            entry["grounding"] = grounding
+            metrics.update({k: grounding["model"].get(k) for k in ("class_precision", "colour_precision")})
+            baselines["baseline_shuffled_colour_precision"] = grounding["baseline_shuffled"].get("colour_precision")
         return {**entry, "metrics": metrics, "baselines": baselines}
+
+    def grounding(self, split, results, examples) -> dict | None:
+        """Object words of the captions against the image's objects (`eval.caption_grounding`), beside the same
+        captions on shuffled images and the references; None without annotated attributes for the split."""
+        from minivlm.eval.caption_grounding import caption_grounding, image_objects, rotated, vocabulary
+
+        if not self.world.instances_path(split).is_file():
+            return None
+        instances = self.world.instances(split)
+        if not instances.attributes:
+            return None
+        vocab, objects = vocabulary(instances), image_objects(instances)
+        return {"model": caption_grounding(results, objects, vocab),
+                "baseline_shuffled": caption_grounding(rotated(results), objects, vocab),
+                "references": caption_grounding({k: " . ".join(v) for k, v in examples.items()}, objects, vocab)}
