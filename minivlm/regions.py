@@ -6,7 +6,7 @@ Oscar/VinVL TSV), every task sees this type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -51,6 +51,13 @@ class Regions:
         has something to look at."""
         n = min(k, max(1, int((self.scores >= min_score).sum())), len(self))
         return self if n == len(self) else self.top(n)
+
+    def mirrored(self) -> "Regions":
+        """The same regions in the image flipped left to right (boxes only: a feature describes what is in its
+        box, and the classes and attributes here do not depend on the side they face)."""
+        w = float(self.image_size[0])
+        boxes = torch.stack([w - self.boxes[:, 2], self.boxes[:, 1], w - self.boxes[:, 0], self.boxes[:, 3]], dim=1)
+        return replace(self, boxes=boxes)
 
     def top(self, k: int) -> "Regions":
         """The k highest-scoring regions (already sorted stores return a prefix)."""

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.regions import Regions
-from minivlm.tasks.nlvr2 import NLVR2_POOLS, NLVR2Collator, NLVR2Model, NLVR2Pair
+from minivlm.tasks.nlvr2 import (NLVR2_POOLS, NLVR2Collator, NLVR2Dataset, NLVR2Model, NLVR2Pair,
+                                 mirror_statement)
 from minivlm.tasks.retrieval import (MISMATCHED, RetrievalCollator, RetrievalDataset, RetrievalModel, _norm,
                                      chance_recall, score_all_pairs, score_pairs)
 from minivlm.tasks.vqa import (VQACollator, VQAExample, VQAModel, answer_numbers, baseline_results,
@@ -85,6 +86,29 @@ def test_prior_baselines_answer_the_most_frequent_answers():
 
 
 # ---------------------------------------------------------------------------------------------- NLVR2
+
+
+def test_nlvr2_mirror_swaps_the_images_flips_their_boxes_and_swaps_the_words():
+    """The pair seen in a mirror keeps its statement's truth: images swapped, each flipped, left <-> right."""
+    assert mirror_statement("In the left image, a star is right of a ring.") == "In the right image, a star is left of a ring."
+    assert mirror_statement("The Right image; LEFT; the leftmost star; bright") == "The Left image; RIGHT; the rightmost star; bright"
+    a, b = regions(1), regions(2, k=3)
+    flipped = a.mirrored()
+    w = a.image_size[0]
+    assert torch.equal(flipped.boxes[:, 0], w - a.boxes[:, 2]) and torch.equal(flipped.boxes[:, 2], w - a.boxes[:, 0])
+    assert torch.equal(flipped.boxes[:, 1::2], a.boxes[:, 1::2]) and torch.equal(flipped.features, a.features)
+    assert torch.allclose(flipped.mirrored().boxes, a.boxes)
+
+    pair = NLVR2Pair("dev-0-0-0", "the left image has more stars", "l", "r", True)
+    torch.manual_seed(0)
+    items = [NLVR2Dataset([pair], {"l": a, "r": b}, mirror=True)[0] for _ in range(40)]
+    mirrored = [(p, left, right) for p, left, right in items if p.sentence != pair.sentence]
+    assert 5 < len(mirrored) < 35  # about half of the draws
+    p, left, right = mirrored[0]
+    assert p.sentence == "the right image has more stars" and p.label is True
+    assert torch.equal(left.boxes, b.mirrored().boxes) and torch.equal(right.boxes, a.mirrored().boxes)
+    assert all(p is pair and left is a and right is b for p, left, right in items if p.sentence == pair.sentence)
+    assert all(NLVR2Dataset([pair], {"l": a, "r": b})[0][0] is pair for _ in range(5))  # off by default
 
 
 def test_nlvr2_concatenates_left_then_right(tok):
@@ -367,6 +391,11 @@ def test_finetune_caption_through_the_caption_trainer(tiny_world):
     assert rc == 0 and set(m["eval"]) == {"val", "test"}
     assert {"CIDEr", "Bleu_4"} <= set(m["eval"]["val"]["model"]) and "CIDEr" in m["eval"]["val"]["baseline_most_common_caption"]
     assert len(read_caption_results(out / "results_val.json")) == 2
+    # the captions' object words against the images' objects; the references name them right by construction
+    grounding = m["eval"]["val"]["grounding"]
+    assert grounding["references"]["class_precision"] == grounding["references"]["colour_precision"] == 100.0
+    assert "colour_precision" in m["eval"]["val"]["metrics"]
+    assert "baseline_shuffled_colour_precision" in m["eval"]["val"]["baselines"]
     info, model = load_task_folder(out)  # the task folder that `MiniVLM.assemble` takes
     assert info.task_spec().task == "caption" and model.cfg.hidden_size == TINY.hidden_size
     assert not (out / "model").exists()  # the weights are written once, in the task folder

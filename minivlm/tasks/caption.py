@@ -115,6 +115,7 @@ class CaptionTask(Task):
         if not instances.attributes:
             return None
         vocab, objects = vocabulary(instances), image_objects(instances)
-        return {"model": caption_grounding(results, objects, vocab),
-                "baseline_shuffled": caption_grounding(rotated(results), objects, vocab),
+        captions = {r["image_id"]: r["caption"] for r in results}
+        return {"model": caption_grounding(captions, objects, vocab),
+                "baseline_shuffled": caption_grounding(rotated(captions), objects, vocab),
                 "references": caption_grounding({k: " . ".join(v) for k, v in examples.items()}, objects, vocab)}

@@ -90,6 +90,8 @@ class FinetuneSetup:
                                          "text mean beside the regions the statement picks (region-attention), "
                                          "or that and soft counts of the regions it names (region-count)",
                              choices=NLVR2_POOLS)
+    nlvr2_mirror: bool = option(False, help="nlvr2: train on each pair as seen in a mirror half of the time (images "
+                                            "swapped and flipped, 'left' and 'right' swapped in the statement)")
     negatives: int = option(RetrievalTaskConfig.negatives_per_positive,
                             help="retrieval: mismatched pairs per matched pair")
     # Random negatives, as OSCAR: from random weights they train faster than hard ones.

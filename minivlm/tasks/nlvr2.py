@@ -13,7 +13,8 @@ swapping the images changes the input of the classifier. Class 1 = the statement
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -57,16 +58,34 @@ def make_pairs(examples: Sequence[NLVR2Example], store: FeatureStore) -> tuple[l
     return out, missing
 
 
+_SIDE = re.compile(r"\b(left|right)(?=most\b|\b)", re.IGNORECASE)
+
+
+def mirror_statement(text: str) -> str:
+    """The statement about the mirrored pair: every "left" and "right" swapped, in the case it was written."""
+    def swap(m: re.Match) -> str:
+        word = {"left": "right", "right": "left"}[m.group(1).lower()]
+        return word.upper() if m.group(1).isupper() else word.capitalize() if m.group(1)[0].isupper() else word
+    return _SIDE.sub(swap, text)
+
+
 class NLVR2Dataset(Dataset):
-    def __init__(self, pairs: Sequence[NLVR2Pair], store: RegionSource):
-        self.pairs, self.store = list(pairs), store
+    """`mirror`: each item, half of the time, is the pair as seen in a mirror: the two images swapped, each
+    flipped left to right, and "left" and "right" swapped in the statement, which keeps its truth (whether
+    "left" names an image or a place in one). Training only."""
+
+    def __init__(self, pairs: Sequence[NLVR2Pair], store: RegionSource, mirror: bool = False):
+        self.pairs, self.store, self.mirror = list(pairs), store, mirror
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[NLVR2Pair, Regions, Regions]:
         p = self.pairs[i]
-        return p, get_regions(self.store, p.left_key), get_regions(self.store, p.right_key)
+        left, right = get_regions(self.store, p.left_key), get_regions(self.store, p.right_key)
+        if self.mirror and float(torch.rand(())) < 0.5:
+            return replace(p, sentence=mirror_statement(p.sentence)), right.mirrored(), left.mirrored()
+        return p, left, right
 
 
 @dataclass
@@ -195,7 +214,7 @@ class NLVR2Task(Task):
         return {"pool": self.setup.nlvr2_pool}
 
     def dataset(self, train):
-        return NLVR2Dataset(train, self.store)
+        return NLVR2Dataset(train, self.store, mirror=self.setup.nlvr2_mirror)
 
     def collate(self, cfg):
         return NLVR2Collator(self.run.tokenizer, cfg)
