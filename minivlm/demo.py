@@ -50,7 +50,7 @@ class DemoSize:
     scst_steps: int
     # Not the paper's fine-tuning (15% masking at lr 1e-4, from a model pre-trained for days): from a few
     # minutes of pre-training, predicting every caption token per step at a higher lr is what gets past
-    # the most-common-caption baseline within the budget (README: Results). "paper" keeps the paper's.
+    # the most-common-caption baseline within the budget (docs/RESULTS.md). "paper" keeps the paper's.
     caption_objective: str = "every-token"
     caption_mask_prob: float = 0.15
     # The word pieces the caption decoder may emit (FinetuneSetup.caption_output_vocab): those of the
@@ -73,7 +73,7 @@ class DemoSize:
     nlvr2_pool: str = "cls"  # what NLVR2's classifier reads of each image (FinetuneSetup.nlvr2_pool)
     # "pretrained" (the paper's order) or "random": VQA fine-tuned from random weights. A few minutes of MLM
     # + ITM teach the small transformer to answer from the tags and the question, which VQA fine-tuning
-    # does not unlearn in the demo's steps (README: Results, VQA).
+    # does not unlearn in the demo's steps (docs/RESULTS.md, VQA).
     vqa_init: str = "pretrained"
     # "pretrained" or "vqa": NLVR2 fine-tuned from this run's VQA model (an intermediate task: its counts and
     # comparisons of counts then start from a transformer that has answered questions about single images).
