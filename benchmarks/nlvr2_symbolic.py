@@ -3,7 +3,8 @@
 The generator writes NLVR2 statements from eight templates (counts, comparisons of counts, existence,
 relations; `minivlm.data.synthetic_text`). This benchmark parses each statement back into its template and
 evaluates it on the detector's own decisions for the two images: the class (tag) of every region that scores at
-least `--min-score`, its best attribute (a colour, when the attribute head names one) and its box. No learning:
+least `--min-score`, its colour (read from the region code that ends the feature, or its best attribute when that
+is a colour) and its box. No learning:
 if this reader is right far more often than the fine-tuned model, the regions carry the answer and the model
 has not learnt to count and compare from its training statements; if not, the detector is the limit.
 
@@ -123,10 +124,23 @@ def read_statement(text: str) -> tuple[str, Reader] | None:
     return None
 
 
-def things_of(regions: Regions, min_score: float) -> list[Thing]:
-    """The regions the reader trusts: tag, best attribute when it is a colour, box."""
+def colours_of(regions: Regions, attribute_names: list[str]) -> list[str | None]:
+    """Each region's colour as the detector decided it: from the region code that ends its feature when the
+    detector appends one (`TEEConfig.region_label_code`: per attribute group a scaled one-hot, so exactly one
+    colour entry is set), else its best attribute when that is a colour (None when it is not)."""
+    colour_ids = [i for i, name in enumerate(attribute_names) if name in COLOURS]
+    if colour_ids and regions.features.shape[1] >= len(attribute_names):
+        block = regions.features[:, regions.features.shape[1] - len(attribute_names):][:, colour_ids]
+        if len(regions) and bool(((block != 0).sum(1) == 1).all()) and len(set(block[block != 0].tolist())) == 1:
+            return [attribute_names[colour_ids[int(j)]] for j in block.argmax(1)]
     names = regions.attribute_names or [None] * len(regions)
-    return [Thing(regions.tags[i], names[i] if names[i] in COLOURS else None, tuple(regions.boxes[i].tolist()))
+    return [name if name in COLOURS else None for name in names]
+
+
+def things_of(regions: Regions, min_score: float, attribute_names: list[str] = ()) -> list[Thing]:
+    """The regions the reader trusts: tag, colour (`colours_of`), box."""
+    colours = colours_of(regions, list(attribute_names))
+    return [Thing(regions.tags[i], colours[i], tuple(regions.boxes[i].tolist()))
             for i in range(len(regions)) if float(regions.scores[i]) >= min_score]
 
 
@@ -148,7 +162,8 @@ def evaluate(world: World, store: FeatureStore, split: str, min_score: float,
         left, right = store.get(store.find(e.left_image)), store.get(store.find(e.right_image))
         read = read_statement(e.sentence)
         kind = read[0] if read else "unparsed"
-        guess = read[1](things_of(left, min_score), things_of(right, min_score)) if read else False
+        names = store.attribute_names
+        guess = read[1](things_of(left, min_score, names), things_of(right, min_score, names)) if read else False
         for key in (kind, "all"):
             rows[key]["reader"].append(guess == e.label)
             if results is not None and e.identifier in results:

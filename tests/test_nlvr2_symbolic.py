@@ -45,6 +45,17 @@ def test_the_reader_leaves_other_text_unread():
     assert sym.read_statement("The dog on the left is asleep.") is None
 
 
+def test_colours_come_from_the_region_code_when_the_features_end_in_one():
+    names = ["red", "blue", "small", "large"]
+    code = torch.tensor([[0.0, 40, 40, 0], [40, 0, 0, 40]])  # blue + small, red + large (one-hot per group, x40)
+    r = Regions(boxes=torch.zeros(2, 4), features=torch.cat([torch.randn(2, 6), code], 1), scores=torch.ones(2),
+                labels=torch.zeros(2, dtype=torch.long), image_size=(8, 8), tags=["circle", "circle"],
+                attributes=torch.tensor([2, 3]), attribute_names=["small", "large"])
+    assert sym.colours_of(r, names) == ["blue", "red"]
+    r.features = torch.randn(2, 10)  # no code: the best attribute, when it is a colour
+    assert sym.colours_of(r, names) == [None, None]
+
+
 def test_things_keep_confident_regions_and_only_colours_as_colours():
     r = Regions(boxes=torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]]), features=torch.zeros(3, 4),
                 scores=torch.tensor([0.9, 0.5, 0.1]), labels=torch.tensor([0, 1, 0]), image_size=(64, 64),
