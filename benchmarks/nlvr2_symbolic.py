@@ -51,6 +51,7 @@ _NOUN = {word: cls for cls, forms in NOUNS.items() for pair in forms for word in
 _NOUN_RE = "|".join(sorted(map(re.escape, _NOUN), key=len, reverse=True))  # longest first: "crescent moon"
 _COLOUR_RE = "|".join(COLOURS)
 _NUMBER = {w: i for i, w in enumerate(NUMBER_WORDS)}
+_NUMBER_RE = "|".join(NUMBER_WORDS) + r"|\d+"
 _RELATION = {"to the left of": "left of", "left of": "left of", "to the right of": "right of",
              "right of": "right of", "above": "above", "over": "above", "below": "below", "under": "below",
              "beneath": "below"}
@@ -78,7 +79,7 @@ def _sides(first: str) -> tuple[int, int]:
 def read_statement(text: str) -> tuple[str, Reader] | None:
     """(kind, reader) for a statement of one of the generator's templates, else None."""
     s = text.lower().strip().rstrip(".")
-    m = re.fullmatch(rf"the (left|right) image has more shapes than the (?:left|right) image", s)
+    m = re.fullmatch(r"the (left|right) image has more shapes than the (?:left|right) image", s)
     if m:
         a, b = _sides(m.group(1))
         return "more shapes", lambda l, r: len((l, r)[a]) > len((l, r)[b])
@@ -92,7 +93,7 @@ def read_statement(text: str) -> tuple[str, Reader] | None:
         noun, side = (m.group(1), m.group(2)) if m.group(1) in _NOUN else (m.group(2), m.group(1))
         cls, (a, b) = _NOUN[noun], _sides(side)
         return "more X", lambda l, r: _count((l, r)[a], cls) > _count((l, r)[b], cls)
-    m = re.fullmatch(rf"there (?:is|are) (\w+) ({_NOUN_RE}) in total", s)
+    m = re.fullmatch(rf"there (?:is|are) ({_NUMBER_RE}) ({_NOUN_RE}) in total", s)
     if m:
         n, cls = _number(m.group(1)), _NOUN[m.group(2)]
         return "N in total", lambda l, r: _count(l, cls) + _count(r, cls) == n
@@ -105,7 +106,7 @@ def read_statement(text: str) -> tuple[str, Reader] | None:
     if m:
         cls = _NOUN[m.group(1)]
         return "only one", lambda l, r: (_count(l, cls) > 0) != (_count(r, cls) > 0)
-    m = re.fullmatch(rf"the (left|right) image contains (?:no ({_NOUN_RE})|exactly (\w+) ({_NOUN_RE}))", s)
+    m = re.fullmatch(rf"the (left|right) image contains (?:no ({_NOUN_RE})|exactly ({_NUMBER_RE}) ({_NOUN_RE}))", s)
     if m:
         i = _sides(m.group(1))[0]
         n, cls = (0, _NOUN[m.group(2)]) if m.group(2) else (_number(m.group(3)), _NOUN[m.group(4)])
