@@ -17,7 +17,7 @@ more). oracle near the ceiling and tee far below it points at the features;
 oracle near blind points at the fusion model. Without `--data` a world like the default demo's is made
 (800 images, 12 questions each). `--images 8000` makes the 10x world on which oracle regions reach the
 ceiling in `benchmarks/oracle_fusion.py` (`--images 8000 --settings oracle --curriculum-epochs 1 --epochs 5`
-is about the same 11,500 steps; not run yet). Prints a table and writes OUT/grounding.json (the README quotes
+is about the same 11,500 steps; not run yet). Prints a table and writes OUT/grounding.json (docs/RESULTS.md quotes
 benchmarks/results/grounding.json).
 """
 

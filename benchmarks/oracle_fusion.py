@@ -6,7 +6,7 @@
         [--pool cls|text-mean|text-max|region-attention] [--preset minilm-l6 --init-text] [--cpu-amp] [--train-eval N]
         [--out runs/oracle_fusion]
 
-The README's table of oracle-region settings comes from these flags (bert-demo from random weights, batch 32,
+The table of oracle-region settings in docs/RESULTS.md comes from these flags (bert-demo from random weights, batch 32,
 AdamW with a linear decay, the test split):
 
     --zero-bias      BERT's zero answer bias instead of the training log-odds (`VQAModel.init_answer_bias`)

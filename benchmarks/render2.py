@@ -11,7 +11,7 @@ test split this reports, side by side:
     vqa        the model folder's VQA accuracy beside the per-question-type prior and the most frequent
                answer of the main world's training questions (a model that ignores the image gets the prior).
 
-Prints a table and writes OUT/render2.json (the README quotes benchmarks/results/render2.json).
+Prints a table and writes OUT/render2.json (docs/RESULTS.md quotes benchmarks/results/render2.json).
 """
 
 from __future__ import annotations

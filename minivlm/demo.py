@@ -67,7 +67,7 @@ class DemoSize:
     # image's pixels under each box too and keeps the attribute loss's pull on the backbone small.
     detector_tee: dict[str, Any] = dataclasses.field(default_factory=dict)
     # VQA epochs on the attribute questions alone before all of them (`finetune --curriculum-epochs`): with
-    # oracle regions this took VQA from 52.8 to 57.7 in the same number of steps (README: Grounding).
+    # oracle regions this took VQA from 52.8 to 57.7 in the same number of steps (docs/RESULTS.md: the oracle runs).
     vqa_curriculum_epochs: int = 0
     vqa_pool: str = "cls"  # what the answer head reads (FinetuneSetup.vqa_pool)
     nlvr2_pool: str = "cls"  # what NLVR2's classifier reads of each image (FinetuneSetup.nlvr2_pool)

@@ -78,7 +78,7 @@ class FinetuneSetup:
     num_answers: int = option(VQATaskConfig.num_answers, help="VQA answer set size, capped by the distinct "
                                                               "training answers (paper: 3129)")
     # From random or briefly pre-trained weights the model otherwise settles on the question-type prior and
-    # never learns to find the named object among the regions (README: Grounding).
+    # never learns to find the named object among the regions (docs/RESULTS.md: the oracle runs).
     curriculum_epochs: int = option(0, help="vqa: epochs on the attribute questions (colour, shape, size, "
                                             "pattern) before the full set")
     vqa_pool: str = option("cls", help="vqa: what the answer head reads: [CLS] (OSCAR), the mean of the question "

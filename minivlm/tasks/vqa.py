@@ -136,7 +136,8 @@ class VQACollator:
 
 # What the answer head reads. "cls": BERT's pooled [CLS] (OSCAR). "text-mean": the mean of the token segment's
 # final states (question and tags), through the same pooler: with oracle regions it learnt faster from random
-# weights (57.4 vs 52.8 in 1,200 steps, README: Grounding), the question's words being where the answer is bound.
+# weights (57.4 vs 52.8 in 1,200 steps, docs/RESULTS.md: the oracle runs), the question's words being where the
+# answer is bound.
 # "region-attention": the text-mean vector beside the final region states weighted by a query from the question's
 # tokens (`RegionAttention`, top-down attention). "region-count": that, and the soft counts of the regions the
 # question names (`RegionCount`), the first fitted to the answer of each counting question (`COUNT_LOSS_WEIGHT`).
