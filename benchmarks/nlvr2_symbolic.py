@@ -9,7 +9,8 @@ if this reader is right far more often than the fine-tuned model, the regions ca
 has not learnt to count and compare from its training statements; if not, the detector is the limit.
 
 Per kind of statement, beside the reader and the model (`--results`, the `results_<split>.json` a fine-tuned
-NLVR2 folder writes), the kind's prior: the share of its majority label in the training split.
+NLVR2 folder writes), the kind prior: a blind model that knows which template a statement comes from and answers
+its majority label in the training split (NLVR2's counterpart of VQA's per-question-type prior).
 
     python benchmarks/nlvr2_symbolic.py --data runs/demo/world --features runs/demo/features_nlvr2 \
         --results runs/demo/nlvr2/results_test1.json       # -> benchmarks/results/nlvr2_symbolic.json
@@ -145,20 +146,25 @@ def things_of(regions: Regions, min_score: float, attribute_names: list[str] = (
             for i in range(len(regions)) if float(regions.scores[i]) >= min_score]
 
 
-def kind_priors(statements) -> dict[str, float]:
-    """Per kind, the share (%) of its majority label among `statements` (NLVR2Example)."""
+def kind_of(sentence: str) -> str:
+    read = read_statement(sentence)
+    return read[0] if read else "unparsed"
+
+
+def kind_majorities(statements) -> dict[str, bool]:
+    """Per kind of statement, its majority label among `statements` (NLVR2Example); ties: True."""
     labels: dict[str, Counter] = defaultdict(Counter)
     for e in statements:
-        read = read_statement(e.sentence)
-        labels[read[0] if read else "unparsed"][e.label] += 1
-    return {k: 100.0 * max(c.values()) / sum(c.values()) for k, c in labels.items()}
+        labels[kind_of(e.sentence)][e.label] += 1
+    return {k: c[True] >= c[False] for k, c in labels.items()}
 
 
 def evaluate(world: World, store: FeatureStore, split: str, min_score: float,
              results: dict[str, bool] | None = None) -> dict:
-    """Per kind of statement: n, the reader's accuracy, the model's (if `results`), the kind's training prior."""
+    """Per kind of statement and over all: n, the accuracy of the reader, of the model (if `results`) and of the
+    kind prior (each statement answered with its kind's majority label in the training split)."""
     rows: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    priors = kind_priors(world.nlvr2(world.train_split("nlvr2")))
+    majority = kind_majorities(world.nlvr2(world.train_split("nlvr2")))
     for e in world.nlvr2(split):
         left, right = store.get(store.find(e.left_image)), store.get(store.find(e.right_image))
         read = read_statement(e.sentence)
@@ -167,12 +173,13 @@ def evaluate(world: World, store: FeatureStore, split: str, min_score: float,
         guess = read[1](things_of(left, min_score, names), things_of(right, min_score, names)) if read else False
         for key in (kind, "all"):
             rows[key]["reader"].append(guess == e.label)
+            rows[key]["prior"].append(majority.get(kind, True) == e.label)
             if results is not None and e.identifier in results:
                 rows[key]["model"].append(results[e.identifier] == e.label)
     out = {}
     for kind, r in sorted(rows.items(), key=lambda kv: (kv[0] == "all", kv[0])):
         n = len(r["reader"])
-        out[kind] = {"n": n, "reader": 100.0 * sum(r["reader"]) / n, "prior": priors.get(kind),
+        out[kind] = {"n": n, "reader": 100.0 * sum(r["reader"]) / n, "prior": 100.0 * sum(r["prior"]) / n,
                      "model": 100.0 * sum(r["model"]) / len(r["model"]) if r.get("model") else None}
     return out
 
@@ -191,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {r["identifier"]: bool(r["prediction"]) for r in json.loads(args.results.read_text())}
     table = evaluate(World(args.data), FeatureStore(args.features), args.split, args.min_score, results)
     print(f"NLVR2 {args.split}, regions scoring >= {args.min_score}")
-    print(f"| kind | statements | its prior (train) | model | symbolic reader of the detector's tags |")
+    print("| kind | statements | kind prior | model | symbolic reader of the detector's tags |")
     print("|---|---|---|---|---|")
     for kind, r in table.items():
         cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731

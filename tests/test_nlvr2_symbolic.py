@@ -93,3 +93,6 @@ def test_the_benchmark_scores_the_reader_and_a_models_results_per_kind(tmp_path)
     expected = sum(read[1]([sym.Thing("nothing", None, (0, 0, 4, 4))], [sym.Thing("nothing", None, (0, 0, 4, 4))])
                    == e.label for e, read in empty)
     assert kinds["all"]["reader"] == 100.0 * expected / len(test)
+    majority = sym.kind_majorities(world.nlvr2("train"))  # the blind kind prior: each kind's training majority
+    assert kinds["all"]["prior"] == 100.0 * sum(majority.get(sym.kind_of(e.sentence), True) == e.label
+                                                for e in test) / len(test)
