@@ -165,11 +165,11 @@ def evaluate(world: World, store: FeatureStore, split: str, min_score: float,
     kind prior (each statement answered with its kind's majority label in the training split)."""
     rows: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     majority = kind_majorities(world.nlvr2(world.train_split("nlvr2")))
+    names = store.attribute_names
     for e in world.nlvr2(split):
         left, right = store.get(store.find(e.left_image)), store.get(store.find(e.right_image))
         read = read_statement(e.sentence)
         kind = read[0] if read else "unparsed"
-        names = store.attribute_names
         guess = read[1](things_of(left, min_score, names), things_of(right, min_score, names)) if read else False
         for key in (kind, "all"):
             rows[key]["reader"].append(guess == e.label)

@@ -106,6 +106,7 @@ def test_nlvr2_mirror_swaps_the_images_flips_their_boxes_and_swaps_the_words():
     assert 5 < len(mirrored) < 35  # about half of the draws
     p, left, right = mirrored[0]
     assert p.sentence == "the right image has more stars" and p.label is True
+    assert (p.left_key, p.right_key) == ("r", "l")  # the pair names the images it now holds
     assert torch.equal(left.boxes, b.mirrored().boxes) and torch.equal(right.boxes, a.mirrored().boxes)
     assert all(p is pair and left is a and right is b for p, left, right in items if p.sentence == pair.sentence)
     assert all(NLVR2Dataset([pair], {"l": a, "r": b})[0][0] is pair for _ in range(5))  # off by default

@@ -84,7 +84,8 @@ class NLVR2Dataset(Dataset):
         p = self.pairs[i]
         left, right = get_regions(self.store, p.left_key), get_regions(self.store, p.right_key)
         if self.mirror and float(torch.rand(())) < 0.5:
-            return replace(p, sentence=mirror_statement(p.sentence)), right.mirrored(), left.mirrored()
+            mirrored = replace(p, sentence=mirror_statement(p.sentence), left_key=p.right_key, right_key=p.left_key)
+            return mirrored, right.mirrored(), left.mirrored()
         return p, left, right
 
 
