@@ -336,6 +336,10 @@ class PretrainTaskConfig:
     # asks about, present or not ("is there a ring? no"), so it is not evidence of what the image shows:
     # with it the demo's held-out ITM stayed at 57%, without it 68% (same steps).
     itm_on_questions: bool = option(False, help="also judge (and pollute) VQA question + answer text in ITM")
+    # OSCAR's negatives differ from the true caption in almost every word, so ITM is learnt from the tags alone;
+    # a caption wrong in one word must be checked against the regions (minivlm/tasks/hard_negatives.py).
+    itm_swap_frac: float = option(0.0, help="of the polluted captions, the share that is the image's own caption "
+                                            "with one colour, count, object or side word swapped (0: OSCAR's)")
 
 
 CAPTION_OBJECTIVES = ("masked", "every-token")

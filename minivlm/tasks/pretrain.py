@@ -7,11 +7,14 @@ replaced by another image's.
 Pieces, each usable from Python:
   * `mask_tokens`     15% of the word pieces of text and tags; of those 80% [MASK], 10% a random word
                       piece, 10% unchanged; [CLS]/[SEP]/[PAD] never.
-  * `PretrainDataset` (regions, text, tags) per example, polluted with probability 0.5 (ITM label 1).
+  * `PretrainDataset` (regions, text, tags) per example, polluted with probability 0.5 (ITM label 1); with
+                      `itm_swap_frac` some polluted captions are the image's own with one word swapped.
   * `PretrainCollator` OSCAR inputs (`build_batch`) + masks + labels -> `FusionBatch`.
   * `PretrainModel`   MultimodalBert + MLM head (untied decoder) + ITM head; forward(batch) -> losses and
                       accuracies, as the Trainer wants.
-  * `evaluate`        held-out MLM and ITM accuracy on fixed (seeded) masks and pollutions.
+  * `evaluate`        held-out MLM and ITM accuracy on fixed (seeded) masks and pollutions; `swap_batches`
+                      the held-out captions beside their one-word swaps (`itm_swap_acc`: does the model
+                      check each word against the regions?).
   * `pretrain(PretrainSetup(...))` the whole stage (the command's flags are generated from PretrainSetup).
 The result is a "pretrain" checkpoint folder (`minivlm.checkpoint`: config.json + model.safetensors +
 vocab.txt) that fine-tuning starts from.
@@ -43,6 +46,7 @@ from minivlm.fusion.transformer import MultimodalBert
 from minivlm.io import write_json, write_text
 from minivlm.regions import Regions
 from minivlm.tasks.corpus import TAG_SOURCES, PretrainExample, RegionSource, build_corpus, pseudo_caption_corpus
+from minivlm.tasks.hard_negatives import WordFamilies
 from minivlm.text.tokenizer import Tokenizer, get_tokenizer
 from minivlm.setup_args import add_setup_arguments, option, setup_from_args
 from minivlm.train.trainer import Trainer, distributed_env
@@ -95,15 +99,19 @@ class PretrainItem:
     image: tuple[int, int | str]  # (store, key) of the regions
     text_image: tuple[int, int | str]  # the image the text describes
     tags_image: tuple[int, int | str]  # the image the tags belong to
+    negative: str = ""  # how it was polluted: "tags", "caption" (another image's) or "swap" (one word swapped)
 
 
 class PretrainDataset(Dataset):
     """Examples over one or more feature stores; item i is example i, polluted at random for ITM."""
 
     def __init__(self, examples: Sequence[PretrainExample], stores: Sequence[RegionSource],
-                 task: PretrainTaskConfig | None = None, max_tries: int = 20):
+                 task: PretrainTaskConfig | None = None, max_tries: int = 20, families: WordFamilies | None = None):
         self.examples, self.stores = list(examples), list(stores)
         self.task = task or PretrainTaskConfig()
+        self.families = families
+        if self.task.itm_swap_frac > 0 and families is None:
+            raise MiniVLMError("itm_swap_frac > 0 needs the word families to swap (PretrainDataset(families=...))")
         self.max_tries = max_tries
         if len({(e.source, e.image_key) for e in self.examples}) < 2:
             raise MiniVLMError("pre-training needs examples from at least two images (ITM pairs an image "
@@ -126,7 +134,7 @@ class PretrainDataset(Dataset):
     def item(self, i: int, generator: torch.Generator | None = None) -> PretrainItem:
         ex = self.examples[i]
         me = (ex.source, ex.image_key)
-        text, tags, text_image, tags_image, polluted = ex.text, ex.tags, me, me, 0
+        text, tags, text_image, tags_image, polluted, negative = ex.text, ex.tags, me, me, 0, ""
         if ex.kind == "vqa" and not self.task.itm_on_questions:
             polluted = IGNORE
         elif float(torch.rand((), generator=generator)) < self.task.itm_pollute_prob:
@@ -135,13 +143,18 @@ class PretrainDataset(Dataset):
                 # the other tags must name something this image lacks, or the "polluted" pair is true
                 other = self._other(me, generator, lambda e: bool(set(e.tags) - set(ex.tags)))
                 if other is not None:
-                    tags, tags_image, polluted = other.tags, (other.source, other.image_key), 1
-            if other is None:
+                    tags, tags_image, polluted, negative = other.tags, (other.source, other.image_key), 1, "tags"
+            if other is None and self.task.itm_swap_frac > 0 and \
+                    float(torch.rand((), generator=generator)) < self.task.itm_swap_frac:
+                swapped = self.families.swap(ex.text, ex.tags, generator)
+                if swapped is not None:
+                    text, polluted, negative = swapped, 1, "swap"
+            if other is None and not polluted:
                 other = self._other(me, generator, lambda e: e.text != ex.text)
                 if other is not None:
-                    text, text_image, polluted = other.text, (other.source, other.image_key), 1
+                    text, text_image, polluted, negative = other.text, (other.source, other.image_key), 1, "caption"
         return PretrainItem(self.stores[ex.source][ex.image_key], text, list(tags), polluted, me, text_image,
-                            tags_image)
+                            tags_image, negative)
 
 
 class PretrainCollator:
@@ -151,11 +164,15 @@ class PretrainCollator:
         self.tokenizer, self.cfg, self.task = tokenizer, cfg, task or PretrainTaskConfig()
         self.random_range = (first_word_piece(tokenizer), tokenizer.vocab_size)
 
-    def __call__(self, items: Sequence[PretrainItem], generator: torch.Generator | None = None) -> FusionBatch:
+    def __call__(self, items: Sequence[PretrainItem], generator: torch.Generator | None = None,
+                 mask: bool = True) -> FusionBatch:
         batch = build_batch(self.tokenizer, [it.text for it in items], [it.tags for it in items],
                             [it.regions for it in items], self.cfg)
-        ids, labels = mask_tokens(batch.input_ids, batch.maskable, self.tokenizer.mask_id, self.random_range,
-                                  self.task, generator)
+        if mask:
+            ids, labels = mask_tokens(batch.input_ids, batch.maskable, self.tokenizer.mask_id, self.random_range,
+                                      self.task, generator)
+        else:
+            ids, labels = batch.input_ids, torch.full_like(batch.input_ids, IGNORE)
         return dataclasses.replace(batch, input_ids=ids, mlm_labels=labels,
                                    itm_labels=torch.tensor([it.polluted for it in items], dtype=torch.long))
 
@@ -176,14 +193,16 @@ class PretrainModel(nn.Module):
         hidden = self.bert(**batch.model_inputs()).hidden_states
         text = hidden[:, : batch.input_ids.shape[1]]
         chosen = batch.mlm_labels != IGNORE
-        # fp32 before the arg-max too: over the vocabulary a bf16 arg-max is ~4x slower on the CPU
-        logits, labels = self.mlm(text[chosen]).float(), batch.mlm_labels[chosen]
         itm_logits = self.itm(hidden)
         judged = batch.itm_labels != IGNORE
+        mlm = {"mlm_loss_sum": hidden.new_zeros(()), "mlm_correct": chosen.sum(), "mlm_count": chosen.sum()}
+        if chosen.any():  # batches scored for ITM alone mask nothing
+            # fp32 before the arg-max too: over the vocabulary a bf16 arg-max is ~4x slower on the CPU
+            logits, labels = self.mlm(text[chosen]).float(), batch.mlm_labels[chosen]
+            mlm = {"mlm_loss_sum": F.cross_entropy(logits, labels, reduction="sum"),
+                   "mlm_correct": (logits.argmax(-1) == labels).sum(), "mlm_count": chosen.sum()}
         return {
-            "mlm_loss_sum": F.cross_entropy(logits, labels, reduction="sum"),
-            "mlm_correct": (logits.argmax(-1) == labels).sum(),
-            "mlm_count": chosen.sum(),
+            **mlm,
             "itm_loss_sum": F.cross_entropy(itm_logits.float(), batch.itm_labels, reduction="sum",
                                             ignore_index=IGNORE),
             "itm_correct": (itm_logits.argmax(-1) == batch.itm_labels)[judged].sum(),
@@ -206,6 +225,42 @@ def fixed_batches(dataset: PretrainDataset, collator: PretrainCollator, batch_si
     order = torch.randperm(len(dataset), generator=g)[:n].tolist()
     items = [dataset.item(i, g) for i in order]
     return [collator(items[i:i + batch_size], g) for i in range(0, n, batch_size)]
+
+
+def swap_batches(dataset: PretrainDataset, collator: PretrainCollator, batch_size: int, max_captions: int,
+                 seed: int = 4321) -> list[FusionBatch]:
+    """Held-out captions each beside its one-word swap (ITM 0 and 1), the tags true and nothing masked: ITM
+    accuracy on them says whether the model checks a caption's words against the regions (chance 50%)."""
+    g = torch.Generator().manual_seed(seed)
+    items: list[PretrainItem] = []
+    for i in torch.randperm(len(dataset), generator=g).tolist():
+        ex = dataset.examples[i]
+        swapped = dataset.families.swap(ex.text, ex.tags, g) if ex.kind != "vqa" else None
+        if swapped is None:
+            continue
+        me, regions = (ex.source, ex.image_key), dataset.stores[ex.source][ex.image_key]
+        items += [PretrainItem(regions, ex.text, list(ex.tags), 0, me, me, me),
+                  PretrainItem(regions, swapped, list(ex.tags), 1, me, me, me, "swap")]
+        if len(items) >= 2 * max_captions:
+            break
+    return [collator(items[i:i + batch_size], g, mask=False) for i in range(0, len(items), batch_size)]
+
+
+def word_families(world, split: str, store: RegionSource) -> WordFamilies | None:
+    """The words a caption's swap may exchange: the tags' class names (the store's, else the split's
+    instances'), the attribute groups of the split's instances (else the store's attributes as one family)."""
+    classes, attributes = list(getattr(store, "class_names", []) or []), list(getattr(store, "attribute_names", []) or [])
+    groups: dict[str, list[str]] = {}
+    if world.instances_path(split).is_file():
+        inst = world.instances(split)
+        classes = classes or inst.class_names()
+        if inst.attributes and all(a.group for a in inst.attributes):
+            for a in inst.attributes:
+                groups.setdefault(a.group, []).append(a.name)
+        attributes = attributes or inst.attribute_names()
+    if not classes:
+        return None
+    return WordFamilies.build(classes, groups or None, attributes)
 
 
 @torch.no_grad()
@@ -325,16 +380,25 @@ def pretrain(setup: PretrainSetup) -> dict:
     say(f"[pretrain] {train_split}: {len(examples)} examples, tags={setup.tags}"
         + (f" ({skipped} skipped: image not in the feature store)" if skipped else ""))
     task = setup.task
-    train_set = PretrainDataset(examples, stores, task)
+    families = word_families(world, train_split, store)
+    if task.itm_swap_frac > 0 and families is None:
+        raise MiniVLMError(f"{setup.features or setup.detector}: the store names no classes, so no caption word "
+                           "can be swapped for --itm-swap-frac")
+    train_set = PretrainDataset(examples, stores, task, families=families)
     collator = PretrainCollator(tokenizer, cfg, task)
 
     eval_batches: list[FusionBatch] = []
+    swap_eval: list[FusionBatch] = []
     if val_split is not None:
         val_store = FeatureStore(setup.val_features) if setup.val_features else store
         val_examples, _ = build_corpus(world, val_split, val_store, **corpus_args)
         if len({e.image_key for e in val_examples}) >= 2:
-            eval_batches = fixed_batches(PretrainDataset(val_examples, [val_store], task), collator,
-                                         t.batch_size, setup.eval_examples, seed=t.seed + 1234)
+            # OSCAR's negatives only, so `itm_acc` compares across settings; the swaps get their own score
+            val_set = PretrainDataset(val_examples, [val_store], dataclasses.replace(task, itm_swap_frac=0.0),
+                                      families=families)
+            eval_batches = fixed_batches(val_set, collator, t.batch_size, setup.eval_examples, seed=t.seed + 1234)
+            if families is not None:
+                swap_eval = swap_batches(val_set, collator, t.batch_size, setup.eval_examples // 2, seed=t.seed + 4321)
             say(f"[pretrain] held-out {val_split}: {min(len(val_examples), setup.eval_examples)} examples")
 
     torch.manual_seed(t.seed)
@@ -349,10 +413,14 @@ def pretrain(setup: PretrainSetup) -> dict:
     if t.max_steps:
         steps = min(steps, t.max_steps)
     trainer = Trainer(model, t, out, desc="pretrain")
-    eval_fn = (lambda m, step: evaluate(m, eval_batches)) if eval_batches else None
+    def eval_fn(m, step):
+        result = evaluate(m, eval_batches)
+        if swap_eval:
+            result["itm_swap_acc"] = evaluate(m, swap_eval)["itm_acc"]
+        return result
     say(f"[pretrain] {setup.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
         f"{steps} steps of {t.batch_size}")
-    last = trainer.fit(train_set, collator, eval_fn)
+    last = trainer.fit(train_set, collator, eval_fn if eval_batches else None)
     if rank == 0:
         folder = checkpoint.write(out / "model", "pretrain", {
             "bert": to_dict(cfg), "tags": setup.tags, "train_split": train_split, "init_text": str(setup.init_text) if setup.init_text else None,
@@ -361,6 +429,7 @@ def pretrain(setup: PretrainSetup) -> dict:
                                          "eval": last.get("eval", {}), "config": to_dict(cfg)}, indent=1)
         if "eval" in last:
             e = last["eval"]
-            say(f"[pretrain] held-out MLM accuracy {e['mlm_acc']:.3f}, ITM accuracy {e['itm_acc']:.3f}")
+            say(f"[pretrain] held-out MLM accuracy {e['mlm_acc']:.3f}, ITM accuracy {e['itm_acc']:.3f}"
+                + (f", ITM on one-word swaps {e['itm_swap_acc']:.3f}" if "itm_swap_acc" in e else ""))
         say(f"[pretrain] model folder: {folder}")
     return last
