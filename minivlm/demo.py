@@ -71,6 +71,7 @@ class DemoSize:
     vqa_curriculum_epochs: int = 0
     vqa_pool: str = "cls"  # what the answer head reads (FinetuneSetup.vqa_pool)
     nlvr2_pool: str = "cls"  # what NLVR2's classifier reads of each image (FinetuneSetup.nlvr2_pool)
+    region_null: bool = False  # the region-attention heads may pick "no region" (FinetuneSetup.region_null)
     # "pretrained" (the paper's order) or "random": VQA fine-tuned from random weights. A few minutes of MLM
     # + ITM teach the small transformer to answer from the tags and the question, which VQA fine-tuning
     # does not unlearn in the demo's steps (docs/RESULTS.md, VQA).
@@ -115,9 +116,10 @@ class DemoSize:
             fields.update(caption_objective=self.caption_objective, caption_mask_prob=self.caption_mask_prob,
                           caption_output_vocab=self.caption_output_vocab)
         if task == "vqa":
-            fields.update(curriculum_epochs=self.vqa_curriculum_epochs, vqa_pool=self.vqa_pool)
+            fields.update(curriculum_epochs=self.vqa_curriculum_epochs, vqa_pool=self.vqa_pool,
+                          region_null=self.region_null)
         if task == "nlvr2":
-            fields.update(nlvr2_pool=self.nlvr2_pool)
+            fields.update(nlvr2_pool=self.nlvr2_pool, region_null=self.region_null)
         return FinetuneSetup(task=task, train=train, **fields)
 
 

@@ -30,7 +30,7 @@ def summary_metrics(stages: dict[str, dict]) -> dict[str, Any]:
         if key in det:
             out[f"detector_{key}"] = det[key]
     pre = stages.get("pretrain", {}).get("eval") or {}
-    for key in ("mlm_acc", "itm_acc"):
+    for key in ("mlm_acc", "itm_acc", "itm_swap_acc"):  # itm_swap_acc: captions against their one-word swaps
         if key in pre:
             out[f"pretrain_heldout_{key}"] = pre[key]
     for task in TASKS:

@@ -57,11 +57,11 @@ def build_task_model(task: str, cfg: BertConfig, num_answers: int | None = None,
 
         if not num_answers:
             raise MiniVLMError("a VQA model needs its answer set (answers.txt)")
-        return VQAModel(cfg, num_answers, (extra or {}).get("pool", "cls"))
+        return VQAModel(cfg, num_answers, (extra or {}).get("pool", "cls"), bool((extra or {}).get("null_region")))
     if task == "nlvr2":
         from minivlm.tasks.nlvr2 import NLVR2Model
 
-        return NLVR2Model(cfg, (extra or {}).get("pool", "cls"))
+        return NLVR2Model(cfg, (extra or {}).get("pool", "cls"), bool((extra or {}).get("null_region")))
     if task == "retrieval":
         from minivlm.tasks.retrieval import RetrievalModel
 
@@ -210,8 +210,10 @@ class MiniVLM(nn.Module):
     def save_pretrained(self, folder: str | Path) -> Path:
         """A "model" checkpoint: the detector and every task part in one model.safetensors."""
         det = self.detector
-        tasks = {name: TaskSpec(name, model.cfg, {"num_answers": model.num_answers, "pool": model.pool}
-                                if name == "vqa" else {"pool": model.pool} if name == "nlvr2" else {})
+        tasks = {name: TaskSpec(name, model.cfg, {"num_answers": model.num_answers, "pool": model.pool,
+                                                  "null_region": model.null_region}
+                                if name == "vqa" else {"pool": model.pool, "null_region": model.null_region}
+                                if name == "nlvr2" else {})
                  for name, model in self.tasks.items()}
         config = {"detector": DetectorSpec(det.cfg, det.class_names, det.attribute_names).to_json(),
                   "tasks": {name: spec.to_json() for name, spec in tasks.items()}}

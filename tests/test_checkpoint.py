@@ -92,7 +92,11 @@ def test_a_task_folder_with_its_own_head_initialises_another_task(tmp_path):
 
 def test_model_round_trip_is_one_weights_file(tmp_path, detector):
     torch.manual_seed(0)
-    tasks = {"vqa": build_task_model("vqa", BERT, len(ANSWERS)), "nlvr2": build_task_model("nlvr2", BERT)}
+    # VQA with the region-attention head and its null slot: the folder must bring both back
+    tasks = {"vqa": build_task_model("vqa", BERT, len(ANSWERS), extra={"pool": "region-attention", "null_region": True}),
+             "nlvr2": build_task_model("nlvr2", BERT)}
+    with torch.no_grad():
+        tasks["vqa"].region_attention.null_key.normal_()
     model = MiniVLM(detector, tasks, get_tokenizer(), ANSWERS)
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["answers.txt", "config.json", "model.safetensors",
@@ -100,6 +104,7 @@ def test_model_round_trip_is_one_weights_file(tmp_path, detector):
     assert kind_of(tmp_path / "m") == "model"
     loaded = MiniVLM.from_pretrained(tmp_path / "m")
     assert set(loaded.tasks) == {"vqa", "nlvr2"} and loaded.answers == ANSWERS and same_state(loaded, model)
+    assert loaded.tasks["vqa"].null_region and not loaded.tasks["nlvr2"].null_region
     assert loaded.detector.cfg == detector.cfg and loaded.detector.attribute_names == ["red", "blue"]
 
 

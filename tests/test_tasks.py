@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
+from minivlm.fusion.heads import RegionAttention
 from minivlm.regions import Regions
 from minivlm.tasks.nlvr2 import (NLVR2_POOLS, NLVR2Collator, NLVR2Dataset, NLVR2Model, NLVR2Pair,
                                  mirror_statement)
@@ -457,6 +458,39 @@ def test_vqa_region_attention_reads_real_regions_only(tok):
     # an image without regions still gets an answer
     empty = VQACollator(tok, TINY, 4)([(items[0][0], None)]).inputs
     assert torch.isfinite(model.logits(empty)).all()
+
+
+def test_region_attention_null_slot_says_nothing_is_there():
+    """Keys and queries as identities: a region scores by how well it fits the question. With the null slot
+    (its key a threshold) the result is the fitting region when one is there and the null value when none is;
+    softmax over the regions alone returns some mix of regions either way."""
+    cfg = dataclasses.replace(TINY, hidden_size=8)
+    plain, null = RegionAttention(cfg), RegionAttention(cfg, null_slot=True)
+    with torch.no_grad():
+        for m in (plain, null):
+            for layer in (m.query, m.key):
+                layer.weight.copy_(torch.eye(8))
+                layer.bias.zero_()
+        null.null_key.fill_(5.0)
+        null.null_value.copy_(-torch.ones(8))
+    eye = torch.eye(8) * 10
+    states = torch.stack([eye[0], eye[1], torch.full((8,), 99.0)]).unsqueeze(0)  # the third slot is padding
+    mask = torch.tensor([[True, True, False]])
+    present, absent = eye[0].unsqueeze(0), eye[2].unsqueeze(0)
+    assert torch.allclose(null(present, states, mask), eye[0], atol=1e-3)
+    assert torch.allclose(null(absent, states, mask), -torch.ones(8), atol=1e-3)
+    assert torch.allclose(plain(absent, states, mask), (eye[0] + eye[1]) / 2, atol=1e-3)  # no way to say "none"
+    no_regions = torch.zeros(1, 3, dtype=torch.bool)
+    assert torch.allclose(null(present, states, no_regions), -torch.ones(8))
+    assert torch.equal(plain(present, states, no_regions), torch.zeros(1, 8))
+    # a VQA model with the slot: padded slots still never move its answer
+    torch.manual_seed(0)
+    model = VQAModel(TINY, 4, "region-attention", null_region=True).eval()
+    inputs = VQACollator(get_tokenizer(), TINY, 4)([(VQAExample(0, 0, "is there a star?", {0: 1.0}), regions(8, k=2)),
+                                                   (VQAExample(1, 1, "is there a ring?", {1: 1.0}), regions(9))]).inputs
+    noisy = dataclasses.replace(inputs, region_feats=inputs.region_feats.clone())
+    noisy.region_feats[0, 2:] = 100.0
+    assert torch.allclose(model.logits(noisy), model.logits(inputs), atol=1e-5)
 
 
 def test_vqa_region_attention_binds_the_named_object_to_its_colour(tok):

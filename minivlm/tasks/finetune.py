@@ -90,6 +90,9 @@ class FinetuneSetup:
                                          "text mean beside the regions the statement picks (region-attention), "
                                          "or that and soft counts of the regions it names (region-count)",
                              choices=NLVR2_POOLS)
+    region_null: bool = option(False, help="vqa/nlvr2 region-attention and region-count: the attention may pick a "
+                                           "learned null slot instead of a region, when the image holds nothing "
+                                           "the text names (fusion.heads.RegionAttention)")
     nlvr2_mirror: bool = option(False, help="nlvr2: train on each pair as seen in a mirror half of the time (images "
                                             "swapped and flipped, 'left' and 'right' swapped in the statement)")
     negatives: int = option(RetrievalTaskConfig.negatives_per_positive,

@@ -125,15 +125,15 @@ NLVR2_POOLS = ("cls", "region-attention", "region-count")
 
 
 class NLVR2Model(nn.Module):
-    def __init__(self, cfg: BertConfig, pool: str = "cls"):
+    def __init__(self, cfg: BertConfig, pool: str = "cls", null_region: bool = False):
         super().__init__()
         if pool not in NLVR2_POOLS:
             raise MiniVLMError(f"unknown NLVR2 pooling {pool!r}; choose one of: {', '.join(NLVR2_POOLS)}")
-        self.cfg, self.pool = cfg, pool
+        self.cfg, self.pool, self.null_region = cfg, pool, null_region
         self.bert = MultimodalBert(cfg)
         self.pooler = Pooler(cfg)
         if pool in ("region-attention", "region-count"):
-            self.region_attention = RegionAttention(cfg)
+            self.region_attention = RegionAttention(cfg, null_slot=null_region)
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
         self.head = ClassifierHead(cfg, 2, in_mult={"region-attention": 4, "region-count": 6}.get(pool, 2))
 
@@ -207,12 +207,12 @@ class NLVR2Task(Task):
         return pairs if limit is None else pairs[:limit]
 
     def build_model(self, cfg):
-        model = NLVR2Model(cfg, self.setup.nlvr2_pool)
+        model = NLVR2Model(cfg, self.setup.nlvr2_pool, self.setup.region_null)
         self.run.init(model)
         return model
 
     def folder_extra(self):
-        return {"pool": self.setup.nlvr2_pool}
+        return {"pool": self.setup.nlvr2_pool, "null_region": self.setup.region_null}
 
     def dataset(self, train):
         return NLVR2Dataset(train, self.store, mirror=self.setup.nlvr2_mirror)

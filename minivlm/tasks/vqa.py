@@ -159,17 +159,17 @@ def count_targets(targets: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.T
 
 
 class VQAModel(nn.Module):
-    def __init__(self, cfg: BertConfig, num_answers: int, pool: str = "cls"):
+    def __init__(self, cfg: BertConfig, num_answers: int, pool: str = "cls", null_region: bool = False):
         super().__init__()
         if num_answers < 1:
             raise ValueError("a VQA model needs at least one answer")
         if pool not in VQA_POOLS:
             raise MiniVLMError(f"unknown VQA pooling {pool!r}; choose one of: {', '.join(VQA_POOLS)}")
-        self.cfg, self.num_answers, self.pool = cfg, num_answers, pool
+        self.cfg, self.num_answers, self.pool, self.null_region = cfg, num_answers, pool, null_region
         self.bert = MultimodalBert(cfg)
         self.pooler = Pooler(cfg)
         if pool in ("region-attention", "region-count"):
-            self.region_attention = RegionAttention(cfg)
+            self.region_attention = RegionAttention(cfg, null_slot=null_region)
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
         if pool == "region-count":
             # Which answers are numbers; set from the answer set (`set_answers`), saved with the weights.
@@ -321,14 +321,14 @@ class VQATask(Task):
         return examples if limit is None else examples[:limit]
 
     def build_model(self, cfg):
-        model = VQAModel(cfg, len(self.answers), self.setup.vqa_pool)
+        model = VQAModel(cfg, len(self.answers), self.setup.vqa_pool, self.setup.region_null)
         self.run.init(model)
         model.set_answers(self.answers)
         model.init_answer_bias([e.targets for e in self.train])  # after init: a pre-trained head keeps the prior
         return model
 
     def folder_extra(self):
-        return {"num_answers": len(self.answers), "pool": self.setup.vqa_pool}
+        return {"num_answers": len(self.answers), "pool": self.setup.vqa_pool, "null_region": self.setup.region_null}
 
     def dataset(self, train):
         return VQADataset(train, self.store)
