@@ -27,7 +27,8 @@ STAGES = {
     "detector": {"stage": "train-detector", "seconds": 12.0,
                  "eval": {"map50": 0.625, "map": 0.3125, "loss": 9.0, "per_class": {"circle": 0.5}}},
     "features": {"stage": "extract", "seconds": 2.0},
-    "pretrain": {"stage": "pretrain", "seconds": 30.0, "eval": {"mlm_acc": 0.4375, "itm_acc": 0.8125, "loss": 3.0}},
+    "pretrain": {"stage": "pretrain", "seconds": 30.0, "eval": {"mlm_acc": 0.4375, "itm_acc": 0.8125,
+                                                               "itm_swap_acc": 0.53125, "loss": 3.0}},
     "caption": {"stage": "finetune caption", "seconds": 40.0, "eval": {"test": {
         "CIDEr": 9.0,  # the task's detail beside the one shape: not what the report reads
         "metrics": {"CIDEr": 0.5625, "METEOR": 0.1875, "SPICE": None, "SPICE_unavailable": MARK["metric"]},
@@ -45,7 +46,7 @@ STAGES = {
 }
 # What the report must show for STAGES: every present stage's metric and its baselines.
 EXPECTED = {"detector_map50": 0.625, "detector_map": 0.3125, "pretrain_heldout_mlm_acc": 0.4375,
-            "pretrain_heldout_itm_acc": 0.8125, "caption_CIDEr": 0.5625, "caption_METEOR": 0.1875,
+            "pretrain_heldout_itm_acc": 0.8125, "pretrain_heldout_itm_swap_acc": 0.53125, "caption_CIDEr": 0.5625, "caption_METEOR": 0.1875,
             "caption_SPICE": None, "caption_SPICE_unavailable": MARK["metric"],
             "caption_baseline_most_common_caption_CIDEr": 0.125, "caption_eval_split": "test",
             "vqa_accuracy": 57.125, "vqa_baseline_most_frequent": 23.5, "vqa_baseline_per_question_type": 42.75,
