@@ -341,6 +341,14 @@ class PretrainTaskConfig:
     itm_swap_frac: float = option(0.0, help="of the polluted captions, the share that is the image's own caption "
                                             "with one colour, count, object or side word swapped (0: OSCAR's)")
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "itm_weight" and not isinstance(value, bool) and not 0.0 <= value <= 1.0:
+                from minivlm.errors import MiniVLMError
+
+                raise MiniVLMError(f"--{f.name.replace('_', '-')} is a share and must be in [0, 1] (got {value})")
+
 
 CAPTION_OBJECTIVES = ("masked", "every-token")
 CAPTION_OUTPUT_VOCABS = ("all", "train")

@@ -93,3 +93,14 @@ def test_swap_batches_pair_each_caption_with_its_swap_unmasked():
     torch.manual_seed(0)
     scores = evaluate(PretrainModel(TINY), batches)  # ITM alone: no masked token, no MLM crash
     assert scores["itm_pairs"] == 20 and scores["mlm_tokens"] == 0 and 0.0 <= scores["itm_acc"] <= 1.0
+
+
+def test_shares_outside_zero_one_are_refused():
+    import pytest
+
+    from minivlm.errors import MiniVLMError
+
+    for field in ("itm_swap_frac", "mask_prob", "itm_pollute_prob"):
+        with pytest.raises(MiniVLMError, match=field.replace("_", "-")):
+            PretrainTaskConfig(**{field: 1.5})
+    assert PretrainTaskConfig(itm_swap_frac=1.0, itm_weight=5.0).itm_weight == 5.0  # a weight is not a share

@@ -19,7 +19,7 @@ from minivlm.fusion.loading import load_text_weights
 from minivlm.regions import Regions
 from minivlm.tasks.corpus import PretrainExample, build_corpus, pseudo_caption_corpus, split_texts
 from minivlm.tasks.pretrain import (IGNORE, PretrainCollator, PretrainDataset, PretrainModel, evaluate,
-                                    first_word_piece, fixed_batches, mask_tokens)
+                                    first_word_piece, fixed_batches, mask_tokens, swap_batches, word_families)
 from minivlm.text.tokenizer import get_tokenizer
 
 CLASSES = ["circle", "square", "triangle", "star", "heart", "cross"]
@@ -251,7 +251,7 @@ def test_pretrain_command_learns_resumes_and_saves(world, tmp_path, capsys):
     evals = [e for e in log if "eval" in e]
     assert train[-1]["step"] == 8 and {"mlm_acc", "itm_acc", "mlm_loss", "itm_loss", "lr"} <= set(train[-1])
     assert train[-1]["mlm_loss"] < train[0]["mlm_loss"] - 1.0  # it learns
-    assert evals and {"mlm_acc", "itm_acc"} <= set(evals[-1]["eval"])
+    assert evals and {"mlm_acc", "itm_acc", "itm_swap_acc"} <= set(evals[-1]["eval"])
     # resume: 4 more steps continue from the checkpoint at step 8
     assert cli_main(args[:-1] + ["12"]) == 0
     log2 = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -270,6 +270,13 @@ def test_pretrain_command_learns_resumes_and_saves(world, tmp_path, capsys):
     val, _ = build_corpus(World(root), "val", store, tag_source="gt")
     batches = fixed_batches(PretrainDataset(val, [store]), PretrainCollator(get_tokenizer(), cfg), 8, 16, seed=1234)
     assert abs(evaluate(model, batches)["mlm_acc"] - result["eval"]["mlm_acc"]) < 1e-6
+    # and the same score on the held-out captions against their one-word swaps (the store's class names)
+    families = word_families(World(root), "train", store)
+    assert families is not None and tuple(CLASSES) in families.families
+    swaps = swap_batches(PretrainDataset(val, [store], families=families), PretrainCollator(get_tokenizer(), cfg), 8,
+                         8, seed=4321)
+    assert sum(len(b) for b in swaps) == 16
+    assert abs(evaluate(model, swaps)["itm_acc"] - result["eval"]["itm_swap_acc"]) < 1e-6
 
 
 def test_pretrain_on_the_fly_from_image_files(tmp_path):
