@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from minivlm.errors import MiniVLMError
 from minivlm.setup_args import option
 
 T = TypeVar("T")
@@ -345,8 +346,6 @@ class PretrainTaskConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name != "itm_weight" and not isinstance(value, bool) and not 0.0 <= value <= 1.0:
-                from minivlm.errors import MiniVLMError
-
                 raise MiniVLMError(f"--{f.name.replace('_', '-')} is a share and must be in [0, 1] (got {value})")
 
 

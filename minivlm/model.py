@@ -84,6 +84,14 @@ def write_task_config(folder: str | Path, task: str, cfg: BertConfig, state: dic
     return checkpoint.write(folder, "task", TaskSpec(task, cfg, extra).to_json(), state)
 
 
+def head_settings(task: str, model: nn.Module) -> dict[str, Any]:
+    """What `build_task_model` needs beside the transformer's config to rebuild this task's head."""
+    if task not in ("vqa", "nlvr2"):
+        return {}
+    settings = {"pool": model.pool, "null_region": model.null_region}
+    return {"num_answers": model.num_answers, **settings} if task == "vqa" else settings
+
+
 def load_task_folder(folder: str | Path, device: str | torch.device = "cpu") -> tuple[checkpoint.Checkpoint, nn.Module]:
     ckpt = checkpoint.read(folder, "task")
     spec = ckpt.task_spec()
@@ -210,11 +218,7 @@ class MiniVLM(nn.Module):
     def save_pretrained(self, folder: str | Path) -> Path:
         """A "model" checkpoint: the detector and every task part in one model.safetensors."""
         det = self.detector
-        tasks = {name: TaskSpec(name, model.cfg, {"num_answers": model.num_answers, "pool": model.pool,
-                                                  "null_region": model.null_region}
-                                if name == "vqa" else {"pool": model.pool, "null_region": model.null_region}
-                                if name == "nlvr2" else {})
-                 for name, model in self.tasks.items()}
+        tasks = {name: TaskSpec(name, model.cfg, head_settings(name, model)) for name, model in self.tasks.items()}
         config = {"detector": DetectorSpec(det.cfg, det.class_names, det.attribute_names).to_json(),
                   "tasks": {name: spec.to_json() for name, spec in tasks.items()}}
         return checkpoint.write(folder, "model", config, self.state_dict(), vocab=self.tokenizer.vocab_path,

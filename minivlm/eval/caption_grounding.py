@@ -25,7 +25,7 @@ from minivlm.data.readers import CocoInstances
 Vocabulary = tuple[dict[tuple[str, ...], str], dict[str, tuple[str, str]]]  # (noun words -> class, word -> attr)
 
 
-def _plural(word: str) -> str:
+def plural(word: str) -> str:
     return word + "es" if word.endswith(("s", "x", "ch", "sh")) else word + "s"
 
 
@@ -35,10 +35,10 @@ def vocabulary(instances: CocoInstances) -> Vocabulary:
 
     nouns: dict[tuple[str, ...], str] = {}
     for cls in instances.class_names():
-        for form in (cls, _plural(cls)):
+        for form in (cls, plural(cls)):
             nouns[tuple(form.lower().split())] = cls
-        for singular, plural in gen.NOUNS.get(cls, ()):  # the synthetic world's other words for its classes
-            nouns[tuple(singular.split())] = nouns[tuple(plural.split())] = cls
+        for one, many in gen.NOUNS.get(cls, ()):  # the synthetic world's other words for its classes
+            nouns[tuple(one.split())] = nouns[tuple(many.split())] = cls
     words = {a.name.lower(): (a.group, a.name) for a in instances.attributes}
     for name, adjectives in gen.TEXTURE_ADJ.items():
         if words.get(name, ("", ""))[0] == "texture":

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from minivlm.eval.caption_grounding import plural
+
 NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below", "below": "above",
              "upper": "lower", "lower": "upper"}
-
-
-def plural(word: str) -> str:
-    return word + "es" if word.endswith(("s", "x", "ch", "sh")) else word + "s"
 
 
 @dataclass(frozen=True)
@@ -52,14 +51,19 @@ class WordFamilies:
         families += [(a, b) for a, b in OPPOSITES.items() if a < b]
         return cls(tuple(f for f in families if len(set(f)) > 1), frozenset({0, 1}))
 
+    @cached_property
+    def patterns(self) -> tuple[re.Pattern, ...]:
+        """One regular expression per family, longest word first, compiled once (`swap` runs per training item)."""
+        return tuple(re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b",
+                                flags=re.IGNORECASE) for words in self.families)
+
     def swap(self, text: str, avoid: Iterable[str] = (), generator: torch.Generator | None = None) -> str | None:
         """`text` with one of its family words (picked at random) replaced by another word of that family, not
         in `avoid` for object names; None when the text has no word that can be swapped."""
         avoid = {a.lower() for a in avoid} | {plural(a.lower()) for a in avoid}
         spots = []  # (start, end, family index)
-        for f, words in enumerate(self.families):
-            pattern = r"\b(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b"
-            spots += [(m.start(), m.end(), f) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+        for f, pattern in enumerate(self.patterns):
+            spots += [(m.start(), m.end(), f) for m in pattern.finditer(text)]
         order = torch.randperm(len(spots), generator=generator).tolist()
         for k in order:
             start, end, f = spots[k]
