@@ -10,7 +10,13 @@ is fine-tuned three times on the same world and scored on the same test split:
     tee      the detector's regions (`--features`, a `minivlm extract` store of the same images);
     blind    no regions and no tags, the question alone: what the language prior gives.
 
-Each is reported per question type beside the per-question-type prior (the most common training answer of
+With `--nlvr2`, NLVR2 too: the demo's NLVR2 recipe from random weights on the same three region sources of the
+NLVR2 images (oracle regions from the synthetic world's nlvr2/annotations/instances_*.json; tee needs `--nlvr2-features`),
+per kind of statement beside the kind prior (each statement answered with its kind's training majority; a
+blind model that knows the template). oracle at the kind prior says that the statements, not the regions,
+hold NLVR2 back at this data size.
+
+Each VQA setting is reported per question type beside the per-question-type prior (the most common training answer of
 that type) and the ceiling: the VQA score of the true answer (100 on the synthetic world, where at least
 6 of the 10 annotators give it, so every leave-one-out subset has 3 matches; lower where annotators disagree
 more). oracle near the ceiling and tee far below it points at the features;
@@ -36,7 +42,7 @@ from minivlm.data.oracle import write_blind_store, write_oracle_store  # noqa: E
 from minivlm.data.world import World  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
 from minivlm.demo import SIZES, stage  # noqa: E402
-from minivlm.io import write_json  # noqa: E402
+from minivlm.io import read_json, write_json  # noqa: E402
 from minivlm.tasks.finetune import DEFAULT_LR, FinetuneSetup, finetune, task_train_config  # noqa: E402
 from minivlm.tasks.vqa import VQA_POOLS, baseline_results  # noqa: E402
 
@@ -59,6 +65,33 @@ def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
         prefix="grounding")
 
 
+def run_nlvr2_setting(name: str, world: Path, store: Path, nlvr2_store: Path, out: Path, args) -> dict:
+    """Fine-tunes NLVR2 on one region source of the pairs' images, with the demo's recipe from random weights."""
+    folder = out / f"nlvr2_{name}"
+    return stage(f"nlvr2 {name}", folder, lambda: finetune(DEMO.finetune_setup(
+        "nlvr2", epochs=args.nlvr2_epochs, seed=args.seed, data=world, features=store, nlvr2_features=nlvr2_store,
+        out=folder, pretrained=None, preset=args.preset, eval_splits=["test1"])), prefix="grounding")
+
+
+def nlvr2_table(world: World, results: dict[str, dict], out: Path) -> dict:
+    """Accuracy per kind of statement on test1: each setting's model and the kind prior."""
+    from benchmarks.nlvr2_symbolic import kind_majorities, kind_of
+
+    majority = kind_majorities(world.nlvr2(world.train_split("nlvr2")))
+    rows: dict[str, dict[str, list[bool]]] = {}
+    predictions = {n: {r["identifier"]: bool(r["prediction"])
+                       for r in read_json(out / f"nlvr2_{n}" / "results_test1.json")} for n in results}
+    for e in world.nlvr2("test1"):
+        kind = kind_of(e.sentence)
+        for key in (kind, "all"):
+            row = rows.setdefault(key, {"kind_prior": []})
+            row["kind_prior"].append(majority.get(kind, True) == e.label)
+            for n, pred in predictions.items():
+                row.setdefault(n, []).append(pred[e.identifier] == e.label)
+    return {k: {"n": len(r["kind_prior"]), **{c: 100.0 * sum(v) / len(v) for c, v in r.items()}}
+            for k, r in sorted(rows.items(), key=lambda kv: (kv[0] == "all", kv[0]))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="world root (default: make one under OUT/world)")
@@ -79,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: the demo's (DemoSize.finetune_setup warms up a task whose lr it sets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default="oracle,tee,blind", help="comma-separated subset of oracle,tee,blind")
+    p.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True, help="the VQA table")
+    p.add_argument("--nlvr2", action="store_true", help="an NLVR2 table too (synthetic world only)")
+    p.add_argument("--nlvr2-features", type=Path, help="TEE feature store of the world's NLVR2 images (the tee row)")
+    p.add_argument("--nlvr2-epochs", type=int, default=DEMO.task_epochs["nlvr2"], help="default: the demo's")
     p.add_argument("--out", type=Path, default=Path("runs/grounding"))
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -90,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
         world_root = args.out / "world"
         if not (world_root / "world.json").is_file():
-            generate_world(world_root, args.images, args.seed, nlvr2_pairs=0,
-                           questions_per_image=DEMO.questions_per_image)
+            generate_world(world_root, args.images, args.seed, nlvr2_pairs=DEMO.nlvr2_pairs if args.nlvr2 else 0,
+                           questions_per_image=DEMO.questions_per_image, nlvr2_statements=DEMO.nlvr2_statements)
     wanted = set(args.settings.split(","))
     stores = {}
     if "oracle" in wanted:
@@ -104,6 +141,31 @@ def main(argv: list[str] | None = None) -> int:
         write_blind_store(world_root, stores["blind"])
 
     world = World(world_root)
+    if args.nlvr2:
+        nlvr2_stores = {}
+        if "oracle" in stores:
+            nlvr2_stores["oracle"] = args.out / "oracle_nlvr2_store"
+            write_oracle_store(world_root, nlvr2_stores["oracle"], nlvr2=True)
+        if "tee" in stores and args.nlvr2_features:
+            nlvr2_stores["tee"] = args.nlvr2_features
+        if "blind" in stores:
+            nlvr2_stores["blind"] = args.out / "blind_nlvr2_store"
+            write_blind_store(world_root, nlvr2_stores["blind"], nlvr2=True)
+        nl = {n: run_nlvr2_setting(n, world_root, stores[n], s, args.out, args) for n, s in nlvr2_stores.items()}
+        nl_table = nlvr2_table(world, nl, args.out)
+        cols = ["kind_prior", *nl]
+        print(f"NLVR2 accuracy on test1 of {world_root} ({len(world.nlvr2(world.train_split('nlvr2')))} training "
+              f"statements; transformer {args.preset}, {args.nlvr2_epochs} epochs, random init)")
+        print(f"{'kind':<24}{'n':>6}" + "".join(f"{c[:10]:>11}" for c in cols))
+        for kind, r in nl_table.items():
+            print(f"{kind:<24}{r['n']:>6}" + "".join(f"{r[c]:>11.1f}" for c in cols))
+        write_json(args.out / "grounding_nlvr2.json", {
+            "data": str(world_root), "nlvr2_features": str(args.nlvr2_features or ""), "preset": args.preset,
+            "epochs": args.nlvr2_epochs, "nlvr2": nl_table, "seconds": {n: r.get("seconds") for n, r in nl.items()}},
+            indent=1)
+        print(f"wrote {args.out / 'grounding_nlvr2.json'}")
+        if not args.vqa:
+            return 0
     train_q, test_q = world.vqa("train"), world.vqa("test")
     refs = {"ceiling": ceiling(test_q)}
     for name, base in baseline_results(train_q, test_q).items():

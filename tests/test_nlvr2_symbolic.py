@@ -96,3 +96,33 @@ def test_the_benchmark_scores_the_reader_and_a_models_results_per_kind(tmp_path)
     majority = sym.kind_majorities(world.nlvr2("train"))  # the blind kind prior: each kind's training majority
     assert kinds["all"]["prior"] == 100.0 * sum(majority.get(sym.kind_of(e.sentence), True) == e.label
                                                 for e in test) / len(test)
+
+
+def test_oracle_regions_of_the_nlvr2_images_are_their_truth(tmp_path):
+    """The synthetic world writes the NLVR2 images' objects (nlvr2/annotations/instances_{split}.json); the oracle store built
+    from them answers to the pairs' image names, and the reader on its regions gives every statement's label."""
+    from minivlm.data.feature_store import FeatureStore
+    from minivlm.data.oracle import write_oracle_store
+
+    generate_world(tmp_path / "world", images=8, seed=3, nlvr2_pairs=12, workers=1, nlvr2_statements=4)
+    world = World(tmp_path / "world")
+    n = write_oracle_store(tmp_path / "world", tmp_path / "oracle", region_dim=32, nlvr2=True)
+    store = FeatureStore(tmp_path / "oracle")
+    classes, attrs = store.class_names, store.attribute_names
+    assert n == 2 * 12 == len(store)
+
+    def things(name: str) -> list[sym.Thing]:
+        r = store[store.find(name)]
+        hot = [set(torch.nonzero(f).flatten().tolist()) for f in r.features]
+        colours = [next(attrs[i - len(classes)] for i in h if i >= len(classes) and attrs[i - len(classes)] in
+                        sym.COLOURS) for h in hot]
+        assert [classes[min(h)] for h in hot] == r.tags  # one-hot class first, then the attributes
+        return [sym.Thing(t, c, tuple(b.tolist())) for t, c, b in zip(r.tags, colours, r.boxes)]
+
+    checked = 0
+    for split in ("train", "dev", "test1"):
+        for e in world.nlvr2(split):
+            read = sym.read_statement(e.sentence)
+            assert read is not None and read[1](things(e.left_image), things(e.right_image)) == e.label, e.sentence
+            checked += 1
+    assert checked == 4 * 12

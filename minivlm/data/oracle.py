@@ -56,31 +56,37 @@ def blind_regions(instances: CocoInstances, image_id: int, region_dim: int = 102
 
 
 def _write_store(make, source: str, world_root: str | Path, out: str | Path, region_dim: int,
-                 splits: list[str] | None) -> int:
+                 splits: list[str] | None, nlvr2: bool = False) -> int:
+    """Regions from `make` for every image of `splits`: the COCO images (keyed by image id, as `minivlm
+    extract` keys them) or, with `nlvr2`, the NLVR2 images (keyed "{split}/{file name}", as the NLVR2 store)."""
     world = World(world_root)
-    splits = splits or world.splits("instances")
+    kind, read = ("nlvr2", world.nlvr2_instances) if nlvr2 else ("instances", world.instances)
+    splits = splits or world.splits(kind)
     if not splits:
-        raise MiniVLMError(f"{world_root}: no annotations/instances_*.json to build {source} regions from")
-    first = world.instances(splits[0])
+        raise MiniVLMError(f"{world_root}: no {'NLVR2 pairs' if nlvr2 else 'annotations/instances_*.json'} to build "
+                           f"{source} regions from")
+    first = read(splits[0])
     meta = {"class_names": first.class_names(), "attribute_names": first.attribute_names(), "source": source}
     n = 0
     with FeatureStoreWriter(out, meta=meta, dtype="float32") as writer:
         for split in splits:
-            inst = world.instances(split)
-            for iid in writer.todo(sorted(inst.images)):
-                writer.add(iid, make(inst, iid, region_dim))
+            inst = read(split)
+            keys = {f"{split}/{info.file_name}" if nlvr2 else iid: iid for iid, info in inst.images.items()}
+            for key in writer.todo(sorted(keys)):
+                writer.add(key, make(inst, keys[key], region_dim))
                 n += 1
     return n
 
 
 def write_oracle_store(world_root: str | Path, out: str | Path, region_dim: int = 1024,
-                       splits: list[str] | None = None) -> int:
+                       splits: list[str] | None = None, nlvr2: bool = False) -> int:
     """A feature store of oracle regions for every annotated image of `splits` (default: all); returns how
-    many images it wrote (0 when a complete store is there already). It reads like `minivlm extract` output."""
-    return _write_store(oracle_regions, "oracle", world_root, out, region_dim, splits)
+    many images it wrote (0 when a complete store is there already). It reads like `minivlm extract` output.
+    `nlvr2`: the NLVR2 images instead, from nlvr2/annotations/instances_{split}.json (only the synthetic world has them)."""
+    return _write_store(oracle_regions, "oracle", world_root, out, region_dim, splits, nlvr2)
 
 
 def write_blind_store(world_root: str | Path, out: str | Path, region_dim: int = 1024,
-                      splits: list[str] | None = None) -> int:
+                      splits: list[str] | None = None, nlvr2: bool = False) -> int:
     """The same store with no regions per image (the question-only baseline)."""
-    return _write_store(blind_regions, "blind", world_root, out, region_dim, splits)
+    return _write_store(blind_regions, "blind", world_root, out, region_dim, splits, nlvr2)

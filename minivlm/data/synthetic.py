@@ -9,6 +9,8 @@
     OUT/annotations/dataset_coco.json                Karpathy split file
     OUT/vqa/v2_OpenEnded_mscoco_{split}_questions.json, OUT/vqa/v2_mscoco_{split}_annotations.json
     OUT/nlvr2/{train,dev,test1}.json + nlvr2/images/{split}/{split}-{set}-{pair}-img{0,1}.png
+    OUT/nlvr2/annotations/instances_{split}.json     the NLVR2 images' objects (COCO instances; not in real
+                                                     NLVR2: for oracle regions in benchmarks/grounding.py)
     OUT/unlabeled/unlabeled_{i:06d}.jpg              images without labels (data distillation)
 
 Every image has its own random stream, `SeedSequence([seed, stream, index])`, so images can be made in
@@ -282,16 +284,17 @@ def _nlvr2_item(seed: int, stream: int, index: int, left_path: str, right_path: 
     # Both images draw from the same few classes and colours, so comparisons between them are interesting.
     classes = [CLASSES[i] for i in rng.choice(len(CLASSES), 3, replace=False)]
     colours = [COLOURS[i] for i in rng.choice(len(COLOURS), 3, replace=False)]
-    scenes = []
+    scenes, polygons = [], []
     for path in (left_path, right_path):
-        image, scene, _ = render_scene(rng, classes, colours)
+        image, scene, outline = render_scene(rng, classes, colours)
         _save(image, path, format="PNG", compress_level=1)
         scenes.append(scene)
+        polygons.append(outline)
     sentences: list[tuple[str, bool]] = []
     for label in rng.permutation([True, False] * (n_statements // 2)).tolist():  # half of them true
         text = nlvr2_statement(scenes[0], scenes[1], bool(label), rng, tuple(s for s, _ in sentences))
         sentences.append((text, bool(label)))
-    return {"sentences": sentences, "query": classes[0]}
+    return {"sentences": sentences, "query": classes[0], "scenes": scenes, "polygons": polygons}
 
 
 def _unlabeled_item(seed: int, stream: int, index: int, path: str) -> dict:
@@ -429,12 +432,26 @@ def generate_world(out: Path, images: int, seed: int, unlabeled: int = 0, nlvr2_
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _write_coco(out: Path, image_ids: list[list[int]], coco: list[list[dict]]) -> dict:
-    info = {"description": "minivlm synthetic world", "version": str(GENERATOR_VERSION),
-            "contributor": "minivlm.data.synthetic"}
+_COCO_INFO = {"description": "minivlm synthetic world", "version": str(GENERATOR_VERSION),
+              "contributor": "minivlm.data.synthetic"}
+
+
+def _instances_file(images: list[dict], instances: list[dict]) -> dict:
+    """A COCO instances file (with the attribute extension) over the world's classes and attributes."""
     categories = [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)]
     attribute_categories = [{"id": i + 1, "name": a, "group": g}
                             for i, (a, g) in enumerate((a, g) for g, names in ATTRIBUTE_GROUPS.items() for a in names)]
+    return {"info": _COCO_INFO, "licenses": [], "images": images, "annotations": instances, "categories": categories,
+            "attribute_categories": attribute_categories}
+
+
+def _instance(ann_id: int, image_id: int, o: SceneObject, polygon: list[float]) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": CLASSES.index(o.cls) + 1, "bbox": list(o.box),
+            "area": o.area, "iscrowd": 0, "segmentation": [polygon], "attribute_ids": _attribute_ids(o)}
+
+
+def _write_coco(out: Path, image_ids: list[list[int]], coco: list[list[dict]]) -> dict:
+    info = _COCO_INFO
     karpathy: list[dict] = []
     ann_id = cap_id = 1
     n_objects, qtypes, atypes = 0, Counter(), Counter()
@@ -445,9 +462,7 @@ def _write_coco(out: Path, image_ids: list[list[int]], coco: list[list[dict]]) -
             file_name = f"COCO_{split}_{iid:012d}.jpg"
             images.append({"id": iid, "file_name": file_name, "width": scene.width, "height": scene.height})
             for o, poly in zip(scene.objects, item["polygons"]):
-                instances.append({"id": ann_id, "image_id": iid, "category_id": CLASSES.index(o.cls) + 1,
-                                  "bbox": list(o.box), "area": o.area, "iscrowd": 0, "segmentation": [poly],
-                                  "attribute_ids": _attribute_ids(o)})
+                instances.append(_instance(ann_id, iid, o, poly))
                 ann_id += 1
             n_objects += len(scene.objects)
             sentences = []
@@ -465,9 +480,7 @@ def _write_coco(out: Path, image_ids: list[list[int]], coco: list[list[dict]]) -
                 qtypes[q.question_type] += 1
                 atypes[q.answer_type] += 1
         ann = out / "annotations"
-        write_json(ann / f"instances_{split}.json", {
-            "info": info, "licenses": [], "images": images, "annotations": instances, "categories": categories,
-            "attribute_categories": attribute_categories})
+        write_json(ann / f"instances_{split}.json", _instances_file(images, instances))
         write_json(ann / f"captions_{split}.json", {"info": info, "licenses": [], "images": images,
                                                     "annotations": caps})
         header = {"info": info, "license": {}, "data_type": "mscoco", "data_subtype": split}
@@ -482,8 +495,13 @@ def _write_coco(out: Path, image_ids: list[list[int]], coco: list[list[dict]]) -
 def _write_nlvr2(out: Path, pair_names: list[list[str]], nlvr2: list[list[dict]]) -> dict:
     n_true = n_all = 0
     for split, names, items in zip(NLVR2_SPLITS, pair_names, nlvr2):
-        lines = []
+        lines, images, instances = [], [], []
         for name, item in zip(names, items):
+            for side, (scene, polygons) in enumerate(zip(item["scenes"], item["polygons"])):
+                iid = len(images) + 1
+                images.append({"id": iid, "file_name": f"{name}-img{side}.png", "width": scene.width,
+                               "height": scene.height})
+                instances += [_instance(len(instances) + 1, iid, o, poly) for o, poly in zip(scene.objects, polygons)]
             for k, (sentence, label) in enumerate(item["sentences"]):
                 lines.append({"identifier": f"{name}-{k}", "sentence": sentence, "label": str(label),
                               "left_url": f"images/{split}/{name}-img0.png",
@@ -493,6 +511,7 @@ def _write_nlvr2(out: Path, pair_names: list[list[str]], nlvr2: list[list[dict]]
                 n_all += 1
         with atomic_path(out / "nlvr2" / f"{split}.json") as tmp:
             tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+        write_json(out / "nlvr2" / "annotations" / f"instances_{split}.json", _instances_file(images, instances))
     return {"nlvr2_pairs": {s: len(n) for s, n in zip(NLVR2_SPLITS, pair_names)}, "nlvr2_statements": n_all,
             "nlvr2_true": n_true}
 

@@ -75,6 +75,11 @@ class World:
     def nlvr2_path(self, split: str) -> Path:
         return self.root / "nlvr2" / f"{split}.json"
 
+    def nlvr2_instances_path(self, split: str) -> Path:
+        """The objects of the NLVR2 images (COCO instances): written by the synthetic world, not in real NLVR2.
+        A folder of its own, so that the files do not read as NLVR2 splits (nlvr2/{S}.json)."""
+        return self.root / "nlvr2" / "annotations" / f"instances_{split}.json"
+
     def image_path(self, split: str, image: ImageInfo | str) -> Path:
         """Where an image of `split` lives (its existence not checked: `load_image` reports a missing file);
         a name that would leave the split's folder is refused (`inside`)."""
@@ -132,6 +137,10 @@ class World:
 
     def nlvr2(self, split: str) -> list[NLVR2Example]:
         return self._cached(("nlvr2", split), lambda: read_nlvr2(self._need(self.nlvr2_path(split))))
+
+    def nlvr2_instances(self, split: str) -> CocoInstances:
+        return self._cached(("nlvr2_instances", split),
+                            lambda: read_coco_instances(self._need(self.nlvr2_instances_path(split))))
 
     # ------------------------------------------------------------ what is there
 
