@@ -75,7 +75,7 @@ def run_nlvr2_setting(name: str, world: Path, store: Path, nlvr2_store: Path, ou
 
 def nlvr2_table(world: World, results: dict[str, dict], out: Path) -> dict:
     """Accuracy per kind of statement on test1: each setting's model and the kind prior."""
-    from benchmarks.nlvr2_symbolic import kind_majorities, kind_of
+    from nlvr2_symbolic import kind_majorities, kind_of  # benchmarks/, beside this script
 
     majority = kind_majorities(world.nlvr2(world.train_split("nlvr2")))
     rows: dict[str, dict[str, list[bool]]] = {}

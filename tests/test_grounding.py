@@ -96,3 +96,36 @@ def test_tiny_fusion_model_learns_from_oracle_regions_what_the_question_cannot_s
     assert len(oracle) >= 40
     acc = lambda scores: sum(scores.values()) / len(scores)  # noqa: E731
     assert acc(oracle) >= 0.9 and acc(oracle) >= acc(blind) + 0.25, (acc(oracle), acc(blind))
+
+
+def test_the_benchmark_reports_nlvr2_on_oracle_and_no_regions(tmp_path):
+    """`benchmarks/grounding.py --nlvr2 --no-vqa`: NLVR2 fine-tuned on the pairs' oracle and blind regions, scored per
+    kind of statement beside the kind prior; every test statement counted once."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from minivlm.data.synthetic import generate_world
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import grounding
+    import nlvr2_symbolic as sym
+
+    generate_world(tmp_path / "world", images=12, seed=2, nlvr2_pairs=16, workers=1, nlvr2_statements=4)
+    out = tmp_path / "out"
+    assert grounding.main(["--data", str(tmp_path / "world"), "--nlvr2", "--no-vqa", "--nlvr2-epochs", "1",
+                           "--settings", "oracle,blind", "--out", str(out)]) == 0
+    blind = FeatureStore(out / "blind_nlvr2_store")
+    assert len(blind) == len(FeatureStore(out / "oracle_nlvr2_store")) == 32 and all(len(blind[k]) == 0 for k in blind.keys())
+    table = json.loads((out / "grounding_nlvr2.json").read_text())["nlvr2"]
+    world = World(tmp_path / "world")
+    test = world.nlvr2("test1")
+    assert table["all"]["n"] == len(test) == sum(r["n"] for k, r in table.items() if k != "all")
+    majority = sym.kind_majorities(world.nlvr2("train"))
+    assert table["all"]["kind_prior"] == pytest.approx(
+        100.0 * sum(majority.get(sym.kind_of(e.sentence), True) == e.label for e in test) / len(test))
+    for setting in ("oracle", "blind"):
+        predictions = {r["identifier"]: r["prediction"]
+                       for r in json.loads((out / f"nlvr2_{setting}" / "results_test1.json").read_text())}
+        assert table["all"][setting] == pytest.approx(
+            100.0 * sum(predictions[e.identifier] == e.label for e in test) / len(test))
