@@ -217,6 +217,7 @@ def finetune(setup: FinetuneSetup) -> dict:
     """Fine-tunes `setup.task` (one `Task` of `minivlm.tasks.registry.TASKS`): takes the World's training split
     of the task's data (unless named), builds and initialises the model, writes the task folder, trains, then
     scores every held-out split beside the task's baselines. Returns the metrics written to metrics.json."""
+    from minivlm.model import head_settings
     from minivlm.tasks.registry import TASKS as REGISTRY
 
     check(setup)
@@ -227,7 +228,7 @@ def finetune(setup: FinetuneSetup) -> dict:
     run.eval_splits = [s for s in (setup.eval_splits or task.eval_splits()) if s != run.train_split]
 
     model = task.build_model(run.bert_config(task.store))
-    run.write_folder(model.cfg, train_split=run.train_split, **task.folder_extra())
+    run.write_folder(model.cfg, train_split=run.train_split, **head_settings(setup.task, model), **task.folder_extra())
     periodic = run.eval_splits[0] if run.eval_splits else None
     eval_fn = (lambda m, step: task.quick_eval(model, periodic)) if periodic and setup.train.eval_every else None
     metrics: dict[str, Any] = {"task": setup.task, "train_split": run.train_split, "n_train": len(train),

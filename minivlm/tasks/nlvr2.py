@@ -211,9 +211,6 @@ class NLVR2Task(Task):
         self.run.init(model)
         return model
 
-    def folder_extra(self):
-        return {"pool": self.setup.nlvr2_pool, "null_region": self.setup.region_null}
-
     def dataset(self, train):
         return NLVR2Dataset(train, self.store, mirror=self.setup.nlvr2_mirror)
 

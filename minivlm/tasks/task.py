@@ -44,7 +44,8 @@ class Task(ABC):
         """The task model, initialised from `setup.pretrained`."""
 
     def folder_extra(self) -> dict:
-        """Task fields of the folder's config.json."""
+        """Task fields of the folder's config.json beside the head's settings (`model.head_settings`, which
+        `finetune` reads from the built model)."""
         return {}
 
     @abstractmethod

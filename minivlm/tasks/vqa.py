@@ -327,9 +327,6 @@ class VQATask(Task):
         model.init_answer_bias([e.targets for e in self.train])  # after init: a pre-trained head keeps the prior
         return model
 
-    def folder_extra(self):
-        return {"num_answers": len(self.answers), "pool": self.setup.vqa_pool, "null_region": self.setup.region_null}
-
     def dataset(self, train):
         return VQADataset(train, self.store)
 
