@@ -42,6 +42,7 @@ from minivlm.data.oracle import write_blind_store, write_oracle_store  # noqa: E
 from minivlm.data.world import World  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
 from minivlm.demo import SIZES, stage  # noqa: E402
+from minivlm.errors import MiniVLMError  # noqa: E402
 from minivlm.io import read_json, write_json  # noqa: E402
 from minivlm.tasks.finetune import DEFAULT_LR, FinetuneSetup, finetune, task_train_config  # noqa: E402
 from minivlm.tasks.vqa import VQA_POOLS, baseline_results  # noqa: E402
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nlvr2-epochs", type=int, default=DEMO.task_epochs["nlvr2"], help="default: the demo's")
     p.add_argument("--out", type=Path, default=Path("runs/grounding"))
     args = p.parse_args(argv)
+    if not args.vqa and not args.nlvr2:
+        p.error("--no-vqa leaves nothing to run without --nlvr2")
     torch.manual_seed(args.seed)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             write_oracle_store(world_root, nlvr2_stores["oracle"], nlvr2=True)
         if "tee" in stores and args.nlvr2_features:
             nlvr2_stores["tee"] = args.nlvr2_features
+        elif "tee" in stores:
+            print("no --nlvr2-features: the NLVR2 table has no tee column")
         if "blind" in stores:
             nlvr2_stores["blind"] = args.out / "blind_nlvr2_store"
             write_blind_store(world_root, nlvr2_stores["blind"], nlvr2=True)
@@ -203,4 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except MiniVLMError as e:  # bad input (a missing file, a foreign folder): one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -129,3 +129,25 @@ def test_the_benchmark_reports_nlvr2_on_oracle_and_no_regions(tmp_path):
                        for r in json.loads((out / f"nlvr2_{setting}" / "results_test1.json").read_text())}
         assert table["all"][setting] == pytest.approx(
             100.0 * sum(predictions[e.identifier] == e.label for e in test) / len(test))
+
+
+def test_a_world_without_the_nlvr2_objects_gets_a_one_line_error(tmp_path):
+    """Worlds made before the generator wrote nlvr2/annotations/: a clear error, from Python and the command."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from minivlm.data.synthetic import generate_world
+    from minivlm.errors import MiniVLMError
+
+    generate_world(tmp_path / "world", images=6, seed=4, nlvr2_pairs=4, workers=1)
+    shutil.rmtree(tmp_path / "world" / "nlvr2" / "annotations")
+    with pytest.raises(MiniVLMError, match="make the world again"):
+        write_oracle_store(tmp_path / "world", tmp_path / "o", nlvr2=True)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "grounding.py"
+    res = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "world"), "--nlvr2", "--no-vqa",
+                          "--settings", "oracle", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and res.stderr.startswith("error:") and "make the world again" in res.stderr
+    assert "Traceback" not in res.stderr
