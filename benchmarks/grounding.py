@@ -11,10 +11,10 @@ is fine-tuned three times on the same world and scored on the same test split:
     blind    no regions and no tags, the question alone: what the language prior gives.
 
 With `--nlvr2`, NLVR2 too: the demo's NLVR2 recipe from random weights on the same three region sources of the
-NLVR2 images (oracle regions from the synthetic world's nlvr2/annotations/instances_*.json; tee needs `--nlvr2-features`),
-per kind of statement beside the kind prior (each statement answered with its kind's training majority; a
-blind model that knows the template). oracle at the kind prior says that the statements, not the regions,
-hold NLVR2 back at this data size.
+NLVR2 images (oracle regions from the synthetic world's nlvr2/annotations/instances_*.json; tee needs
+`--nlvr2-features`), per kind of statement beside the kind prior (each statement answered with its kind's
+training majority: a blind model that knows the template). oracle at the kind prior says that the fusion
+model's learning of the statements, not the regions, holds NLVR2 back at this data size.
 
 Each VQA setting is reported per question type beside the per-question-type prior (the most common training answer of
 that type) and the ceiling: the VQA score of the true answer (100 on the synthetic world, where at least

@@ -116,7 +116,8 @@ def test_the_benchmark_reports_nlvr2_on_oracle_and_no_regions(tmp_path):
     assert grounding.main(["--data", str(tmp_path / "world"), "--nlvr2", "--no-vqa", "--nlvr2-epochs", "1",
                            "--settings", "oracle,blind", "--out", str(out)]) == 0
     blind = FeatureStore(out / "blind_nlvr2_store")
-    assert len(blind) == len(FeatureStore(out / "oracle_nlvr2_store")) == 32 and all(len(blind[k]) == 0 for k in blind.keys())
+    assert len(blind) == len(FeatureStore(out / "oracle_nlvr2_store")) == 32
+    assert all(len(blind[k]) == 0 for k in blind.keys())
     table = json.loads((out / "grounding_nlvr2.json").read_text())["nlvr2"]
     world = World(tmp_path / "world")
     test = world.nlvr2("test1")

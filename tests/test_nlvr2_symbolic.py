@@ -99,8 +99,8 @@ def test_the_benchmark_scores_the_reader_and_a_models_results_per_kind(tmp_path)
 
 
 def test_oracle_regions_of_the_nlvr2_images_are_their_truth(tmp_path):
-    """The synthetic world writes the NLVR2 images' objects (nlvr2/annotations/instances_{split}.json); the oracle store built
-    from them answers to the pairs' image names, and the reader on its regions gives every statement's label."""
+    """The synthetic world writes the NLVR2 images' objects (nlvr2/annotations/instances_{split}.json); the oracle
+    store built from them answers to the pairs' image names, and the reader on its regions gives every statement's label."""
     from minivlm.data.feature_store import FeatureStore
     from minivlm.data.oracle import write_oracle_store
 

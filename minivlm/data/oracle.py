@@ -86,7 +86,8 @@ def write_oracle_store(world_root: str | Path, out: str | Path, region_dim: int 
                        splits: list[str] | None = None, nlvr2: bool = False) -> int:
     """A feature store of oracle regions for every annotated image of `splits` (default: all); returns how
     many images it wrote (0 when a complete store is there already). It reads like `minivlm extract` output.
-    `nlvr2`: the NLVR2 images instead, from nlvr2/annotations/instances_{split}.json (only the synthetic world has them)."""
+    `nlvr2`: the NLVR2 images instead, from nlvr2/annotations/instances_{split}.json (only the synthetic world
+    has them)."""
     return _write_store(oracle_regions, "oracle", world_root, out, region_dim, splits, nlvr2)
 
 
