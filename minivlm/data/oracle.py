@@ -65,10 +65,6 @@ def _write_store(make, source: str, world_root: str | Path, out: str | Path, reg
     if not splits:
         raise MiniVLMError(f"{world_root}: no {'NLVR2 pairs' if nlvr2 else 'annotations/instances_*.json'} to build "
                            f"{source} regions from")
-    if nlvr2 and not world.nlvr2_instances_path(splits[0]).is_file():
-        raise MiniVLMError(f"{world.nlvr2_instances_path(splits[0])} not found: only synthetic worlds made since "
-                           "2026-12-07 hold the NLVR2 images' objects (make the world again: the same arguments "
-                           "give the same files)")
     first = read(splits[0])
     meta = {"class_names": first.class_names(), "attribute_names": first.attribute_names(), "source": source}
     n = 0

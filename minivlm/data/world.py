@@ -139,8 +139,11 @@ class World:
         return self._cached(("nlvr2", split), lambda: read_nlvr2(self._need(self.nlvr2_path(split))))
 
     def nlvr2_instances(self, split: str) -> CocoInstances:
-        return self._cached(("nlvr2_instances", split),
-                            lambda: read_coco_instances(self._need(self.nlvr2_instances_path(split))))
+        path = self.nlvr2_instances_path(split)
+        if not path.is_file():
+            raise DataFormatError(path, "not found: only synthetic worlds made since 2026-12-07 hold the NLVR2 "
+                                        "images' objects (make the world again: the same arguments give the same files)")
+        return self._cached(("nlvr2_instances", split), lambda: read_coco_instances(path))
 
     # ------------------------------------------------------------ what is there
 
