@@ -61,7 +61,7 @@ def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
     return stage(name, out / name, lambda: finetune(FinetuneSetup(
         task="vqa", data=world, features=store, out=out / name, pretrained=args.pretrained, preset=args.preset,
         eval_splits=["test"], curriculum_epochs=args.curriculum_epochs, vqa_pool=args.vqa_pool,
-        train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"], batch_size=32,
+        region_null=args.region_null, train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"], batch_size=32,
                       warmup_steps=args.warmup, seed=args.seed, cpu_amp=DEMO.cpu_amp))),
         prefix="grounding")
 
@@ -76,21 +76,13 @@ def run_nlvr2_setting(name: str, world: Path, store: Path, nlvr2_store: Path, ou
 
 def nlvr2_table(world: World, results: dict[str, dict], out: Path) -> dict:
     """Accuracy per kind of statement on test1: each setting's model and the kind prior."""
-    from nlvr2_symbolic import kind_majorities, kind_of  # benchmarks/, beside this script
+    from nlvr2_symbolic import accuracy_by_kind, kind_prior  # benchmarks/, beside this script
 
-    majority = kind_majorities(world.nlvr2(world.train_split("nlvr2")))
-    rows: dict[str, dict[str, list[bool]]] = {}
+    test = world.nlvr2("test1")
     predictions = {n: {r["identifier"]: bool(r["prediction"])
                        for r in read_json(out / f"nlvr2_{n}" / "results_test1.json")} for n in results}
-    for e in world.nlvr2("test1"):
-        kind = kind_of(e.sentence)
-        for key in (kind, "all"):
-            row = rows.setdefault(key, {"kind_prior": []})
-            row["kind_prior"].append(majority.get(kind, True) == e.label)
-            for n, pred in predictions.items():
-                row.setdefault(n, []).append(pred[e.identifier] == e.label)
-    return {k: {"n": len(r["kind_prior"]), **{c: 100.0 * sum(v) / len(v) for c, v in r.items()}}
-            for k, r in sorted(rows.items(), key=lambda kv: (kv[0] == "all", kv[0]))}
+    return accuracy_by_kind(test, {"kind_prior": kind_prior(world.nlvr2(world.train_split("nlvr2")), test),
+                                   **predictions})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="VQA epochs on the attribute questions first (default: the demo's; 0: none)")
     p.add_argument("--vqa-pool", default=DEMO.vqa_pool, choices=VQA_POOLS,
                    help="what the answer head reads (default: the demo's)")
+    p.add_argument("--region-null", action=argparse.BooleanOptionalAction, default=DEMO.region_null,
+                   help="region attention may pick no region (default: the demo's)")
     p.add_argument("--lr", type=float, default=DEMO.task_lr.get("vqa"),
                    help="default: the demo's (finetune's VQA default where the demo sets none)")
     p.add_argument("--warmup", type=int, default=30 if "vqa" in DEMO.task_lr else 0,
@@ -199,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               f"over the per-type prior ({results[n].get('seconds', 0):.0f} s)")
     write_json(args.out / "grounding.json", {
         "data": str(world_root), "features": str(args.features or ""), "preset": args.preset, "epochs": args.epochs,
-        "curriculum_epochs": args.curriculum_epochs, "vqa_pool": args.vqa_pool,
+        "curriculum_epochs": args.curriculum_epochs, "vqa_pool": args.vqa_pool, "region_null": args.region_null,
         "pretrained": str(args.pretrained or ""), "n_test_questions": len(test_q),
         "most_frequent_answer": refs["most_frequent"]["overall"], "vqa": table,
         "seconds": {n: r.get("seconds") for n, r in results.items()}}, indent=1)

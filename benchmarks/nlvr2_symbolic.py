@@ -159,29 +159,42 @@ def kind_majorities(statements) -> dict[str, bool]:
     return {k: c[True] >= c[False] for k, c in labels.items()}
 
 
+def kind_prior(train, statements) -> dict[str, bool]:
+    """Each of `statements` answered with its kind's majority label in `train`: a blind model that knows the
+    template (NLVR2's counterpart of VQA's per-question-type prior)."""
+    majority = kind_majorities(train)
+    return {e.identifier: majority.get(kind_of(e.sentence), True) for e in statements}
+
+
+def accuracy_by_kind(statements, answers: dict[str, dict[str, bool]]) -> dict:
+    """Per kind of statement and over all ("all", last): n and each column's accuracy in percent. `answers` maps a
+    column to its {identifier: label}; a column is scored on the statements it answers (None if on none)."""
+    hits: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    n: Counter = Counter()
+    for e in statements:
+        kind = kind_of(e.sentence)
+        for key in (kind, "all"):
+            n[key] += 1
+            for column, labels in answers.items():
+                if e.identifier in labels:
+                    hits[key][column].append(labels[e.identifier] == e.label)
+    return {k: {"n": n[k], **{c: 100.0 * sum(hits[k][c]) / len(hits[k][c]) if hits[k][c] else None for c in answers}}
+            for k in sorted(n, key=lambda k: (k == "all", k))}
+
+
 def evaluate(world: World, store: FeatureStore, split: str, min_score: float,
              results: dict[str, bool] | None = None) -> dict:
     """Per kind of statement and over all: n, the accuracy of the reader, of the model (if `results`) and of the
-    kind prior (each statement answered with its kind's majority label in the training split)."""
-    rows: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    majority = kind_majorities(world.nlvr2(world.train_split("nlvr2")))
-    names = store.attribute_names
-    for e in world.nlvr2(split):
+    kind prior."""
+    statements, names = world.nlvr2(split), store.attribute_names
+    reader = {}
+    for e in statements:
         left, right = store.get(store.find(e.left_image)), store.get(store.find(e.right_image))
         read = read_statement(e.sentence)
-        kind = read[0] if read else "unparsed"
-        guess = read[1](things_of(left, min_score, names), things_of(right, min_score, names)) if read else False
-        for key in (kind, "all"):
-            rows[key]["reader"].append(guess == e.label)
-            rows[key]["prior"].append(majority.get(kind, True) == e.label)
-            if results is not None and e.identifier in results:
-                rows[key]["model"].append(results[e.identifier] == e.label)
-    out = {}
-    for kind, r in sorted(rows.items(), key=lambda kv: (kv[0] == "all", kv[0])):
-        n = len(r["reader"])
-        out[kind] = {"n": n, "reader": 100.0 * sum(r["reader"]) / n, "prior": 100.0 * sum(r["prior"]) / n,
-                     "model": 100.0 * sum(r["model"]) / len(r["model"]) if r.get("model") else None}
-    return out
+        reader[e.identifier] = read[1](things_of(left, min_score, names), things_of(right, min_score, names)) \
+            if read else False
+    prior = kind_prior(world.nlvr2(world.train_split("nlvr2")), statements)
+    return accuracy_by_kind(statements, {"reader": reader, "prior": prior, "model": results or {}})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,34 @@ def test_tiny_fusion_model_learns_from_oracle_regions_what_the_question_cannot_s
     assert acc(oracle) >= 0.9 and acc(oracle) >= acc(blind) + 0.25, (acc(oracle), acc(blind))
 
 
+def test_the_benchmark_reports_vqa_per_type_with_the_demos_head(world, tmp_path):
+    """`benchmarks/grounding.py`'s VQA table: each setting's column is its model's own test accuracy per type,
+    beside the per-type prior and the ceiling, and every setting is trained with the demo's head (its pool and
+    null slot), so the oracle row says what the demo's recipe does with perfect regions."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import grounding
+
+    out = tmp_path / "out"
+    assert grounding.main(["--data", str(world / "world"), "--settings", "oracle,blind", "--epochs", "1",
+                           "--curriculum-epochs", "0", "--out", str(out)]) == 0
+    table = json.loads((out / "grounding.json").read_text())["vqa"]
+    assert table["overall"]["ceiling"] == pytest.approx(100.0)  # the generator's answer has >= 6 of 10 votes
+    for setting in ("oracle", "blind"):
+        metrics = json.loads((out / setting / "metrics.json").read_text())["eval"]["test"]
+        assert table["overall"][setting] == pytest.approx(metrics["accuracy"])
+        assert {t: r[setting] for t, r in table.items() if t != "overall"} == pytest.approx(
+            metrics["per_question_type"])
+        head = json.loads((out / setting / "config.json").read_text())["config"]
+        assert (head["pool"], head["null_region"]) == (grounding.DEMO.vqa_pool, grounding.DEMO.region_null)
+    assert table["overall"]["per_question_type"] == pytest.approx(
+        json.loads((out / "oracle" / "metrics.json").read_text())["eval"]["test"]["baselines"]
+        ["baseline_per_question_type"])
+
+
 def test_the_benchmark_reports_nlvr2_on_oracle_and_no_regions(tmp_path):
     """`benchmarks/grounding.py --nlvr2 --no-vqa`: NLVR2 fine-tuned on the pairs' oracle and blind regions, scored per
     kind of statement beside the kind prior; every test statement counted once."""
