@@ -125,9 +125,10 @@ def test_the_caption_graphs_share_one_copy_of_their_weights(env):
     import onnx
 
     folder = env[0] / "model" / "onnx"
-    # fp32: every layer's matrices; int8: this tiny model's int8 matrices are under the 4 KiB threshold,
-    # its fp32 embedding tables are not
-    for suffix, weights, least in ((".onnx", "caption_weights.bin", 4 * BERT.num_layers),
+    # fp32: the prefix's matrices are all the step's (each layer's key and value products, the last layer's
+    # rest being dead in a graph that outputs keys and values); int8: this tiny model's int8 matrices are under
+    # the 4 KiB threshold, its fp32 embedding tables are not
+    for suffix, weights, least in ((".onnx", "caption_weights.bin", 2 * BERT.num_layers),
                                    (".int8.onnx", "caption_weights.int8.bin", 1)):
         graphs = [onnx.load(str(folder / f"caption_{g}{suffix}"), load_external_data=False) for g in ("prefix", "step")]
         external = [{t.name: {e.key: e.value for e in t.external_data} for t in g.graph.initializer
@@ -135,6 +136,8 @@ def test_the_caption_graphs_share_one_copy_of_their_weights(env):
         assert all(x["location"] == weights for ext in external for x in ext.values())
         shared = set(external[0]) & set(external[1])
         assert len(shared) >= least
+        if suffix == ".onnx":
+            assert shared == set(external[0])
         assert all(external[0][n] == external[1][n] for n in shared)  # the same bytes of the file
         spans = sorted({(int(x["offset"]), int(x["length"])) for ext in external for x in ext.values()})
         assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no tensor stored twice
@@ -193,6 +196,20 @@ def test_transformer_weights_are_the_right_hand_matmul_operand(env):
         weights = {t.name for t in graph.initializer}
         matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
         assert matmuls and all(n.input[0] not in weights for n in matmuls), name
+
+
+def test_query_key_and_value_are_one_product_per_layer(env):
+    """Exported graphs compute each layer's queries, keys and values with one [H, 3H] product: a decoding step has
+    fewer nodes and its int8 form quantises the layer's input once (the eager model keeps three Linear layers)."""
+    import onnx
+    from onnx import numpy_helper
+
+    h = BERT.hidden_size
+    for name in ("caption_step.onnx", "vqa.onnx"):
+        model = onnx.load(str(env[0] / "model" / "onnx" / name))
+        shapes = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
+        products = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in shapes]
+        assert sum(shapes[n.input[1]] == (h, 3 * h) for n in products) == BERT.num_layers, name
 
 
 def test_the_same_public_api():

@@ -33,6 +33,7 @@ pass over [caption, tags, regions] with `prefix_causal_mask` (tests/test_fusion.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -89,14 +90,25 @@ class BertLayer(nn.Module):
         b, n, _ = x.shape
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if torch.jit.is_tracing():
+            # One product for the three in an exported graph: a decoding step has fewer nodes and, in int8,
+            # quantises x once instead of three times (the same numbers: each output column is its own dot product).
+            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+            return F.linear(x, w, b).split(self.query.out_features, dim=-1)
+        return linear(self.query, x), linear(self.key, x), linear(self.value, x)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, n, h = x.shape
-        q, k, v = self._heads(linear(self.query, x)), self._heads(linear(self.key, x)), self._heads(linear(self.value, x))
+        q, k, v = (self._heads(t) for t in self._qkv(x))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        # The scale SDPA would derive from q's shape, given as a constant: an export then has no shape
+        # arithmetic for it in every layer.
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim),
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(b, n, h)
         x = self.attn_ln(x + self.dropout(linear(self.attn_out, a)))
