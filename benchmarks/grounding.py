@@ -61,7 +61,8 @@ def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
     return stage(name, out / name, lambda: finetune(FinetuneSetup(
         task="vqa", data=world, features=store, out=out / name, pretrained=args.pretrained, preset=args.preset,
         eval_splits=["test"], curriculum_epochs=args.curriculum_epochs, vqa_pool=args.vqa_pool,
-        region_null=args.region_null, train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"], batch_size=32,
+        region_null=args.region_null,
+        train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"], batch_size=32,
                       warmup_steps=args.warmup, seed=args.seed, cpu_amp=DEMO.cpu_amp))),
         prefix="grounding")
 

@@ -125,9 +125,9 @@ def test_the_caption_graphs_share_one_copy_of_their_weights(env):
     import onnx
 
     folder = env[0] / "model" / "onnx"
-    # fp32: the prefix's matrices are all the step's (each layer's key and value products, the last layer's
-    # rest being dead in a graph that outputs keys and values); int8: this tiny model's int8 matrices are under
-    # the 4 KiB threshold, its fp32 embedding tables are not
+    # fp32: the prefix's matrices are all the step's (each layer's query/key/value product, and the rest of every
+    # layer but the last, dead in a graph whose outputs are keys and values); int8: this tiny model's int8
+    # matrices are under the 4 KiB threshold, its fp32 embedding tables are not
     for suffix, weights, least in ((".onnx", "caption_weights.bin", 2 * BERT.num_layers),
                                    (".int8.onnx", "caption_weights.int8.bin", 1)):
         graphs = [onnx.load(str(folder / f"caption_{g}{suffix}"), load_external_data=False) for g in ("prefix", "step")]
