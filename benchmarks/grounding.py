@@ -44,7 +44,7 @@ from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
 from minivlm.demo import SIZES, stage  # noqa: E402
 from minivlm.errors import MiniVLMError  # noqa: E402
 from minivlm.io import read_json, write_json  # noqa: E402
-from minivlm.tasks.finetune import DEFAULT_LR, FinetuneSetup, finetune, task_train_config  # noqa: E402
+from minivlm.tasks.finetune import DEFAULT_LR, finetune  # noqa: E402
 from minivlm.tasks.vqa import VQA_POOLS, baseline_results  # noqa: E402
 
 DEMO = SIZES["default"]  # the recipe the benchmark shares with the demo
@@ -58,13 +58,14 @@ def ceiling(questions) -> dict:
 
 def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
     """Fine-tunes VQA on one region source; the demo's `stage` records its seconds and skips it when done."""
-    return stage(name, out / name, lambda: finetune(FinetuneSetup(
-        task="vqa", data=world, features=store, out=out / name, pretrained=args.pretrained, preset=args.preset,
-        eval_splits=["test"], curriculum_epochs=args.curriculum_epochs, vqa_pool=args.vqa_pool,
-        region_null=args.region_null,
-        train=replace(task_train_config("vqa"), epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"], batch_size=32,
-                      warmup_steps=args.warmup, seed=args.seed, cpu_amp=DEMO.cpu_amp))),
-        prefix="grounding")
+    # The demo's recipe, so a setting it gains later is the benchmark's too; then the flags, whose defaults are its own.
+    setup = DEMO.finetune_setup("vqa", epochs=args.epochs, seed=args.seed, data=world, features=store, out=out / name,
+                                pretrained=args.pretrained, preset=args.preset, eval_splits=["test"])
+    setup = replace(setup, curriculum_epochs=args.curriculum_epochs, vqa_pool=args.vqa_pool,
+                    region_null=args.region_null,
+                    train=replace(setup.train, epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"],
+                                  warmup_steps=args.warmup))
+    return stage(name, out / name, lambda: finetune(setup), prefix="grounding")
 
 
 def run_nlvr2_setting(name: str, world: Path, store: Path, nlvr2_store: Path, out: Path, args) -> dict:

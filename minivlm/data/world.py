@@ -115,9 +115,9 @@ class World:
         return self._cache[key]
 
     @staticmethod
-    def _need(path: Path) -> Path:
+    def _need(path: Path, missing: str = "expected file not found") -> Path:
         if not path.is_file():
-            raise DataFormatError(path, "expected file not found")
+            raise DataFormatError(path, missing)
         return path
 
     def instances(self, split: str) -> CocoInstances:
@@ -139,11 +139,10 @@ class World:
         return self._cached(("nlvr2", split), lambda: read_nlvr2(self._need(self.nlvr2_path(split))))
 
     def nlvr2_instances(self, split: str) -> CocoInstances:
-        path = self.nlvr2_instances_path(split)
-        if not path.is_file():
-            raise DataFormatError(path, "not found: only synthetic worlds made since 2026-12-07 hold the NLVR2 "
-                                        "images' objects (make the world again: the same arguments give the same files)")
-        return self._cached(("nlvr2_instances", split), lambda: read_coco_instances(path))
+        missing = ("not found: only synthetic worlds made since 2026-12-07 hold the NLVR2 images' objects "
+                   "(make the world again: the same arguments give the same files)")
+        return self._cached(("nlvr2_instances", split),
+                            lambda: read_coco_instances(self._need(self.nlvr2_instances_path(split), missing)))
 
     # ------------------------------------------------------------ what is there
 
