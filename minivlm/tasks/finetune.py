@@ -84,13 +84,15 @@ class FinetuneSetup:
     vqa_pool: str = option("cls", help="vqa: what the answer head reads: [CLS] (OSCAR), the mean of the question "
                                        "and tag tokens, that mean beside the final region states weighted by "
                                        "the question (region-attention), or that and soft counts of the regions "
-                                       "the question names, fitted to the counting answers (region-count)",
+                                       "the question names, fitted to the counting answers (region-count), or "
+                                       "the mean beside two picks and their comparisons (pick-compare)",
                            choices=VQA_POOLS)
     nlvr2_pool: str = option("cls", help="nlvr2: what the classifier reads of each image: [CLS] (OSCAR) or the "
                                          "text mean beside the regions the statement picks (region-attention), "
-                                         "or that and soft counts of the regions it names (region-count)",
+                                         "or that and soft counts of the regions it names (region-count), or the "
+                                         "mean beside two picks and their comparisons (pick-compare)",
                              choices=NLVR2_POOLS)
-    region_null: bool = option(False, help="vqa/nlvr2 region-attention and region-count: the attention may pick a "
+    region_null: bool = option(False, help="vqa/nlvr2 region-attention, region-count, pick-compare: the attention may pick a "
                                            "learned null slot instead of a region, when the image holds nothing "
                                            "the text names (fusion.heads.RegionAttention)")
     nlvr2_mirror: bool = option(False, help="nlvr2: train on each pair as seen in a mirror half of the time (images "

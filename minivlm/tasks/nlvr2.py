@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.feature_store import FeatureStore
 from minivlm.data.readers import NLVR2Example
-from minivlm.fusion.heads import ClassifierHead, Pooler, RegionAttention, RegionCount, text_and_picked_region
+from minivlm.fusion.heads import (ClassifierHead, PickCompare, Pooler, RegionAttention, RegionCount,
+                                  text_and_picked_region, text_and_picks)
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.errors import MiniVLMError
@@ -120,8 +121,10 @@ class NLVR2Collator:
 # What the classifier reads of each image's sequence: the pooled [CLS] (OSCAR), or the text mean beside the
 # regions the statement picks (as VQA's "region-attention", `fusion.heads.text_and_picked_region`), or that and
 # the soft counts of the regions the statement names (`fusion.heads.RegionCount`; most statements compare counts,
-# and a count head fitted by VQA's counting questions carries over when NLVR2 starts from a VQA model).
-NLVR2_POOLS = ("cls", "region-attention", "region-count")
+# and a count head fitted by VQA's counting questions carries over when NLVR2 starts from a VQA model), or the text
+# mean beside two picks and their comparisons (VQA's "pick-compare", `fusion.heads.PickCompare`).
+NLVR2_POOLS = ("cls", "region-attention", "region-count", "pick-compare")
+_HEAD_INPUTS = {"region-attention": 4, "region-count": 6, "pick-compare": 10}  # both images' pooled vectors
 
 
 class NLVR2Model(nn.Module):
@@ -135,14 +138,21 @@ class NLVR2Model(nn.Module):
         if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg, null_slot=null_region)
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
-        self.head = ClassifierHead(cfg, 2, in_mult={"region-attention": 4, "region-count": 6}.get(pool, 2))
+        if pool == "pick-compare":
+            self.pick_compare = PickCompare(cfg, null_slot=null_region)
+        self.head = ClassifierHead(cfg, 2, in_mult=_HEAD_INPUTS.get(pool, 2))
 
     def joint(self, inputs: FusionBatch) -> torch.Tensor:
         """[2B sequences] -> [B, 2P]: the left and right pooled vectors side by side."""
         hidden = self.bert(**inputs.model_inputs()).hidden_states
-        pooled = self.pooler(hidden) if self.pool == "cls" else text_and_picked_region(
-            hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask, self.pooler, self.region_attention,
-            self.region_count)[0]
+        if self.pool == "cls":
+            pooled = self.pooler(hidden)
+        elif self.pool == "pick-compare":
+            pooled = text_and_picks(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask, self.pooler,
+                                    self.pick_compare)
+        else:
+            pooled = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
+                                            self.pooler, self.region_attention, self.region_count)[0]
         b = pooled.shape[0] // 2
         return torch.cat([pooled[:b], pooled[b:]], dim=1)
 

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.eval.vqa_eval import normalize_answer
-from minivlm.fusion.heads import (ClassifierHead, Pooler, RegionAttention, RegionCount, pooled_text_mean,
-                                  text_and_picked_region)
+from minivlm.fusion.heads import (ClassifierHead, PickCompare, Pooler, RegionAttention, RegionCount,
+                                  pooled_text_mean, text_and_picked_region, text_and_picks)
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
@@ -141,7 +141,10 @@ class VQACollator:
 # "region-attention": the text-mean vector beside the final region states weighted by a query from the question's
 # tokens (`RegionAttention`, top-down attention). "region-count": that, and the soft counts of the regions the
 # question names (`RegionCount`), the first fitted to the answer of each counting question (`COUNT_LOSS_WEIGHT`).
-VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count")
+# "pick-compare": the text mean beside two picks, each with its own learned weighting of the question's words, and
+# their products with the predicate and with each other (`PickCompare`).
+VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count", "pick-compare")
+_HEAD_INPUTS = {"region-attention": 2, "region-count": 3, "pick-compare": 5}  # pooled vectors, [B, k x H]
 COUNT_LOSS_WEIGHT = 1.0
 
 
@@ -171,13 +174,15 @@ class VQAModel(nn.Module):
         if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg, null_slot=null_region)
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
+        if pool == "pick-compare":
+            self.pick_compare = PickCompare(cfg, null_slot=null_region)
         if pool == "region-count":
             # Which answers are numbers; set from the answer set (`set_answers`), saved with the weights.
             self.register_buffer("answer_numbers", torch.full((num_answers,), -1.0))
             # The first count's bin of each number answer is added to that answer's logit, times this: a direct
             # path from the fitted count to the answer it names.
             self.count_scale = nn.Parameter(torch.tensor(4.0))
-        self.head = ClassifierHead(cfg, num_answers, in_mult={"region-attention": 2, "region-count": 3}.get(pool, 1))
+        self.head = ClassifierHead(cfg, num_answers, in_mult=_HEAD_INPUTS.get(pool, 1))
 
     @torch.no_grad()
     def set_answers(self, answers: Sequence[str]) -> None:
@@ -203,6 +208,9 @@ class VQAModel(nn.Module):
             return self.head(self.pooler(hidden)), None
         if self.pool == "text-mean":
             return self.head(pooled_text_mean(hidden, inputs.text_mask, self.pooler)), None
+        if self.pool == "pick-compare":
+            return self.head(text_and_picks(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
+                                            self.pooler, self.pick_compare)), None
         pooled, counts = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
                                                 self.pooler, self.region_attention, self.region_count)
         logits = self.head(pooled)
