@@ -225,7 +225,26 @@ class Demo:
         model.save_pretrained(self.model)
         # Its graphs beside it, so `minivlm caption MODEL ...` and `MiniVLM.from_pretrained` take the fast path.
         export_model(self.model)
-        return {"tasks": list(TASKS), "onnx": str(self.model / "onnx")}
+        return {"tasks": list(TASKS), "onnx": str(self.model / "onnx"), **self.check_graphs()}
+
+    def check_graphs(self, images: int = 8) -> dict:
+        """The exported graphs caption the first test images as PyTorch does, token for token: the fast path is
+        what `minivlm caption MODEL` runs, so a graph that fails or drifts must stop the demo here (a detector
+        graph once failed on every image that had no box on one pyramid level, and no stage noticed)."""
+        from minivlm.data.world import World
+        from minivlm.errors import MiniVLMError
+        from minivlm.model import MiniVLM
+
+        world = World(self.world)
+        caps = world.captions("test")
+        paths = [world.image_path("test", caps.images[i]) for i in sorted(caps.images)[:images]]
+        torch_caps = MiniVLM.from_pretrained(self.model, backend="torch").caption(paths)
+        onnx_caps = MiniVLM.from_pretrained(self.model, backend="onnx").caption(paths)
+        if onnx_caps != torch_caps:
+            raise MiniVLMError(f"{self.model / 'onnx'}: the exported graphs caption "
+                               f"{sum(a != b for a, b in zip(onnx_caps, torch_caps))} of {len(paths)} test images "
+                               "differently from PyTorch")
+        return {"graphs_checked_on_images": len(paths)}
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)

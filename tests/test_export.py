@@ -103,6 +103,33 @@ def test_letterbox_matches_torch_exactly(tmp_path):
             assert (s, size, hw) == (ls, lsize, tuple(lt.shape[1:]))
 
 
+def test_multilevel_roi_align_graph_runs_with_any_number_of_boxes_per_level(tmp_path):
+    """Traced where one level holds exactly one box, the graph must still pool images with none or several
+    there: an assignment into the output once exported a Reshape to that one box's shape, and the demo's
+    detector graph failed on every image without a box on that level."""
+    import onnxruntime as ort
+
+    from minivlm.vision.roi_head import multilevel_roi_align
+
+    class Pool(torch.nn.Module):
+        def forward(self, f2, f3, f4, boxes, levels):
+            return multilevel_roi_align([f2, f3, f4], [boxes], 2, levels, 4, 2)
+
+    torch.manual_seed(0)
+    feats = [torch.randn(1, 8, 64 // 2**k, 64 // 2**k) for k in range(3)]
+    boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 40, 40], [8, 8, 30, 30], [0, 0, 60, 60], [10, 20, 50, 60]])
+    levels = torch.tensor([2, 3, 3, 4, 4])  # level 2: one box
+    torch.onnx.export(Pool(), (*feats, boxes, levels), tmp_path / "pool.onnx", dynamo=False,
+                      input_names=["f2", "f3", "f4", "boxes", "levels"], output_names=["pooled"],
+                      dynamic_axes={"boxes": {0: "r"}, "levels": {0: "r"}, "pooled": {0: "r"}})
+    session = ort.InferenceSession(str(tmp_path / "pool.onnx"), providers=["CPUExecutionProvider"])
+    for lv in ([3, 3, 4, 4, 4], [2, 2, 3, 4, 4], [4, 4, 4, 4, 4], [2, 3, 3, 3, 3]):
+        lv = torch.tensor(lv)
+        got = session.run(None, {"f2": feats[0].numpy(), "f3": feats[1].numpy(), "f4": feats[2].numpy(),
+                                 "boxes": boxes.numpy(), "levels": lv.numpy()})[0]
+        np.testing.assert_allclose(got, Pool()(*feats, boxes, lv).numpy(), atol=1e-5)
+
+
 def test_export_folder_lists_every_graph_and_the_weights(env):
     from minivlm.backend import fingerprint
 

@@ -92,9 +92,9 @@ class FinetuneSetup:
                                          "or that and soft counts of the regions it names (region-count), or the "
                                          "mean beside two picks and their comparisons (pick-compare)",
                              choices=NLVR2_POOLS)
-    region_null: bool = option(False, help="vqa/nlvr2 region-attention, region-count, pick-compare: the attention may pick a "
-                                           "learned null slot instead of a region, when the image holds nothing "
-                                           "the text names (fusion.heads.RegionAttention)")
+    region_null: bool = option(False, help="vqa/nlvr2 region-attention, region-count, pick-compare: the attention "
+                                           "may pick a learned null slot instead of a region, when the image holds "
+                                           "nothing the text names (fusion.heads.RegionAttention)")
     nlvr2_mirror: bool = option(False, help="nlvr2: train on each pair as seen in a mirror half of the time (images "
                                             "swapped and flipped, 'left' and 'right' swapped in the statement)")
     negatives: int = option(RetrievalTaskConfig.negatives_per_positive,

@@ -63,13 +63,15 @@ def multilevel_roi_align(feats: list[Tensor], boxes: list[Tensor], min_level: in
     rois = batch_rois(boxes)
     out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], output_size, output_size)
     # A trace (the ONNX export) would freeze the levels present in its example, so it visits every level;
-    # a level without boxes pools none (NonZero and ScatterND in the graph).
+    # a level without boxes pools none (NonZero and ScatterND in the graph). `index_put`, not `out[idx] = ...`:
+    # traced where a level held exactly one box, the assignment exported a Reshape to that one box's shape,
+    # and the graph failed on every image with no box on that level (the demo's model folder, 2026-12-07).
     present = range(min_level, min_level + len(feats)) if torch.jit.is_tracing() else levels.unique().tolist()
     for level in present:
         idx = torch.where(levels == level)[0]
         f = feats[level - min_level]
-        out[idx] = roi_align(f, rois[idx].to(f.dtype), output_size, spatial_scale=1.0 / 2**level,
-                             sampling_ratio=sampling_ratio, aligned=True)
+        out = out.index_put((idx,), roi_align(f, rois[idx].to(f.dtype), output_size, spatial_scale=1.0 / 2**level,
+                                              sampling_ratio=sampling_ratio, aligned=True))
     return out
 
 
