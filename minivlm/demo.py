@@ -239,7 +239,11 @@ class Demo:
         caps = world.captions("test")
         paths = [world.image_path("test", caps.images[i]) for i in sorted(caps.images)[:images]]
         torch_caps = MiniVLM.from_pretrained(self.model, backend="torch").caption(paths)
-        onnx_caps = MiniVLM.from_pretrained(self.model, backend="onnx").caption(paths)
+        try:
+            onnx_caps = MiniVLM.from_pretrained(self.model, backend="onnx").caption(paths)
+        except Exception as err:  # onnxruntime's own errors: one line, not its traceback
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MiniVLMError(f"{self.model / 'onnx'}: the exported graphs fail on test images: {first}") from None
         if onnx_caps != torch_caps:
             raise MiniVLMError(f"{self.model / 'onnx'}: the exported graphs caption "
                                f"{sum(a != b for a, b in zip(onnx_caps, torch_caps))} of {len(paths)} test images "

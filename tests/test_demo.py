@@ -50,6 +50,8 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
     from minivlm.backend import choose
 
     assert choose(model) == "onnx"
+    # ... whose graphs caption test images as PyTorch does (the model-folder stage checks and records it)
+    assert json.loads((model / "DONE.json").read_text())["graphs_checked_on_images"] > 0
     # The caption stage ran the demo's recipe, not finetune's paper defaults.
     caption_train = json.loads((out / "caption" / "ce" / "train_config.json").read_text())
     assert (caption_train["lr"], caption_train["warmup_steps"]) == (SIZES["quick"].task_lr["caption"], 30)
