@@ -24,6 +24,7 @@ from minivlm.io import read_json, write_json
 from minivlm.setup_args import CONFIGS
 
 if TYPE_CHECKING:
+    from minivlm.model import MiniVLM
     from minivlm.tasks.finetune import FinetuneSetup
     from minivlm.vision.train import DetectorSetup
 
@@ -225,9 +226,9 @@ class Demo:
         model.save_pretrained(self.model)
         # Its graphs beside it, so `minivlm caption MODEL ...` and `MiniVLM.from_pretrained` take the fast path.
         export_model(self.model)
-        return {"tasks": list(TASKS), "onnx": str(self.model / "onnx"), **self.check_graphs()}
+        return {"tasks": list(TASKS), "onnx": str(self.model / "onnx"), **self.check_graphs(model)}
 
-    def check_graphs(self, images: int = 8) -> dict:
+    def check_graphs(self, model: MiniVLM, images: int = 8) -> dict:
         """The exported graphs caption the first test images as PyTorch does, token for token: the fast path is
         what `minivlm caption MODEL` runs, so a graph that fails or drifts must stop the demo here (a detector
         graph once failed on every image that had no box on one pyramid level, and no stage noticed)."""
@@ -238,7 +239,7 @@ class Demo:
         world = World(self.world)
         caps = world.captions("test")
         paths = [world.image_path("test", caps.images[i]) for i in sorted(caps.images)[:images]]
-        torch_caps = MiniVLM.from_pretrained(self.model, backend="torch").caption(paths)
+        torch_caps = model.caption(paths)
         try:
             onnx_caps = MiniVLM.from_pretrained(self.model, backend="onnx").caption(paths)
         except Exception as err:  # onnxruntime's own errors: one line, not its traceback

@@ -188,6 +188,10 @@ class PickCompare(nn.Module):
         return torch.cat([p1, p2, c[0](predicate) * c[1](p1), c[2](p1) * c[3](p2)], dim=-1)
 
 
+# How many H-wide vectors each pooling of VQA and NLVR2 hands the classifier (per image for NLVR2).
+POOLED_VECTORS = {"cls": 1, "text-mean": 1, "region-attention": 2, "region-count": 3, "pick-compare": 5}
+
+
 def text_and_picks(hidden: torch.Tensor, text_mask: torch.Tensor, token_type_ids: torch.Tensor,
                    region_mask: torch.Tensor, pooler: Pooler, pick_compare: PickCompare) -> torch.Tensor:
     """The "pick-compare" pooling of VQA and NLVR2, [B, 5H]: the pooled mean of the token segment beside

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.feature_store import FeatureStore
 from minivlm.data.readers import NLVR2Example
-from minivlm.fusion.heads import (ClassifierHead, PickCompare, Pooler, RegionAttention, RegionCount,
+from minivlm.fusion.heads import (POOLED_VECTORS, ClassifierHead, PickCompare, Pooler, RegionAttention, RegionCount,
                                   text_and_picked_region, text_and_picks)
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
@@ -124,7 +124,6 @@ class NLVR2Collator:
 # and a count head fitted by VQA's counting questions carries over when NLVR2 starts from a VQA model), or the text
 # mean beside two picks and their comparisons (VQA's "pick-compare", `fusion.heads.PickCompare`).
 NLVR2_POOLS = ("cls", "region-attention", "region-count", "pick-compare")
-_HEAD_INPUTS = {"region-attention": 4, "region-count": 6, "pick-compare": 10}  # both images' pooled vectors
 
 
 class NLVR2Model(nn.Module):
@@ -140,7 +139,7 @@ class NLVR2Model(nn.Module):
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
         if pool == "pick-compare":
             self.pick_compare = PickCompare(cfg, null_slot=null_region)
-        self.head = ClassifierHead(cfg, 2, in_mult=_HEAD_INPUTS.get(pool, 2))
+        self.head = ClassifierHead(cfg, 2, in_mult=2 * POOLED_VECTORS[pool])  # both images'
 
     def joint(self, inputs: FusionBatch) -> torch.Tensor:
         """[2B sequences] -> [B, 2P]: the left and right pooled vectors side by side."""

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.eval.vqa_eval import normalize_answer
-from minivlm.fusion.heads import (ClassifierHead, PickCompare, Pooler, RegionAttention, RegionCount,
+from minivlm.fusion.heads import (POOLED_VECTORS, ClassifierHead, PickCompare, Pooler, RegionAttention, RegionCount,
                                   pooled_text_mean, text_and_picked_region, text_and_picks)
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
@@ -144,7 +144,6 @@ class VQACollator:
 # "pick-compare": the text mean beside two picks, each with its own learned weighting of the question's words, and
 # their products with the predicate and with each other (`PickCompare`).
 VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count", "pick-compare")
-_HEAD_INPUTS = {"region-attention": 2, "region-count": 3, "pick-compare": 5}  # pooled vectors, [B, k x H]
 COUNT_LOSS_WEIGHT = 1.0
 
 
@@ -182,7 +181,7 @@ class VQAModel(nn.Module):
             # The first count's bin of each number answer is added to that answer's logit, times this: a direct
             # path from the fitted count to the answer it names.
             self.count_scale = nn.Parameter(torch.tensor(4.0))
-        self.head = ClassifierHead(cfg, num_answers, in_mult=_HEAD_INPUTS.get(pool, 1))
+        self.head = ClassifierHead(cfg, num_answers, in_mult=POOLED_VECTORS[pool])
 
     @torch.no_grad()
     def set_answers(self, answers: Sequence[str]) -> None:
