@@ -610,6 +610,34 @@ def test_vqa_region_count_counts_the_named_class_on_new_images(tok):
     assert (counts[:, 0] - truth).abs().mean() < 0.4, counts[:, 0]  # always the mean count: 0.66; untrained: 1.06
 
 
+def test_pick_match_counts_and_says_whether_the_named_class_is_there(tok):
+    """"how many stars are there?" and "is there a star?" on new images: pick-match's count is a sum of sigmoids of
+    the first pick's own region scores, fitted to the counting answers; "is there" reads the same scores and the
+    null slot's weight. Answers: "0".."5", "yes", "no"."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, region_dim=8)
+    answers = [str(i) for i in range(6)] + ["yes", "no"]
+    data = []
+    for e, r, n in _counting_data(tok, cfg, 384, seed=1):
+        if e.question_id % 2:  # the same scene and class asked the other way
+            what = e.question.removeprefix("how many ").removesuffix("s are there?")
+            e, n = VQAExample(e.question_id, e.image_key, f"is there a {what}?", {6 if n else 7: 1.0}), 6 if n else 7
+        data.append((e, r, n))
+    train, test = data[:256], data[256:]
+    collate = VQACollator(tok, cfg, len(answers))
+    model = VQAModel(cfg, len(answers), "pick-match", null_region=True)
+    model.set_answers(answers)
+    _fit(model, [collate([(e, r) for e, r, _ in train[i:i + 32]]) for i in range(0, 256, 32)], 300, lr=3e-3)
+    idx, _ = model.predict(tok, [r for _, r, _ in test], [e.question for e, _, _ in test], top_k=1)
+    truth = torch.tensor([c for _, _, c in test])
+    right, exists = idx[:, 0] == truth, truth >= 6
+    assert right[exists].float().mean() >= 0.9, right[exists]  # "yes" always: ~80%
+    assert right[~exists].float().mean() >= 0.75, right[~exists]  # the most common count: ~55%
+    with torch.no_grad():
+        _, counts = model.logits_and_counts(collate([(e, r) for e, r, _ in test]).inputs)
+    assert (counts[~exists, 0] - truth[~exists]).abs().mean() < 0.4, counts[~exists, 0]  # the regions it names
+
+
 def test_region_count_pool_is_kept_by_the_folder_and_starts_nlvr2(tmp_path):
     from minivlm.io import write_lines
     from minivlm.model import build_task_model, load_task_folder, write_task_config

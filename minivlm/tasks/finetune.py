@@ -85,16 +85,20 @@ class FinetuneSetup:
                                        "and tag tokens, that mean beside the final region states weighted by "
                                        "the question (region-attention), or that and soft counts of the regions "
                                        "the question names, fitted to the counting answers (region-count), or "
-                                       "the mean beside two picks and their comparisons (pick-compare)",
+                                       "the mean beside two picks and their comparisons (pick-compare), or that "
+                                       "and a count, the null slot's weights and the predicate's fit read from "
+                                       "the first pick's region scores, the count fitted to the counting answers "
+                                       "(pick-match)",
                            choices=VQA_POOLS)
     nlvr2_pool: str = option("cls", help="nlvr2: what the classifier reads of each image: [CLS] (OSCAR) or the "
                                          "text mean beside the regions the statement picks (region-attention), "
                                          "or that and soft counts of the regions it names (region-count), or the "
-                                         "mean beside two picks and their comparisons (pick-compare)",
+                                         "mean beside two picks and their comparisons (pick-compare), or that and "
+                                         "what the first pick's region scores say (pick-match)",
                              choices=NLVR2_POOLS)
-    region_null: bool = option(False, help="vqa/nlvr2 region-attention, region-count, pick-compare: the attention "
-                                           "may pick a learned null slot instead of a region, when the image holds "
-                                           "nothing the text names (fusion.heads.RegionAttention)")
+    region_null: bool = option(False, help="vqa/nlvr2 region-attention, region-count, pick-compare/-match: the "
+                                           "attention may pick a learned null slot instead of a region, when the "
+                                           "image holds nothing the text names (fusion.heads.RegionAttention)")
     nlvr2_mirror: bool = option(False, help="nlvr2: train on each pair as seen in a mirror half of the time (images "
                                             "swapped and flipped, 'left' and 'right' swapped in the statement)")
     negatives: int = option(RetrievalTaskConfig.negatives_per_positive,

@@ -123,7 +123,7 @@ class NLVR2Collator:
 # the soft counts of the regions the statement names (`fusion.heads.RegionCount`; most statements compare counts,
 # and a count head fitted by VQA's counting questions carries over when NLVR2 starts from a VQA model), or the text
 # mean beside two picks and their comparisons (VQA's "pick-compare", `fusion.heads.PickCompare`).
-NLVR2_POOLS = ("cls", "region-attention", "region-count", "pick-compare")
+NLVR2_POOLS = ("cls", "region-attention", "region-count", "pick-compare", "pick-match")
 
 
 class NLVR2Model(nn.Module):
@@ -137,8 +137,8 @@ class NLVR2Model(nn.Module):
         if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg, null_slot=null_region)
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
-        if pool == "pick-compare":
-            self.pick_compare = PickCompare(cfg, null_slot=null_region)
+        if pool in ("pick-compare", "pick-match"):
+            self.pick_compare = PickCompare(cfg, null_slot=null_region, match=pool == "pick-match")
         self.head = ClassifierHead(cfg, 2, in_mult=2 * POOLED_VECTORS[pool])  # both images'
 
     def joint(self, inputs: FusionBatch) -> torch.Tensor:
@@ -146,9 +146,9 @@ class NLVR2Model(nn.Module):
         hidden = self.bert(**inputs.model_inputs()).hidden_states
         if self.pool == "cls":
             pooled = self.pooler(hidden)
-        elif self.pool == "pick-compare":
+        elif self.pool in ("pick-compare", "pick-match"):
             pooled = text_and_picks(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask, self.pooler,
-                                    self.pick_compare)
+                                    self.pick_compare)[0]
         else:
             pooled = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
                                             self.pooler, self.region_attention, self.region_count)[0]

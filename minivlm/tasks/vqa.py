@@ -28,7 +28,7 @@ from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
 from minivlm.eval.vqa_eval import normalize_answer
 from minivlm.fusion.heads import (POOLED_VECTORS, ClassifierHead, PickCompare, Pooler, RegionAttention, RegionCount,
-                                  pooled_text_mean, text_and_picked_region, text_and_picks)
+                                  count_bins, pooled_text_mean, text_and_picked_region, text_and_picks)
 from minivlm.fusion.inputs import FusionBatch, build_batch
 from minivlm.fusion.transformer import MultimodalBert
 from minivlm.regions import Regions
@@ -142,9 +142,12 @@ class VQACollator:
 # tokens (`RegionAttention`, top-down attention). "region-count": that, and the soft counts of the regions the
 # question names (`RegionCount`), the first fitted to the answer of each counting question (`COUNT_LOSS_WEIGHT`).
 # "pick-compare": the text mean beside two picks, each with its own learned weighting of the question's words, and
-# their products with the predicate and with each other (`PickCompare`).
-VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count", "pick-compare")
+# their products with the predicate and with each other (`PickCompare`). "pick-match": that, and what the first
+# pick's region scores say: a soft count of the matching regions (fitted to the counting answers, as region-count's),
+# the null slot's weights and the picked region's fit to the predicate (`PickCompare(match=True)`).
+VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count", "pick-compare", "pick-match")
 COUNT_LOSS_WEIGHT = 1.0
+MAX_COUNT = 10  # the counting heads' top bin (RegionCount's and PickCompare's default)
 
 
 def answer_numbers(answers: Sequence[str]) -> torch.Tensor:
@@ -173,9 +176,9 @@ class VQAModel(nn.Module):
         if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg, null_slot=null_region)
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
-        if pool == "pick-compare":
-            self.pick_compare = PickCompare(cfg, null_slot=null_region)
-        if pool == "region-count":
+        if pool in ("pick-compare", "pick-match"):
+            self.pick_compare = PickCompare(cfg, null_slot=null_region, match=pool == "pick-match")
+        if pool in ("region-count", "pick-match"):
             # Which answers are numbers; set from the answer set (`set_answers`), saved with the weights.
             self.register_buffer("answer_numbers", torch.full((num_answers,), -1.0))
             # The first count's bin of each number answer is added to that answer's logit, times this: a direct
@@ -187,7 +190,7 @@ class VQAModel(nn.Module):
     def set_answers(self, answers: Sequence[str]) -> None:
         if len(answers) != self.num_answers:
             raise ValueError(f"{len(answers)} answers for a head of {self.num_answers}")
-        if self.pool == "region-count":
+        if self.pool in ("region-count", "pick-match"):
             self.answer_numbers.copy_(answer_numbers(answers))
 
     @torch.no_grad()
@@ -207,18 +210,23 @@ class VQAModel(nn.Module):
             return self.head(self.pooler(hidden)), None
         if self.pool == "text-mean":
             return self.head(pooled_text_mean(hidden, inputs.text_mask, self.pooler)), None
-        if self.pool == "pick-compare":
-            return self.head(text_and_picks(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
-                                            self.pooler, self.pick_compare)), None
-        pooled, counts = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
-                                                self.pooler, self.region_attention, self.region_count)
-        logits = self.head(pooled)
+        if self.pool in ("pick-compare", "pick-match"):
+            pooled, counts = text_and_picks(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
+                                            self.pooler, self.pick_compare)
+        else:
+            pooled, counts = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids,
+                                                    inputs.region_mask, self.pooler, self.region_attention,
+                                                    self.region_count)
+        return self._with_counts(self.head(pooled), counts), counts
+
+    def _with_counts(self, logits: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """The first count's bin of each number answer added to that answer's logit (times `count_scale`)."""
         if counts is None:
-            return logits, None
+            return logits
         numbers = self.answer_numbers.long()
-        named = (numbers >= 0) & (numbers <= self.region_count.max_count)
-        bins = self.region_count.bins(counts[:, 0])[:, numbers.clamp(0, self.region_count.max_count)]
-        return logits + self.count_scale * bins.to(logits.dtype) * named, counts
+        named = (numbers >= 0) & (numbers <= MAX_COUNT)
+        bins = count_bins(counts[:, 0], MAX_COUNT)[:, numbers.clamp(0, MAX_COUNT)]
+        return logits + self.count_scale * bins.to(logits.dtype) * named
 
     def logits(self, inputs: FusionBatch) -> torch.Tensor:
         return self.logits_and_counts(inputs)[0]
