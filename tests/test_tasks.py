@@ -482,6 +482,7 @@ def test_region_attention_null_slot_says_nothing_is_there():
     assert torch.allclose(plain(absent, states, mask), (eye[0] + eye[1]) / 2, atol=1e-3)  # no way to say "none"
     no_regions = torch.zeros(1, 3, dtype=torch.bool)
     assert torch.allclose(null(present, states, no_regions), -torch.ones(8))
+    assert torch.allclose(null(present, states[:, :0], no_regions[:, :0]), -torch.ones(8))  # a batch of no regions
     assert torch.equal(plain(present, states, no_regions), torch.zeros(1, 8))
     # a VQA model with the slot: padded slots still never move its answer
     torch.manual_seed(0)

@@ -117,15 +117,16 @@ class RegionAttention(nn.Module):
     def weights(self, logits: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
         """Softmax of `logits` with the masked-out regions at exactly zero."""
         keep = region_mask.to(logits.dtype)
-        if self.null_key is not None:
-            keep = torch.cat([torch.ones_like(keep[:, :1]), keep], -1)
+        if self.null_key is not None:  # the slot's column from the logits: an image may have no region at all
+            keep = torch.cat([torch.ones_like(logits[:, :1]), keep], -1)
         return logits.softmax(-1) * keep
 
     def read(self, weights: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """The regions (and the null slot's value) summed under `weights` -> [B, H]."""
-        if self.null_key is not None:  # expand_as: the slot's row traces with a dynamic batch
-            regions = torch.cat([self.null_value.to(regions.dtype).expand_as(regions[:, :1]), regions], 1)
-        return (weights.unsqueeze(-1) * regions).sum(1)
+        if self.null_key is None:
+            return (weights.unsqueeze(-1) * regions).sum(1)
+        # the slot's value scaled on its own, not concatenated to the regions: with no region at all it still counts
+        return weights[:, :1] * self.null_value.to(regions.dtype) + (weights[:, 1:].unsqueeze(-1) * regions).sum(1)
 
     def forward(self, question: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
         """question [B, H], regions [B, R, H], region_mask [B, R] -> [B, H] (for an image without regions: zeros,
@@ -178,10 +179,10 @@ class WordPooling(nn.Module):
                                    nn.Linear(cfg.hidden_size, 1))
         self.apply(init_bert_weights)
 
-    def forward(self, tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, words: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T, H], words [B, T] bool -> [B, H]."""
         weights = self.score(tokens).squeeze(-1).masked_fill(~words, -1e4).softmax(-1)
-        return (weights.unsqueeze(-1) * tokens).sum(1)
+        return (weights.unsqueeze(-1) * (tokens if values is None else values)).sum(1)
 
 
 class PickCompare(nn.Module):
@@ -216,11 +217,13 @@ class PickCompare(nn.Module):
             init_bert_weights(self.match_embed)
 
     def forward(self, tokens: torch.Tensor, words: torch.Tensor, regions: torch.Tensor,
-                region_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                region_mask: torch.Tensor, embedded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens [B, T, H], words [B, T] bool, regions [B, R, H], region_mask [B, R] -> ([B, 4H]: pick 1, pick 2,
         predicate x pick 1, pick 1 x pick 2; with `match` [B, 6H]: and the match vector and predicate x pick 1 x
         pick 2, and the soft counts [B, 1], else None)."""
         q1, q2, predicate = (pool(tokens, words) for pool in self.words)
+        if embedded is not None:
+            predicate = self.words[2](tokens, words, embedded)
         a, b = self.picks
         s1, s2 = a.logits(q1, regions, region_mask), b.logits(q2, regions, region_mask)
         w1, w2 = a.weights(s1, region_mask), b.weights(s2, region_mask)
@@ -246,13 +249,13 @@ POOLED_VECTORS = {"cls": 1, "text-mean": 1, "region-attention": 2, "region-count
 
 def text_and_picks(hidden: torch.Tensor, text_mask: torch.Tensor, token_type_ids: torch.Tensor,
                    region_mask: torch.Tensor, pooler: Pooler,
-                   pick_compare: PickCompare) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   pick_compare: PickCompare, embedded=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The "pick-compare" and "pick-match" pooling of VQA and NLVR2, [B, 5H] / [B, 7H]: the pooled mean of the token
     segment beside `PickCompare` over the text's own words (segment 0) and the final region states; and the soft
     counts of pick-match (else None)."""
     t = text_mask.shape[1]
     words = text_mask & (token_type_ids == 0)
-    picked, counts = pick_compare(hidden[:, :t], words, hidden[:, t:], region_mask)
+    picked, counts = pick_compare(hidden[:, :t], words, hidden[:, t:], region_mask, embedded)
     return torch.cat([pooled_text_mean(hidden, text_mask, pooler), picked], dim=-1), counts
 
 
