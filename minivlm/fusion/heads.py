@@ -179,10 +179,10 @@ class WordPooling(nn.Module):
                                    nn.Linear(cfg.hidden_size, 1))
         self.apply(init_bert_weights)
 
-    def forward(self, tokens: torch.Tensor, words: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """tokens [B, T, H], words [B, T] bool -> [B, H]."""
         weights = self.score(tokens).squeeze(-1).masked_fill(~words, -1e4).softmax(-1)
-        return (weights.unsqueeze(-1) * (tokens if values is None else values)).sum(1)
+        return (weights.unsqueeze(-1) * tokens).sum(1)
 
 
 class PickCompare(nn.Module):
@@ -217,13 +217,11 @@ class PickCompare(nn.Module):
             init_bert_weights(self.match_embed)
 
     def forward(self, tokens: torch.Tensor, words: torch.Tensor, regions: torch.Tensor,
-                region_mask: torch.Tensor, embedded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                region_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens [B, T, H], words [B, T] bool, regions [B, R, H], region_mask [B, R] -> ([B, 4H]: pick 1, pick 2,
         predicate x pick 1, pick 1 x pick 2; with `match` [B, 6H]: and the match vector and predicate x pick 1 x
         pick 2, and the soft counts [B, 1], else None)."""
         q1, q2, predicate = (pool(tokens, words) for pool in self.words)
-        if embedded is not None:
-            predicate = self.words[2](tokens, words, embedded)
         a, b = self.picks
         s1, s2 = a.logits(q1, regions, region_mask), b.logits(q2, regions, region_mask)
         w1, w2 = a.weights(s1, region_mask), b.weights(s2, region_mask)
@@ -249,13 +247,13 @@ POOLED_VECTORS = {"cls": 1, "text-mean": 1, "region-attention": 2, "region-count
 
 def text_and_picks(hidden: torch.Tensor, text_mask: torch.Tensor, token_type_ids: torch.Tensor,
                    region_mask: torch.Tensor, pooler: Pooler,
-                   pick_compare: PickCompare, embedded=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   pick_compare: PickCompare) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The "pick-compare" and "pick-match" pooling of VQA and NLVR2, [B, 5H] / [B, 7H]: the pooled mean of the token
     segment beside `PickCompare` over the text's own words (segment 0) and the final region states; and the soft
     counts of pick-match (else None)."""
     t = text_mask.shape[1]
     words = text_mask & (token_type_ids == 0)
-    picked, counts = pick_compare(hidden[:, :t], words, hidden[:, t:], region_mask, embedded)
+    picked, counts = pick_compare(hidden[:, :t], words, hidden[:, t:], region_mask)
     return torch.cat([pooled_text_mean(hidden, text_mask, pooler), picked], dim=-1), counts
 
 
