@@ -31,7 +31,9 @@ def build_model() -> MiniVLM:
     from minivlm.vision.tee import TEE
 
     torch.manual_seed(0)
-    detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"])
+    # channels-last, as `load_detector` hands it out: on an AVX512 CPU oneDNN sums a convolution in another order
+    # for each weight layout, and the folders' outputs are compared with this model's bit for bit
+    detector = TEE(TEE_CFG, ["circle", "square", "star"], ["red", "blue"]).to(memory_format=torch.channels_last)
     # VQA reads the mean of its tokens: the round trip must keep the pooling, or its answers change
     tasks = {t: build_task_model(t, BERT, len(ANSWERS) if t == "vqa" else None,
                                  extra={"pool": "text-mean"} if t == "vqa" else None)

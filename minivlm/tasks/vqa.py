@@ -147,7 +147,6 @@ class VQACollator:
 # the null slot's weights and the picked region's fit to the predicate (`PickCompare(match=True)`).
 VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count", "pick-compare", "pick-match")
 COUNT_LOSS_WEIGHT = 1.0
-MAX_COUNT = 10  # the counting heads' top bin (RegionCount's and PickCompare's default)
 
 
 def answer_numbers(answers: Sequence[str]) -> torch.Tensor:
@@ -204,7 +203,7 @@ class VQAModel(nn.Module):
         self.head.net[-1].bias.copy_(torch.log(p / (1 - p)))
 
     def logits_and_counts(self, inputs: FusionBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(answer logits [B, A], the region-count head's soft counts [B, heads] or None)."""
+        """(answer logits [B, A], the soft counts of region-count [B, heads] or of pick-match [B, 1], else None)."""
         hidden = self.bert(**inputs.model_inputs()).hidden_states
         if self.pool == "cls":
             return self.head(self.pooler(hidden)), None
@@ -223,9 +222,10 @@ class VQAModel(nn.Module):
         """The first count's bin of each number answer added to that answer's logit (times `count_scale`)."""
         if counts is None:
             return logits
+        top = (self.region_count if self.region_count is not None else self.pick_compare).max_count
         numbers = self.answer_numbers.long()
-        named = (numbers >= 0) & (numbers <= MAX_COUNT)
-        bins = count_bins(counts[:, 0], MAX_COUNT)[:, numbers.clamp(0, MAX_COUNT)]
+        named = (numbers >= 0) & (numbers <= top)
+        bins = count_bins(counts[:, 0], top)[:, numbers.clamp(0, top)]
         return logits + self.count_scale * bins.to(logits.dtype) * named
 
     def logits(self, inputs: FusionBatch) -> torch.Tensor:
