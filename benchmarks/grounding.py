@@ -61,8 +61,8 @@ def run_setting(name: str, world: Path, store: Path, out: Path, args) -> dict:
     # The demo's recipe, so a setting it gains later is the benchmark's too; then the flags, whose defaults are its own.
     setup = DEMO.finetune_setup("vqa", epochs=args.epochs, seed=args.seed, data=world, features=store, out=out / name,
                                 pretrained=args.pretrained, preset=args.preset, eval_splits=["test"])
-    setup = replace(setup, curriculum_epochs=args.curriculum_epochs, vqa_pool=args.vqa_pool,
-                    region_null=args.region_null,
+    setup = replace(setup, curriculum_epochs=args.curriculum_epochs, curriculum_yes_no=args.curriculum_yes_no,
+                    vqa_pool=args.vqa_pool, region_null=args.region_null,
                     train=replace(setup.train, epochs=args.epochs, lr=args.lr or DEFAULT_LR["vqa"],
                                   warmup_steps=args.warmup))
     return stage(name, out / name, lambda: finetune(setup), prefix="grounding")
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="VQA epochs on all questions (default: the demo's)")
     p.add_argument("--curriculum-epochs", type=int, default=DEMO.vqa_curriculum_epochs,
                    help="VQA epochs on the attribute questions first (default: the demo's; 0: none)")
+    p.add_argument("--curriculum-yes-no", action="store_true",
+                   help="the curriculum also takes the yes/no questions about named objects (FinetuneSetup)")
     p.add_argument("--vqa-pool", default=DEMO.vqa_pool, choices=VQA_POOLS,
                    help="what the answer head reads (default: the demo's)")
     p.add_argument("--region-null", action=argparse.BooleanOptionalAction, default=DEMO.region_null,
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
               f"over the per-type prior ({results[n].get('seconds', 0):.0f} s)")
     write_json(args.out / "grounding.json", {
         "data": str(world_root), "features": str(args.features or ""), "preset": args.preset, "epochs": args.epochs,
-        "curriculum_epochs": args.curriculum_epochs, "vqa_pool": args.vqa_pool, "region_null": args.region_null,
+        "curriculum_epochs": args.curriculum_epochs, "curriculum_yes_no": args.curriculum_yes_no,
+        "vqa_pool": args.vqa_pool, "region_null": args.region_null,
         "pretrained": str(args.pretrained or ""), "n_test_questions": len(test_q),
         "most_frequent_answer": refs["most_frequent"]["overall"], "vqa": table,
         "seconds": {n: r.get("seconds") for n, r in results.items()}}, indent=1)

@@ -349,6 +349,18 @@ def test_vqa_curriculum_trains_attribute_questions_first_and_resumes(tiny_world)
     assert rc == 0 and len(again) == len(phase)
 
 
+def test_vqa_curriculum_can_take_the_yes_no_questions_too(tiny_world):
+    from minivlm.data.world import World
+    from minivlm.tasks.vqa import ATTRIBUTE_QUESTION_TYPES, YES_NO_QUESTION_TYPES
+
+    rc, m = _finetune(tiny_world, "vqa", "--num-answers", "5", "--curriculum-epochs", "1", "--curriculum-yes-no",
+                      name="out_curriculum_yes_no")
+    train_q = World(tiny_world / "world").vqa("train")
+    n_attr = sum(q.question_type.startswith(ATTRIBUTE_QUESTION_TYPES) for q in train_q)
+    n_yes_no = sum(q.question_type.startswith(YES_NO_QUESTION_TYPES) for q in train_q)
+    assert rc == 0 and n_yes_no > 0 and n_attr < m["curriculum"]["n_train"] <= n_attr + n_yes_no
+
+
 def test_finetune_nlvr2_and_retrieval(tiny_world):
     from minivlm.eval.nlvr2 import read_nlvr2_results
     from minivlm.eval.retrieval import read_retrieval_results

@@ -306,6 +306,8 @@ def baseline_results(train: Sequence[VQAQuestion], questions: Sequence[VQAQuesti
 
 # VQA v2 question types whose answer is one attribute of one named object: the curriculum's questions.
 ATTRIBUTE_QUESTION_TYPES = ("what color", "what shape", "what size", "what pattern")
+# ... and, with `curriculum_yes_no`, the yes/no ones about named objects: checks, relations and existence.
+YES_NO_QUESTION_TYPES = ("is the", "is there")
 
 
 class VQATask(Task):
@@ -355,11 +357,13 @@ class VQATask(Task):
             # From random or briefly pre-trained weights the model otherwise settles on the question-type prior
             # and never binds words to regions (DESIGN.md: the VQA curriculum).
             qtype = {q.question_id: q.question_type for q in self.train_q}
-            easy = [e for e in train if qtype[e.question_id].startswith(ATTRIBUTE_QUESTION_TYPES)]
+            types = ATTRIBUTE_QUESTION_TYPES + (YES_NO_QUESTION_TYPES if setup.curriculum_yes_no else ())
+            easy = [e for e in train if qtype[e.question_id].startswith(types)]
             if not easy:
-                raise MiniVLMError(f"--curriculum-epochs: no attribute question ({', '.join(ATTRIBUTE_QUESTION_TYPES)}"
-                                   f"...) in {run.train_split}")
-            run.say(f"curriculum: {setup.curriculum_epochs} epoch(s) on the {len(easy)} attribute questions first")
+                raise MiniVLMError(f"--curriculum-epochs: no attribute question ({', '.join(types)}...) in "
+                                   f"{run.train_split}")
+            run.say(f"curriculum: {setup.curriculum_epochs} epoch(s) on the {len(easy)} questions of types "
+                    f"{', '.join(types)} first")
             out["curriculum"] = {"n_train": len(easy), "epochs": setup.curriculum_epochs,
                                  "train": run.fit(model, self.dataset(easy), self.collate(model.cfg), None,
                                                   phase="curriculum", epochs=setup.curriculum_epochs)}
