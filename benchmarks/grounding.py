@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="VQA epochs on all questions (default: the demo's)")
     p.add_argument("--curriculum-epochs", type=int, default=DEMO.vqa_curriculum_epochs,
                    help="VQA epochs on the attribute questions first (default: the demo's; 0: none)")
-    p.add_argument("--curriculum-yes-no", action="store_true",
-                   help="the curriculum also takes the yes/no questions about named objects (FinetuneSetup)")
+    p.add_argument("--curriculum-yes-no", action=argparse.BooleanOptionalAction, default=DEMO.vqa_curriculum_yes_no,
+                   help="the curriculum also takes the yes/no questions about named objects (default: the demo's)")
     p.add_argument("--vqa-pool", default=DEMO.vqa_pool, choices=VQA_POOLS,
                    help="what the answer head reads (default: the demo's)")
     p.add_argument("--region-null", action=argparse.BooleanOptionalAction, default=DEMO.region_null,

@@ -70,6 +70,7 @@ class DemoSize:
     # VQA epochs on the attribute questions alone before all of them (`finetune --curriculum-epochs`): with
     # oracle regions this took VQA from 52.8 to 57.7 in the same number of steps (docs/RESULTS.md: the oracle runs).
     vqa_curriculum_epochs: int = 0
+    vqa_curriculum_yes_no: bool = False  # the curriculum takes the yes/no questions too (FinetuneSetup)
     vqa_pool: str = "cls"  # what the answer head reads (FinetuneSetup.vqa_pool)
     nlvr2_pool: str = "cls"  # what NLVR2's classifier reads of each image (FinetuneSetup.nlvr2_pool)
     region_null: bool = False  # the region-attention heads may pick "no region" (FinetuneSetup.region_null)
@@ -117,8 +118,8 @@ class DemoSize:
             fields.update(caption_objective=self.caption_objective, caption_mask_prob=self.caption_mask_prob,
                           caption_output_vocab=self.caption_output_vocab)
         if task == "vqa":
-            fields.update(curriculum_epochs=self.vqa_curriculum_epochs, vqa_pool=self.vqa_pool,
-                          region_null=self.region_null)
+            fields.update(curriculum_epochs=self.vqa_curriculum_epochs, curriculum_yes_no=self.vqa_curriculum_yes_no,
+                          vqa_pool=self.vqa_pool, region_null=self.region_null)
         if task == "nlvr2":
             fields.update(nlvr2_pool=self.nlvr2_pool, region_null=self.region_null)
         return FinetuneSetup(task=task, train=train, **fields)
