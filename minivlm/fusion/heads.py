@@ -103,11 +103,13 @@ class RegionAttention(nn.Module):
         self.null_key = nn.Parameter(torch.zeros(cfg.hidden_size)) if null_slot else None
         self.null_value = nn.Parameter(torch.zeros(cfg.hidden_size)) if null_slot else None
 
-    def logits(self, question: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, question: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor,
+               keys: torch.Tensor | None = None) -> torch.Tensor:
         """[B, R] (+1 first with the null slot): how well each region (and the null slot) fits the query;
-        masked-out regions at -1e4."""
+        masked-out regions at -1e4. `keys`: `self.key(regions)` when a caller already has them."""
         query, scale = self.query(question), regions.shape[-1] ** 0.5
-        scores = ((self.key(regions) @ query.unsqueeze(-1)).squeeze(-1) / scale).masked_fill(~region_mask, -1e4)
+        keys = self.key(regions) if keys is None else keys
+        scores = ((keys @ query.unsqueeze(-1)).squeeze(-1) / scale).masked_fill(~region_mask, -1e4)
         if self.null_key is None:
             return scores
         # a product and a sum, not a MatMul: onnxruntime's int8 quantiser mangles a MatMul with a 1-d weight
@@ -223,7 +225,8 @@ class PickCompare(nn.Module):
         pick 2, and the soft counts [B, 1], else None)."""
         q1, q2, predicate = (pool(tokens, words) for pool in self.words)
         a, b = self.picks
-        s1, s2 = a.logits(q1, regions, region_mask), b.logits(q2, regions, region_mask)
+        keys = a.key(regions)  # the first pick's region keys, read by its own query and by the predicate's
+        s1, s2 = a.logits(q1, regions, region_mask, keys), b.logits(q2, regions, region_mask)
         w1, w2 = a.weights(s1, region_mask), b.weights(s2, region_mask)
         p1, p2 = a.read(w1, regions), b.read(w2, regions)
         c = self.compare
@@ -231,7 +234,7 @@ class PickCompare(nn.Module):
         if not self.match:
             return torch.cat(parts, dim=-1), None
         n = 1 if a.null_key is not None else 0  # the null slot's column comes first
-        fit = torch.sigmoid(a.logits(predicate, regions, region_mask)[:, n:] + self.match_bias[0])
+        fit = torch.sigmoid(a.logits(predicate, regions, region_mask, keys)[:, n:] + self.match_bias[0])
         fits_predicate = (w1[:, n:] * fit).sum(-1, keepdim=True)
         counts = (torch.sigmoid(s1[:, n:] + self.match_bias[1]) * region_mask.to(s1.dtype)).sum(-1, keepdim=True)
         nulls = torch.stack([w1[:, 0], w2[:, 0]], -1) if n else torch.zeros_like(fits_predicate).expand(-1, 2)
