@@ -81,6 +81,10 @@ class DemoSize:
     # "pretrained" or "vqa": NLVR2 fine-tuned from this run's VQA model (an intermediate task: its counts and
     # comparisons of counts then start from a transformer that has answered questions about single images).
     nlvr2_init: str = "pretrained"
+    # "pretrained" or "vqa": retrieval fine-tuned from this run's VQA model, whose transformer has learnt to bind
+    # the question's words to the regions, which the demo's few minutes of pre-training do not teach (its ITM
+    # against one-word swaps is at chance); the ITM head starts from random weights.
+    retrieval_init: str = "pretrained"
     # bf16 autocast in the transformer stages where the CPU has bf16 units (TrainConfig.cpu_amp): ~1.6x
     # faster steps on the project's machine, spent on more epochs. Off in `quick`, whose numbers a test holds.
     cpu_amp: bool = False
@@ -90,8 +94,9 @@ class DemoSize:
     def __post_init__(self):
         if self.vqa_init not in ("pretrained", "random"):
             raise ValueError(f"vqa_init must be 'pretrained' or 'random' (got {self.vqa_init!r})")
-        if self.nlvr2_init not in ("pretrained", "vqa"):
-            raise ValueError(f"nlvr2_init must be 'pretrained' or 'vqa' (got {self.nlvr2_init!r})")
+        for task in ("nlvr2", "retrieval"):
+            if getattr(self, f"{task}_init") not in ("pretrained", "vqa"):
+                raise ValueError(f"{task}_init must be 'pretrained' or 'vqa' (got {getattr(self, f'{task}_init')!r})")
 
     def detector_setup(self, data: Path, out: Path, seed: int) -> DetectorSetup:
         from minivlm.vision.train import DETECTOR_RECIPE, DetectorSetup
@@ -215,8 +220,8 @@ class Demo:
         """The folder `task` is fine-tuned from (None: random weights)."""
         if task == "vqa" and self.size.vqa_init == "random":
             return None
-        if task == "nlvr2" and self.size.nlvr2_init == "vqa":
-            return self.out / "vqa"  # TASKS runs VQA before NLVR2
+        if task in ("nlvr2", "retrieval") and getattr(self.size, f"{task}_init") == "vqa":
+            return self.out / "vqa"  # TASKS runs VQA before NLVR2 and retrieval
         return self.pretrain / "model"
 
     def assemble(self) -> dict:

@@ -164,8 +164,12 @@ def test_each_task_starts_from_the_folder_its_size_names(tmp_path):
 
     default = Demo(tmp_path, SIZES["default"])
     assert default.starts_from("vqa") is None  # VQA from random weights
-    assert [default.starts_from(t) for t in ("caption", "nlvr2", "retrieval")] == [tmp_path / "pretrain" / "model"] * 3
+    assert [default.starts_from(t) for t in ("caption", "nlvr2")] == [tmp_path / "pretrain" / "model"] * 2
+    assert default.starts_from("retrieval") == tmp_path / "vqa" and TASKS.index("vqa") < TASKS.index("retrieval")
     long = Demo(tmp_path, SIZES["long"])
     assert long.starts_from("nlvr2") == tmp_path / "vqa" and TASKS.index("vqa") < TASKS.index("nlvr2")
+    assert long.starts_from("retrieval") == tmp_path / "pretrain" / "model"
     with pytest.raises(ValueError, match="nlvr2_init"):
         dataclasses.replace(SIZES["long"], nlvr2_init="caption")
+    with pytest.raises(ValueError, match="retrieval_init"):
+        dataclasses.replace(SIZES["default"], retrieval_init="random")
