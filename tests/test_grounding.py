@@ -124,6 +124,36 @@ def test_the_benchmark_reports_vqa_per_type_with_the_demos_head(world, tmp_path)
     assert table["overall"]["per_question_type"] == pytest.approx(
         json.loads((out / "oracle" / "metrics.json").read_text())["eval"]["test"]["baselines"]
         ["baseline_per_question_type"])
+    # The three kinds of check split the "is the" questions: their sizes add up and their accuracies average to it.
+    checks = json.loads((out / "grounding.json").read_text())["vqa_checks"]
+    n = [checks[k]["n"] for k in grounding.CHECKS]
+    w = World(world / "world")
+    assert sum(n) == sum(q.question_type == "is the" for q in w.vqa("test")) > 0
+    for column in ("ceiling", "per_question_type", "oracle", "blind"):
+        mean = sum(checks[k][column] * checks[k]["n"] for k in grounding.CHECKS) / sum(n)
+        assert mean == pytest.approx(table["is the"][column], abs=0.01)
+
+
+def test_check_kind_reads_the_generators_own_family_of_each_yes_no_check():
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from minivlm.data.synthetic import render_scene
+    from minivlm.data.synthetic_text import questions
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from grounding import check_kind
+
+    seen = set()
+    for i in range(40):
+        _, scene, _ = render_scene(np.random.default_rng(i))
+        for q in questions(scene, np.random.default_rng(1000 + i), 20):
+            if q.question_type == "is the":
+                assert check_kind(q.question) == q.family, q.question
+                seen.add(q.family)
+    assert seen == {"spatial", "texture", "size"}
 
 
 def test_the_benchmark_reports_nlvr2_on_oracle_and_no_regions(tmp_path):
