@@ -68,9 +68,10 @@ CHECKS = ("spatial", "texture", "size")
 
 def check_kind(question: str) -> str:
     """Which check an "is the" question of the synthetic world is: spatial, texture or size."""
-    words = question.lower().rstrip("?").split()
-    if _RELATION_WORDS.search(" ".join(words)):
+    text = question.lower().rstrip("?")
+    if _RELATION_WORDS.search(text):
         return "spatial"
+    words = text.split()
     return "texture" if words and words[-1] in TEXTURES else "size"
 
 

@@ -95,8 +95,8 @@ class DemoSize:
         if self.vqa_init not in ("pretrained", "random"):
             raise ValueError(f"vqa_init must be 'pretrained' or 'random' (got {self.vqa_init!r})")
         for task in ("nlvr2", "retrieval"):
-            if getattr(self, f"{task}_init") not in ("pretrained", "vqa"):
-                raise ValueError(f"{task}_init must be 'pretrained' or 'vqa' (got {getattr(self, f'{task}_init')!r})")
+            if (start := getattr(self, f"{task}_init")) not in ("pretrained", "vqa"):
+                raise ValueError(f"{task}_init must be 'pretrained' or 'vqa' (got {start!r})")
 
     def detector_setup(self, data: Path, out: Path, seed: int) -> DetectorSetup:
         from minivlm.vision.train import DETECTOR_RECIPE, DetectorSetup
