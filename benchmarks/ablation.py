@@ -26,7 +26,6 @@ the paper. Prints tables and writes OUT/ablation.json.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
@@ -77,13 +76,7 @@ class Ablation:
         self.partial: dict[str, dict] = {}
 
     def step(self, name: str, folder: Path, fn) -> dict:
-        info = stage(name, folder, fn, prefix="ablation")
-        # A finished step is never resumed, so its trainers' checkpoints (weights and optimiser state, also
-        # in sub-stages such as caption/ce and vqa/curriculum) are only disk: about half of what a run
-        # leaves, and with them a full run's 18 transformer runs and 5 detectors filled a 60 GB disk.
-        for checkpoint in sorted(folder.rglob("checkpoint")):
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        return info
+        return stage(name, folder, fn, prefix="ablation")  # which also drops the finished step's checkpoints
 
     # -- data and detectors -------------------------------------------------------------------------
     def data(self) -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from minivlm.data.synthetic import split_sizes
-from minivlm.demo import SIZES, TASKS
+from minivlm.demo import SIZES, TASKS, stage
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,29 @@ def test_rerun_skips_finished_stages(quick_demo):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("skipping") == 4 + len(TASKS) + 2  # data, detector, features, pretrain; tasks; model, report
+
+
+def test_a_finished_stage_keeps_no_resume_checkpoints(quick_demo, tmp_path):
+    """A finished stage is skipped on every rerun, so its trainers' resume checkpoints (half of the run's
+    disk) are dropped; an interrupted stage keeps its own, which is what it resumes from."""
+    out, _ = quick_demo
+    assert not list(out.rglob("checkpoint")), list(out.rglob("checkpoint"))
+    assert (out / "vqa" / "model.safetensors").is_file() and (out / "vqa" / "curriculum" / "model.safetensors").is_file()
+
+    def trainer_layout(root):
+        (root / "checkpoint" / "step-0000003").mkdir(parents=True)
+        (root / "checkpoint" / "latest").write_text("step-0000003")
+        return root / "checkpoint"
+
+    interrupted = trainer_layout(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        stage("b", tmp_path / "b", lambda: (_ for _ in ()).throw(KeyboardInterrupt), say=lambda _: None)
+    assert (interrupted / "step-0000003").is_dir()
+    finished = trainer_layout(tmp_path / "a" / "sub")
+    other = tmp_path / "a" / "data" / "checkpoint"  # a folder of that name that is not a trainer's: kept
+    other.mkdir(parents=True)
+    stage("a", tmp_path / "a", lambda: {"x": 1}, say=lambda _: None)
+    assert not finished.exists() and other.is_dir() and (tmp_path / "a" / "DONE.json").is_file()
 
 
 def test_model_folder_runs_on_real_photos_it_never_saw(quick_demo, tmp_path):
