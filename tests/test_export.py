@@ -564,10 +564,12 @@ def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
 @pytest.mark.parametrize("task,pool", [("nlvr2", "region-attention"), ("nlvr2", "region-count"),
                                        ("vqa", "region-count"), ("vqa", "region-attention+null"),
                                        ("vqa", "pick-compare+null"), ("nlvr2", "pick-compare"),
-                                       ("vqa", "pick-match+null"), ("nlvr2", "pick-match")])
+                                       ("vqa", "pick-match+null"), ("nlvr2", "pick-match"),
+                                       ("vqa", "pick-relate+null"), ("nlvr2", "pick-relate")])
 def test_region_pooling_graphs_match_pytorch(tmp_path, task, pool):
     """The region heads (NLVR2: two sequences per pair; the count head's sum of sigmoids and its answer bins;
-    the attention's null slot; pick-compare's word weightings and products; pick-match's count and fits) traced with
+    the attention's null slot; pick-compare's word weightings and products; pick-match's count and fits; pick-relate's split and box gaps)
+    traced with
     other batch, token and region counts than the run's, and a sequence with fewer regions."""
     import onnxruntime as ort
 

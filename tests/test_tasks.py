@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from minivlm.config import BertConfig
 from minivlm.data.readers import VQAQuestion
-from minivlm.fusion.heads import RegionAttention
+from minivlm.fusion.heads import PickCompare, RegionAttention, box_gaps
 from minivlm.regions import Regions
 from minivlm.tasks.nlvr2 import (NLVR2_POOLS, NLVR2Collator, NLVR2Dataset, NLVR2Model, NLVR2Pair,
                                  mirror_statement)
@@ -690,3 +691,64 @@ def test_regions_below_the_score_floor_do_not_enter_the_transformer():
     assert e_mask.sum(1).tolist() == [3, 1]
     np.testing.assert_array_equal(e_feats[:, :3], feats[:, :3].numpy())
     np.testing.assert_allclose(e_boxes[0, :3], boxes[0, :3].numpy(), atol=1e-6)
+
+
+def test_box_gaps_say_which_relation_holds_and_how_clearly():
+    # box code x1, y1, x2, y2, w, h (normalised); the reference in the middle
+    ref = torch.tensor([[0.4, 0.4, 0.6, 0.6, 0.2, 0.2]])
+    boxes = torch.tensor([[[0.1, 0.45, 0.3, 0.55, 0.2, 0.1],     # left of it, a gap of 0.1
+                           [0.7, 0.45, 0.8, 0.55, 0.1, 0.1],     # right of it
+                           [0.45, 0.0, 0.55, 0.39, 0.1, 0.39],   # above it, barely
+                           [0.5, 0.5, 0.7, 0.7, 0.2, 0.2]]])     # overlapping: no relation holds
+    gaps = box_gaps(boxes, ref)[0]  # left of, right of, above, below
+    assert gaps.argmax(1)[:3].tolist() == [0, 1, 2]
+    assert gaps[0, 0] == pytest.approx(math.tanh(0.8)) and 0 < gaps[2, 2] < 0.1
+    assert (gaps[3] < 0).all() and (gaps[0, 1:] < 0).all()
+
+
+def test_pick_relate_splits_the_question_at_the_relation_word_and_picks_by_the_boxes():
+    """Pick 1 reads only the words before the split's word and pick 2 only those after; the relation's weights of
+    the box gaps move pick 1 to the region left (or right) of pick 2's box. Tokens are one-hot, so the split's
+    scores can be set by hand: it scores dimension 3, so token 3 is the relation word."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, hidden_size=16)
+    head = PickCompare(cfg, null_slot=True, match=True, relate=True).eval()
+    score = head.words[3].score
+    with torch.no_grad():
+        for layer in (score[0], score[2]):
+            layer.weight.zero_(), layer.bias.zero_()
+        score[0].weight[0, 3], score[2].weight[0, 0] = 1.0, 50.0
+    tokens, words = torch.eye(16)[:6].unsqueeze(0) * 2, torch.ones(1, 6, dtype=torch.bool)
+    regions, region_mask = torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool)
+    boxes = torch.tensor([[[0.1, 0.4, 0.2, 0.5, 0.1, 0.1], [0.5, 0.4, 0.6, 0.5, 0.1, 0.1],
+                           [0.8, 0.4, 0.9, 0.5, 0.1, 0.1]]])
+    assert head.words[3].weights(tokens, words)[0].argmax() == 3
+
+    def queries(tokens):
+        seen = {}
+        hooks = [head.words[i].register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, out)) for i in (0, 1)]
+        with torch.no_grad():
+            head(tokens, words, regions, region_mask, boxes)
+        for h in hooks:
+            h.remove()
+        return seen[0], seen[1]
+
+    q1, q2 = queries(tokens)
+    before, after = tokens.clone(), tokens.clone()
+    before[0, 1] *= 3  # a word before the split
+    after[0, 5] *= 3  # a word after it
+    q1_before, q2_before = queries(before)
+    q1_after, q2_after = queries(after)
+    assert not torch.allclose(q1_before, q1, atol=1e-2) and torch.allclose(q2_before, q2, atol=1e-3)
+    assert torch.allclose(q1_after, q1, atol=1e-3) and not torch.allclose(q2_after, q2, atol=1e-2)
+
+    a = head.picks[0]
+    with torch.no_grad():  # every region matches equally: pick 2's box is their mean, x 0.47-0.57
+        for t in (a.query.weight, a.query.bias, a.key.weight, a.key.bias, head.relation_pick.weight):
+            t.zero_()
+    for relation, region in (([20.0, 0, 0, 0], 0), ([0, 20.0, 0, 0], 2)):  # left of it, right of it
+        with torch.no_grad():
+            head.relation_pick.bias.copy_(torch.tensor(relation))
+            out, _ = head(tokens, words, regions, region_mask, boxes)
+        assert torch.allclose(out[0, :16], regions[0, region], atol=1e-3), relation  # pick 1's state
+

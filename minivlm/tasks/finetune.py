@@ -91,15 +91,17 @@ class FinetuneSetup:
                                        "the mean beside two picks and their comparisons (pick-compare), or that "
                                        "and a count, the null slot's weights and the predicate's fit read from "
                                        "the first pick's region scores, the count fitted to the counting answers "
-                                       "(pick-match)",
+                                       "(pick-match), or that with the question split at its relation word between "
+                                       "the two picks and the relation read from their boxes (pick-relate)",
                            choices=VQA_POOLS)
     nlvr2_pool: str = option("cls", help="nlvr2: what the classifier reads of each image: [CLS] (OSCAR) or the "
                                          "text mean beside the regions the statement picks (region-attention), "
                                          "or that and soft counts of the regions it names (region-count), or the "
                                          "mean beside two picks and their comparisons (pick-compare), or that and "
-                                         "what the first pick's region scores say (pick-match)",
+                                         "what the first pick's region scores say (pick-match), and the relation "
+                                         "between the two picks' boxes (pick-relate)",
                              choices=NLVR2_POOLS)
-    region_null: bool = option(False, help="vqa/nlvr2 region-attention, region-count, pick-compare/-match: the "
+    region_null: bool = option(False, help="vqa/nlvr2 region-attention, region-count, pick-compare/-match/-relate: the "
                                            "attention may pick a learned null slot instead of a region, when the "
                                            "image holds nothing the text names (fusion.heads.RegionAttention)")
     nlvr2_mirror: bool = option(False, help="nlvr2: train on each pair as seen in a mirror half of the time (images "

@@ -35,6 +35,7 @@ from minivlm.regions import Regions
 from minivlm.batching import chunks
 from minivlm.tasks.data import RegionSource, get_regions, model_device
 from minivlm.tasks.task import Task
+from minivlm.tasks.vqa import PICK_POOLS
 from minivlm.text.tokenizer import Tokenizer
 
 
@@ -122,8 +123,9 @@ class NLVR2Collator:
 # regions the statement picks (as VQA's "region-attention", `fusion.heads.text_and_picked_region`), or that and
 # the soft counts of the regions the statement names (`fusion.heads.RegionCount`; most statements compare counts,
 # and a count head fitted by VQA's counting questions carries over when NLVR2 starts from a VQA model), or the text
-# mean beside two picks and their comparisons (VQA's "pick-compare", `fusion.heads.PickCompare`).
-NLVR2_POOLS = ("cls", "region-attention", "region-count", "pick-compare", "pick-match")
+# mean beside two picks and their comparisons (VQA's "pick-compare", "pick-match" and "pick-relate",
+# `fusion.heads.PickCompare`).
+NLVR2_POOLS = ("cls", "region-attention", "region-count", *PICK_POOLS)
 
 
 class NLVR2Model(nn.Module):
@@ -137,8 +139,9 @@ class NLVR2Model(nn.Module):
         if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg, null_slot=null_region)
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
-        if pool in ("pick-compare", "pick-match"):
-            self.pick_compare = PickCompare(cfg, null_slot=null_region, match=pool == "pick-match")
+        if pool in PICK_POOLS:
+            self.pick_compare = PickCompare(cfg, null_slot=null_region, match=pool != "pick-compare",
+                                            relate=pool == "pick-relate")
         self.head = ClassifierHead(cfg, 2, in_mult=2 * POOLED_VECTORS[pool])  # both images'
 
     def joint(self, inputs: FusionBatch) -> torch.Tensor:
@@ -146,9 +149,9 @@ class NLVR2Model(nn.Module):
         hidden = self.bert(**inputs.model_inputs()).hidden_states
         if self.pool == "cls":
             pooled = self.pooler(hidden)
-        elif self.pool in ("pick-compare", "pick-match"):
+        elif self.pool in PICK_POOLS:
             pooled = text_and_picks(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask, self.pooler,
-                                    self.pick_compare)[0]
+                                    self.pick_compare, inputs.region_boxes)[0]
         else:
             pooled = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
                                             self.pooler, self.region_attention, self.region_count)[0]

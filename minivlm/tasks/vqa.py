@@ -144,8 +144,12 @@ class VQACollator:
 # "pick-compare": the text mean beside two picks, each with its own learned weighting of the question's words, and
 # their products with the predicate and with each other (`PickCompare`). "pick-match": that, and what the first
 # pick's region scores say: a soft count of the matching regions (fitted to the counting answers, as region-count's),
-# the null slot's weights and the picked region's fit to the predicate (`PickCompare(match=True)`).
-VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count", "pick-compare", "pick-match")
+# the null slot's weights and the picked region's fit to the predicate (`PickCompare(match=True)`). "pick-relate":
+# that, with the question split at its relation word between the two picks and the relation read from their boxes
+# ("is the star left of the arrow?", "what is left of the arrow?": `PickCompare(relate=True)`).
+VQA_POOLS = ("cls", "text-mean", "region-attention", "region-count", "pick-compare", "pick-match", "pick-relate")
+PICK_POOLS = ("pick-compare", "pick-match", "pick-relate")
+COUNT_POOLS = ("region-count", "pick-match", "pick-relate")  # those with a count fitted to the counting answers
 COUNT_LOSS_WEIGHT = 1.0
 
 
@@ -175,9 +179,10 @@ class VQAModel(nn.Module):
         if pool in ("region-attention", "region-count"):
             self.region_attention = RegionAttention(cfg, null_slot=null_region)
         self.region_count = RegionCount(cfg) if pool == "region-count" else None
-        if pool in ("pick-compare", "pick-match"):
-            self.pick_compare = PickCompare(cfg, null_slot=null_region, match=pool == "pick-match")
-        if pool in ("region-count", "pick-match"):
+        if pool in PICK_POOLS:
+            self.pick_compare = PickCompare(cfg, null_slot=null_region, match=pool != "pick-compare",
+                                            relate=pool == "pick-relate")
+        if pool in COUNT_POOLS:
             # Which answers are numbers; set from the answer set (`set_answers`), saved with the weights.
             self.register_buffer("answer_numbers", torch.full((num_answers,), -1.0))
             # The first count's bin of each number answer is added to that answer's logit, times this: a direct
@@ -189,7 +194,7 @@ class VQAModel(nn.Module):
     def set_answers(self, answers: Sequence[str]) -> None:
         if len(answers) != self.num_answers:
             raise ValueError(f"{len(answers)} answers for a head of {self.num_answers}")
-        if self.pool in ("region-count", "pick-match"):
+        if self.pool in COUNT_POOLS:
             self.answer_numbers.copy_(answer_numbers(answers))
 
     @torch.no_grad()
@@ -203,15 +208,16 @@ class VQAModel(nn.Module):
         self.head.net[-1].bias.copy_(torch.log(p / (1 - p)))
 
     def logits_and_counts(self, inputs: FusionBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(answer logits [B, A], the soft counts of region-count [B, heads] or of pick-match [B, 1], else None)."""
+        """(answer logits [B, A], the soft counts of region-count [B, heads] or of pick-match / pick-relate [B, 1],
+        else None)."""
         hidden = self.bert(**inputs.model_inputs()).hidden_states
         if self.pool == "cls":
             return self.head(self.pooler(hidden)), None
         if self.pool == "text-mean":
             return self.head(pooled_text_mean(hidden, inputs.text_mask, self.pooler)), None
-        if self.pool in ("pick-compare", "pick-match"):
+        if self.pool in PICK_POOLS:
             pooled, counts = text_and_picks(hidden, inputs.text_mask, inputs.token_type_ids, inputs.region_mask,
-                                            self.pooler, self.pick_compare)
+                                            self.pooler, self.pick_compare, inputs.region_boxes)
         else:
             pooled, counts = text_and_picked_region(hidden, inputs.text_mask, inputs.token_type_ids,
                                                     inputs.region_mask, self.pooler, self.region_attention,
