@@ -127,9 +127,12 @@ def test_a_finished_stage_keeps_no_resume_checkpoints(quick_demo, tmp_path):
         (root / "checkpoint" / "latest").write_text("step-0000003")
         return root / "checkpoint"
 
+    def killed():
+        raise KeyboardInterrupt
+
     interrupted = trainer_layout(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        stage("b", tmp_path / "b", lambda: (_ for _ in ()).throw(KeyboardInterrupt), say=lambda _: None)
+        stage("b", tmp_path / "b", killed, say=lambda _: None)
     assert (interrupted / "step-0000003").is_dir()
     finished = trainer_layout(tmp_path / "a" / "sub")
     other = tmp_path / "a" / "data" / "checkpoint"  # a folder of that name that is not a trainer's: kept

@@ -568,9 +568,9 @@ def test_a_detector_with_texture_and_box_size_pools_exports_exactly(tmp_path):
                                        ("vqa", "pick-relate+null"), ("nlvr2", "pick-relate")])
 def test_region_pooling_graphs_match_pytorch(tmp_path, task, pool):
     """The region heads (NLVR2: two sequences per pair; the count head's sum of sigmoids and its answer bins;
-    the attention's null slot; pick-compare's word weightings and products; pick-match's count and fits; pick-relate's split and box gaps)
-    traced with
-    other batch, token and region counts than the run's, and a sequence with fewer regions."""
+    the attention's null slot; pick-compare's word weightings and products; pick-match's count and fits;
+    pick-relate's split and box gaps) traced with other batch, token and region counts than the run's, and a
+    sequence with fewer regions."""
     import onnxruntime as ort
 
     from minivlm.export import FUSION_INPUTS, export_fusion

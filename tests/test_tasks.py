@@ -751,4 +751,3 @@ def test_pick_relate_splits_the_question_at_the_relation_word_and_picks_by_the_b
             head.relation_pick.bias.copy_(torch.tensor(relation))
             out, _ = head(tokens, words, regions, region_mask, boxes)
         assert torch.allclose(out[0, :16], regions[0, region], atol=1e-3), relation  # pick 1's state
-

@@ -265,6 +265,8 @@ class PickCompare(nn.Module):
         keys = a.key(regions)  # the first pick's region keys, read by its own query and by the predicate's
         n = 1 if a.null_key is not None else 0  # the null slot's column comes first
         if self.relate:
+            if boxes is None:
+                raise ValueError("pick-relate reads the regions' box codes: pass boxes")
             split = self.words[3].weights(tokens, words)
             relation = (split.unsqueeze(-1) * tokens).sum(1)
             after = torch.cumsum(split, -1) - split  # the split's weight on the words before each word
