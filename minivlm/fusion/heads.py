@@ -227,7 +227,7 @@ class PickCompare(nn.Module):
     weights four box gaps to pick 2's box (`box_gaps`, from the box code): added to pick 1's scores, so "what is left
     of the arrow?" picks the region left of the arrow; and, for the region pick 1 matches by its words alone, read
     by the answer head with its four gaps ("is the star left of the arrow?"). On oracle regions at the demo's budget:
-    91.8 -> 97.0% of the ceiling, the spatial checks 69.0 -> 96.3, "what is" 56.7 -> 100 (docs/RESULTS.md)."""
+    91.8 -> 97.3% of the ceiling, the spatial checks 69.0 -> 96.1, "what is" 56.7 -> 98.9 (docs/RESULTS.md)."""
 
     def __init__(self, cfg: BertConfig, null_slot: bool = False, match: bool = False, max_count: int = 10,
                  relate: bool = False):
