@@ -273,8 +273,9 @@ class PickCompare(nn.Module):
             q1, q2 = self.words[0](tokens, words, 1 - after - split), self.words[1](tokens, words, after)
             s2 = a.logits(q2, regions, region_mask, keys)
             w2 = a.weights(s2, region_mask)
-            ref = (w2[:, n:, None] * boxes.to(w2.dtype)).sum(1) / w2[:, n:].sum(-1, keepdim=True).clamp(min=1e-6)
-            gaps = box_gaps(boxes.to(w2.dtype), ref)  # [B, R, 4]: each region against pick 2's box
+            boxes = boxes.to(w2.dtype)
+            ref = (w2[:, n:, None] * boxes).sum(1) / w2[:, n:].sum(-1, keepdim=True).clamp(min=1e-6)
+            gaps = box_gaps(boxes, ref)  # [B, R, 4]: each region against pick 2's box
             matched1 = a.logits(q1, regions, region_mask, keys)
             toward = (gaps * self.relation_pick(relation)[:, None]).sum(-1).masked_fill(~region_mask, 0)
             s1 = torch.cat([matched1[:, :n], matched1[:, n:] + toward], -1)
