@@ -82,15 +82,17 @@ def choose(folder: str | Path, backend: str = "auto", device: str = "cpu") -> st
 
 
 def load(folder: str | Path, backend: str = "auto", device: str = "cpu", int8: bool = False,
-         threads: int | None = None):
+         threads: int | None = None, bf16: bool = False):
     """The model folder on the chosen runtime: a `MiniVLM` (PyTorch) or an `EdgeMiniVLM` (ONNX Runtime;
-    `int8` runs its int8 graphs, `threads` sets its intra-op threads)."""
-    if int8 and backend == "torch":
-        raise MiniVLMError("int8 runs the exported int8 graphs: use the onnx backend (or auto)")
-    if choose(folder, "onnx" if int8 else backend, device) == "onnx":
+    `int8` runs its int8 graphs, `bf16` its detector's backbone in bfloat16, `threads` sets its intra-op
+    threads)."""
+    exported = [name for name, on in (("int8", int8), ("bf16", bf16)) if on]
+    if exported and backend == "torch":
+        raise MiniVLMError(f"{exported[0]} runs exported graphs: use the onnx backend (or auto)")
+    if choose(folder, "onnx" if exported else backend, device) == "onnx":
         from minivlm.edge import EdgeMiniVLM
 
-        return EdgeMiniVLM(Path(folder) / ONNX_DIR, int8=int8, threads=threads)
+        return EdgeMiniVLM(Path(folder) / ONNX_DIR, int8=int8, threads=threads, bf16=bf16)
     from minivlm.model import MiniVLM
 
     return MiniVLM.from_pretrained(folder, device, backend="torch")

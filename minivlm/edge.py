@@ -1,6 +1,7 @@
 """Torch-free inference: `EdgeMiniVLM(folder)` runs the ONNX graphs of `minivlm export` with onnxruntime.
 
-    model = EdgeMiniVLM("runs/demo/model/onnx")       # int8=True picks the *.int8.onnx graphs
+    model = EdgeMiniVLM("runs/demo/model/onnx")       # int8=True picks the *.int8.onnx graphs; bf16=True runs
+                                                      # the detector's backbone + BiFPN in bfloat16 (OpenVINO)
     model.caption(["photo.jpg"])                      # greedy (or beam_size=3), key/value-cached
     model.answer(["photo.jpg"], ["what color is the star?"])
     model.verify(["left.png"], ["right.png"], ["both images contain a red star"])
@@ -15,8 +16,8 @@ PyTorch model; the letterboxing of `minivlm.vision.tee` and the searches of `min
 (`minivlm.edge_decode`) are restated here in numpy, step for step; tests/test_export.py holds them to the
 PyTorch originals.
 
-    minivlm edge-caption OUT IMG [IMG ...] [--int8] [--json]
-    minivlm edge-vqa OUT IMG "question" ["question" ...] [--int8] [--top K] [--json]
+    minivlm edge-caption OUT IMG [IMG ...] [--int8] [--bf16] [--json]
+    minivlm edge-vqa OUT IMG "question" ["question" ...] [--int8] [--bf16] [--top K] [--json]
 """
 
 from __future__ import annotations
@@ -153,6 +154,33 @@ def _ort():
     return onnxruntime
 
 
+class OpenVINOGraph:
+    """An ONNX graph compiled by OpenVINO's CPU plugin at one inference precision ("bf16" or "f32"), called with
+    its single input. Only the detector's backbone + BiFPN runs here: OpenVINO's CPU plugin runs convolutions
+    in bfloat16 on AMX / AVX512-BF16, which onnxruntime's CPU kernels do not (TEE-0 at 600 px, one thread,
+    this graph 119 -> 68 ms on the Xeon with AMX, 2026-12-07)."""
+
+    def __init__(self, path: str | Path, precision: str = "bf16", threads: int | None = None):
+        try:
+            import openvino
+        except ImportError as err:
+            raise MiniVLMError("--bf16 runs the detector's backbone with OpenVINO, which is not installed "
+                               "(pip install openvino)") from err
+        core = openvino.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise MiniVLMError("this CPU has no bfloat16 units (AVX512-BF16 or AMX): run without --bf16")
+        # explicit: OpenVINO's default precision on such a CPU is already bf16, and "f32" must mean fp32
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        out = self.request.infer({0: x})
+        return [np.array(out[o]) for o in self.compiled.outputs]  # copies: the request reuses its buffers
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DataFormatError(path, "file not found (run `minivlm export` again)")
@@ -182,14 +210,19 @@ def read_manifest(folder: str | Path) -> dict:
 
 class EdgeMiniVLM:
     """The exported detector + task transformers on onnxruntime (CPU). `threads` sets onnxruntime's
-    intra-op threads (default: its own choice)."""
+    intra-op threads (default: its own choice). `bf16` runs the detector's backbone + BiFPN in bfloat16 on
+    OpenVINO (`OpenVINOGraph`) and its RPN, NMS, RoIAlign and region head in fp32 on onnxruntime: regions
+    then differ a little from fp32's (`benchmarks/edge.py` measures what that does to the scores)."""
 
-    def __init__(self, folder: str | Path, int8: bool = False, threads: int | None = None, batch_size: int = 16):
+    def __init__(self, folder: str | Path, int8: bool = False, threads: int | None = None, batch_size: int = 16,
+                 bf16: bool = False):
         self.folder = folder = Path(folder)
         config = read_manifest(folder)
-        self.config, self.int8, self.batch_size = config, int8, batch_size
+        self.config, self.int8, self.bf16, self.batch_size = config, int8, bf16, batch_size
         if int8 and not config.get("int8"):
             raise MiniVLMError(f"{folder}: has no int8 graphs; export with `minivlm export MODEL --int8`")
+        if bf16 and "bf16" not in config["detector"]:
+            raise MiniVLMError(f"{folder}: has no split detector graphs; export with `minivlm export MODEL --bf16`")
         files = config["files"]
         self.tokenizer = Tokenizer(folder / files["vocab"])
         self.tag_names = _read_lines(folder / files["tags"])
@@ -212,9 +245,11 @@ class EdgeMiniVLM:
         for name in files.values():
             if not (folder / name).is_file():
                 raise DataFormatError(folder / name, "file missing from the ONNX folder (listed in edge.json)")
+        self.features = OpenVINOGraph(folder / self.det["bf16"]["features"], "bf16", threads) if bf16 else None
 
     def _graphs(self) -> list[str]:
-        names = [self.det["graph"]] + [g for t in self.tasks.values() for k, g in t.items() if k in ("graph", "prefix", "step")]
+        det = [self.det["bf16"]["features"], self.det["bf16"]["head"]] if self.bf16 else [self.det["graph"]]
+        names = det + [g for t in self.tasks.values() for k, g in t.items() if k in ("graph", "prefix", "step")]
         return [self._pick(g) for g in names]
 
     def _pick(self, graph: str) -> str:
@@ -243,11 +278,9 @@ class EdgeMiniVLM:
         out: list[EdgeRegions | None] = [im if isinstance(im, EdgeRegions) else None for im in images]
         todo = [i for i, r in enumerate(out) if r is None]
         pil = [load_image(images[i]) for i in todo]  # every image is checked before any work is done
-        sess = self.session(self.det["graph"])
         for i, im in zip(todo, pil):
             canvas, (h, w), scale, (ow, oh) = letterbox(im, self.det["image_size"])
-            boxes, scores, labels, attrs, feats = sess.run(
-                None, {"canvas": canvas, "image_hw": np.array([h, w], dtype=np.float32)})
+            boxes, scores, labels, attrs, feats = self.detect(canvas, np.array([h, w], dtype=np.float32))
             boxes = boxes.astype(np.float32) / np.float32(scale)
             boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, ow)
             boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, oh)
@@ -255,6 +288,15 @@ class EdgeMiniVLM:
                                  (ow, oh), [self.tag_names[j] for j in labels.tolist()], attrs.astype(np.int64),
                                  [self.attribute_names[j] for j in attrs.tolist()])
         return out  # type: ignore[return-value]
+
+    def detect(self, canvas: np.ndarray, image_hw: np.ndarray) -> list[np.ndarray]:
+        """One letterboxed canvas -> boxes, scores, labels, attributes, features (canvas pixels)."""
+        if not self.bf16:
+            return self.session(self.det["graph"]).run(None, {"canvas": canvas, "image_hw": image_hw})
+        split = self.det["bf16"]
+        feed = {"canvas": canvas, "image_hw": image_hw, **dict(zip(split["levels"], self.features(canvas)))}
+        head = self.session(split["head"])
+        return head.run(None, {i.name: feed[i.name] for i in head.get_inputs()})  # the canvas only if it pools pixels
 
     # -- captioning ----------------------------------------------------------------------------------
 
@@ -412,12 +454,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     else:
         raise ValueError(f"minivlm.edge serves edge-caption and edge-vqa, not {name!r}")
     parser.add_argument("--int8", action="store_true", help="run the int8 graphs (export --int8)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="run the detector's backbone in bfloat16 with OpenVINO (export --bf16; AVX512-BF16 / AMX)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    model = EdgeMiniVLM(args.model, int8=args.int8, threads=args.threads)
+    model = EdgeMiniVLM(args.model, int8=args.int8, threads=args.threads, bf16=args.bf16)
     if args.command == "edge-caption":
         caps = model.caption([str(p) for p in args.images])
         doc: Any = [{"image": str(p), "caption": c} for p, c in zip(args.images, caps)]

@@ -11,6 +11,9 @@ find them) unless --out names another folder.
     nlvr2.onnx               statement + tags + regions, 2B rows (left, then right) -> [B, 2] logits
     retrieval.onnx           caption + tags + regions -> matching score (log-odds)
     *.int8.onnx              with --int8: dynamically quantised copies (int8 weights, activations quantised per call)
+    detector_features.onnx   with --bf16: the detector split in two, canvas -> P2..P6 (backbone + BiFPN, run in
+    detector_head.onnx       bfloat16 by OpenVINO) and P2..P6 + resized (h, w) -> the five outputs above (RPN,
+                             NMS, RoIAlign, region head: fp32 in onnxruntime)
     caption_weights.bin      the weights both caption graphs use, stored once as ONNX external data
     caption_weights.int8.bin (`minivlm.onnx_weights`), and their int8 graphs' likewise
     vocab.txt tags.txt attributes.txt answers.txt
@@ -84,6 +87,32 @@ class DetectorGraph(nn.Module):
         return det["boxes"], det["scores"], det["labels"], det["attributes"], det["features"]
 
 
+class DetectorFeaturesGraph(nn.Module):
+    """`TEE.features`: canvas -> the FPN levels P2..P6, the part of `DetectorGraph` that may run in bfloat16."""
+
+    def __init__(self, tee: nn.Module):
+        super().__init__()
+        self.tee = tee
+
+    def forward(self, canvas: torch.Tensor):
+        return tuple(self.tee.features(canvas))
+
+
+class DetectorHeadGraph(nn.Module):
+    """The rest of `DetectorGraph` on given FPN levels: RPN, NMS, RoIAlign and the region head (fp32). The canvas
+    is an input for region heads that pool the image's pixels; the exporter drops it for those that do not."""
+
+    def __init__(self, tee: nn.Module):
+        super().__init__()
+        self.tee = tee
+
+    def forward(self, canvas: torch.Tensor, image_hw: torch.Tensor, *levels: torch.Tensor):
+        feats, hw = list(levels), [(image_hw[0], image_hw[1])]
+        proposals, _ = self.tee.rpn(feats, hw)
+        det = self.tee.roi_head.detect(feats, proposals, hw, self.tee.cfg.max_regions, canvas)[0]
+        return det["boxes"], det["scores"], det["labels"], det["attributes"], det["features"]
+
+
 class CaptionPrefixGraph(nn.Module):
     """`CaptionModel.encode_prefix`: tag tokens (segment 1) + regions -> keys/values of every layer."""
 
@@ -145,14 +174,26 @@ def _kv_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
-def export_detector(model: MiniVLM, out: Path) -> dict:
+DETECTOR_OUTPUTS = ["boxes", "scores", "labels", "attributes", "features"]
+
+
+def export_detector(model: MiniVLM, out: Path, bf16: bool = False) -> dict:
+    """detector.onnx; with `bf16` also the same detector as two graphs (features, head) for `EdgeMiniVLM(bf16=True)`."""
     cfg = model.detector.cfg
     s = cfg.image_size
     canvas = torch.randn(1, 3, s, s)
     hw = torch.tensor([float(s), float(s * 3 // 4)])
     _export(DetectorGraph(model.detector), (canvas, hw), out / "detector.onnx", ["canvas", "image_hw"],
-            ["boxes", "scores", "labels", "attributes", "features"], {})
-    return {"graph": "detector.onnx", "image_size": s, "region_dim": cfg.feature_dim, "max_regions": cfg.max_regions}
+            DETECTOR_OUTPUTS, {})
+    info = {"graph": "detector.onnx", "image_size": s, "region_dim": cfg.feature_dim, "max_regions": cfg.max_regions}
+    if bf16:
+        levels = model.detector.features(canvas)
+        names = [f"p{i}" for i in range(2, 2 + len(levels))]
+        _export(DetectorFeaturesGraph(model.detector), (canvas,), out / "detector_features.onnx", ["canvas"], names, {})
+        _export(DetectorHeadGraph(model.detector), (canvas, hw, *levels), out / "detector_head.onnx",
+                ["canvas", "image_hw", *names], DETECTOR_OUTPUTS, {})
+        info["bf16"] = {"features": "detector_features.onnx", "head": "detector_head.onnx", "levels": names}
+    return info
 
 
 def _bert_info(cfg) -> dict:
@@ -241,7 +282,7 @@ def int8_name(graph: str) -> str:
 
 
 def export_model(model_folder: str | Path, out: str | Path | None = None, int8: bool = False,
-                 detector_int8: bool = False) -> Path:
+                 detector_int8: bool = False, bf16: bool = False) -> Path:
     """Exports a model folder's detector and every task transformer into OUT (default MODEL/onnx); returns OUT."""
     model_folder = Path(model_folder)
     out = model_folder / ONNX_DIR if out is None else Path(out)
@@ -261,7 +302,7 @@ def export_model(model_folder: str | Path, out: str | Path | None = None, int8: 
         "files": {"vocab": "vocab.txt", "tags": "tags.txt", "attributes": "attributes.txt"},
     }
     with torch.no_grad():
-        config["detector"] = export_detector(model, out)
+        config["detector"] = export_detector(model, out, bf16)
         tasks = {}
         if "caption" in model.tasks:
             tasks["caption"] = export_caption(model.tasks["caption"], out)
@@ -307,10 +348,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The region head stays fp32 by default: int8 box-head layers move scores, and with them what NMS keeps.
     parser.add_argument("--detector-int8", action="store_true",
                         help="with --int8: also quantise the detector's box head (regions then differ from fp32's)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also write the detector as two graphs, so that --bf16 runs its backbone and BiFPN in "
+                             "bfloat16 (OpenVINO; CPUs with AVX512-BF16 or AMX) and the rest in fp32")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_model(args.model, args.out, int8=args.int8, detector_int8=args.detector_int8)
+    out = export_model(args.model, args.out, int8=args.int8, detector_int8=args.detector_int8, bf16=args.bf16)
     files = sorted(p.name for p in out.iterdir() if p.suffix == ".onnx")
     print(f"exported {', '.join(files)} to {out}")
     return 0

@@ -38,6 +38,12 @@ TEXTS = ["a red circle", "two blue squares and a star", "", "a square"]
 TASKS = ("caption", "vqa", "nlvr2", "retrieval")
 
 
+def cpu_has_bf16() -> bool:
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from minivlm.cli import main
@@ -69,7 +75,7 @@ def env(tmp_path_factory):
     with torch.no_grad():
         tasks["nlvr2"].head.net[-1].bias[1] -= float(odds[1] + odds[2]) / 2
     model.save_pretrained(root / "model")
-    assert main(["export", str(root / "model"), "--int8"]) == 0  # into model/onnx
+    assert main(["export", str(root / "model"), "--int8", "--bf16"]) == 0  # into model/onnx
     return root, model, paths
 
 
@@ -143,7 +149,8 @@ def test_export_folder_lists_every_graph_and_the_weights(env):
     assert names == sorted(["answers.txt", "attributes.txt", "edge.json", "tags.txt", "vocab.txt",
                             "caption_weights.bin", "caption_weights.int8.bin"]
                            + [f"{g}.onnx" for g in graphs]
-                           + [f"{g}.int8.onnx" for g in graphs if g != "detector"])  # the region head stays fp32
+                           + [f"{g}.int8.onnx" for g in graphs if g != "detector"]  # the region head stays fp32
+                           + ["detector_features.onnx", "detector_head.onnx"])  # --bf16
 
 
 def test_the_caption_graphs_share_one_copy_of_their_weights(env):
@@ -426,6 +433,7 @@ from minivlm.cli import main
 m = EdgeMiniVLM({onnx!r}, threads=1)
 assert m.caption([{p0!r}]) and m.answer({p0!r}, "is it red?")
 assert main(["edge-caption", {onnx!r}, {p1!r}, "--int8", "--threads", "1"]) == 0
+assert main(["caption", {model!r}, {p1!r}, "--bf16"]) == (0 if {cpu_has_bf16()!r} else 1)
 assert main(["caption", {model!r}, {p1!r}, "--beam-size", "2"]) == 0
 assert main(["nlvr2", {model!r}, {p0!r}, {p1!r}, "a red star", "--json"]) == 0
 assert main(["retrieve", {model!r}, "--images", {str(root)!r}, "--query", "a red star", "--int8"]) == 0
@@ -440,6 +448,77 @@ print("no torch")
     assert res.stdout.strip().endswith("no torch")
     doc = json.loads(res.stdout[res.stdout.rindex("\n[") + 1:res.stdout.rindex("]") + 1])  # the vqa command's
     assert doc[0]["question"] == "is it red?" and len(doc[0]["top"]) == 2
+
+
+def test_the_split_detector_graphs_give_the_one_graphs_regions(env):
+    """`export --bf16` writes the detector again as features (backbone + BiFPN) and head (RPN, NMS, RoIAlign,
+    region head) graphs. In fp32, through onnxruntime or OpenVINO, the two give the one graph's regions."""
+    import onnxruntime as ort
+
+    from minivlm.edge import EdgeMiniVLM, OpenVINOGraph, letterbox
+
+    root, _, paths = env
+    onnx = root / "model" / "onnx"
+    edge = EdgeMiniVLM(onnx, threads=1)
+    split = edge.det["bf16"]
+    assert split["levels"] == ["p2", "p3", "p4", "p5", "p6"]  # strides 4..64
+    ort_features = ort.InferenceSession(str(onnx / split["features"]), providers=["CPUExecutionProvider"])
+    ov_features = OpenVINOGraph(onnx / split["features"], "f32", threads=1)
+    head = edge.session(split["head"])
+    assert "canvas" in {i.name for i in head.get_inputs()}  # this region head pools the image's pixels
+    for path in paths:
+        canvas, hw, _, _ = letterbox(path, edge.det["image_size"])
+        hw = np.array(hw, dtype=np.float32)
+        want = edge.detect(canvas, hw)
+        assert len(want[0]) > 0
+        for levels in (ort_features.run(None, {"canvas": canvas}), ov_features(canvas)):
+            got = head.run(None, {"canvas": canvas, "image_hw": hw, **dict(zip(split["levels"], levels))})
+            np.testing.assert_array_equal(want[2], got[2])
+            np.testing.assert_allclose(want[0], got[0], atol=1e-3)
+            np.testing.assert_allclose(want[4], got[4], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_runs_the_backbone_in_bfloat16_where_the_cpu_has_it(env, tmp_path, capsys):
+    from minivlm.cli import main
+    from minivlm.edge import EdgeMiniVLM, OpenVINOGraph, letterbox
+
+    root, model, paths = env
+    onnx = root / "model" / "onnx"
+    features = onnx / EdgeMiniVLM(onnx).det["bf16"]["features"]
+    if not cpu_has_bf16():  # e.g. an AVX2-only CPU: one clear line, from the library and the command
+        with pytest.raises(MiniVLMError, match="no bfloat16 units"):
+            EdgeMiniVLM(onnx, bf16=True)
+        assert main(["caption", str(root / "model"), str(paths[0]), "--bf16"]) == 1
+        assert "no bfloat16 units" in capsys.readouterr().err
+        return
+    canvas, _, _, _ = letterbox(paths[0], EdgeMiniVLM(onnx).det["image_size"])
+    bf16, f32 = OpenVINOGraph(features, "bf16", 1)(canvas), OpenVINOGraph(features, "f32", 1)(canvas)
+    for a, b in zip(bf16, f32):  # bfloat16 keeps 8 bits of mantissa: close, and not the fp32 numbers
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert 0 < rel < 0.05, rel
+    fast = MiniVLM.from_pretrained(root / "model", int8=True, bf16=True, threads=1)
+    assert isinstance(fast, EdgeMiniVLM) and fast.bf16 and fast.int8
+    regions = fast.regions(paths)
+    assert all(len(r) > 0 and r.features.shape[1] == TEE_CFG.feature_dim for r in regions)
+    caps = fast.caption(regions)
+    assert len(caps) == len(paths) and all(isinstance(c, str) and c for c in caps)
+    assert len(fast.answer(regions, QUESTIONS)) == len(paths)
+    assert main(["caption", str(root / "model"), str(paths[0]), "--bf16", "--int8"]) == 0
+
+
+def test_bf16_needs_the_split_graphs(env, tmp_path, capsys):
+    from minivlm.cli import main
+    from minivlm.edge import EdgeMiniVLM
+    from minivlm.export import export_model
+
+    export_model(env[0] / "model", tmp_path / "plain")
+    with pytest.raises(MiniVLMError, match=r"no split detector graphs.*export MODEL --bf16"):
+        EdgeMiniVLM(tmp_path / "plain", bf16=True)
+    with pytest.raises(MiniVLMError, match="bf16 runs exported graphs"):
+        MiniVLM.from_pretrained(env[0] / "model", backend="torch", bf16=True)
+    assert main(["edge-caption", str(tmp_path / "plain"), str(env[2][0]), "--bf16"]) == 1
+    err = capsys.readouterr().err
+    assert "--bf16" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_stale_graphs_are_refused_or_skipped(env, tmp_path, caplog, capsys):
