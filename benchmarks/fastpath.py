@@ -1,8 +1,8 @@
 """MiniVLM's default inference path for benchmarks/latency.py: the model folder exported by `minivlm export`
-(into FOLDER/onnx, fp32 + int8), opened by `MiniVLM.from_pretrained(FOLDER)` with backend "auto", which
+(into FOLDER/onnx, fp32 + int8 + the split detector of --bf16), opened by `MiniVLM.from_pretrained(FOLDER)` with backend "auto", which
 picks ONNX Runtime; where a caption's time goes there; and a memory probe of that runtime alone.
 
-    python benchmarks/fastpath.py --probe FOLDER IMAGE [--int8] [--threads N] [--batch B]
+    python benchmarks/fastpath.py --probe FOLDER IMAGE [--int8] [--bf16] [--threads N] [--batch B]
 
 The probe is a fresh process that never imports torch (nor does this module at import): it opens the folder
 through `minivlm.backend.load` (what `from_pretrained` calls for "auto"), captions B copies of IMAGE with
@@ -41,20 +41,29 @@ def peak_rss_mb() -> float:
 
 
 def export_folder(model, folder: Path) -> Path:
-    """A MiniVLM (PyTorch) -> a model folder with fresh fp32 and int8 graphs in FOLDER/onnx."""
+    """A MiniVLM (PyTorch) -> a model folder with fresh fp32, int8 and split-detector graphs in FOLDER/onnx."""
     from minivlm.export import export_model
 
     model.save_pretrained(folder)
-    export_model(folder, int8=True)
+    export_model(folder, int8=True, bf16=True)
     return folder
 
 
-def open_default(folder: Path, int8: bool, threads: int):
+def cpu_has_bf16() -> bool:
+    """Whether `--bf16` can run here (OpenVINO installed, the CPU has AVX512-BF16 or AMX)."""
+    try:
+        import openvino
+    except ImportError:
+        return False
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def open_default(folder: Path, int8: bool, threads: int, bf16: bool = False):
     """`MiniVLM.from_pretrained(folder)` as a user calls it (backend "auto"); it must pick ONNX Runtime."""
     from minivlm.edge import EdgeMiniVLM
     from minivlm.model import MiniVLM
 
-    model = MiniVLM.from_pretrained(folder, int8=int8, threads=threads)
+    model = MiniVLM.from_pretrained(folder, int8=int8, threads=threads, bf16=bf16)
     assert isinstance(model, EdgeMiniVLM), f"{folder}: the default path ran {type(model).__name__}, not ONNX Runtime"
     return model
 
@@ -83,6 +92,17 @@ class _Timed:
         return out
 
 
+class _TimedCall:
+    def __init__(self, fn, clock: "StageClock", stage: str):
+        self.fn, self.clock, self.stage = fn, clock, stage
+
+    def __call__(self, *args):
+        t = time.perf_counter()
+        out = self.fn(*args)
+        self.clock.ms[self.stage] += 1000 * (time.perf_counter() - t)
+        return out
+
+
 class StageClock:
     """Milliseconds a caption spends in each graph of an EdgeMiniVLM; "rest" is everything outside them
     (image decoding and letterbox, the numpy search and layout, text). Wraps the model's sessions: the
@@ -93,8 +113,11 @@ class StageClock:
     def __init__(self, model):
         self.ms = dict.fromkeys(self.STAGES, 0.0)
         cap = model.task("caption")
-        for stage, graph in zip(self.STAGES, (model.det["graph"], cap["prefix"], cap["step"])):
+        detector = model.det["bf16"]["head"] if model.bf16 else model.det["graph"]
+        for stage, graph in zip(self.STAGES, (detector, cap["prefix"], cap["step"])):
             model._sessions[model._pick(graph)] = _Timed(model.session(graph), self, stage)
+        if model.bf16:  # the detector's two graphs: OpenVINO's features, then onnxruntime's head
+            model.features = _TimedCall(model.features, self, self.STAGES[0])
 
     def timed(self, fn, log: list[dict]):
         """fn, with each call's split appended to `log` (ms per stage, the rest = whole call - graphs)."""
@@ -119,11 +142,11 @@ def median_split(log: list[dict], last: int, per: int = 1) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- probe
 
 
-def probe(folder: Path, image: Path, int8: bool, threads: int, batch: int) -> dict:
+def probe(folder: Path, image: Path, int8: bool, threads: int, batch: int, bf16: bool = False) -> dict:
     before = rss_mb()
     from minivlm.backend import load
 
-    model = load(folder, "auto", "cpu", int8, threads)
+    model = load(folder, "auto", "cpu", int8, threads, bf16)
     built = rss_mb()
     model.batch_size = batch
     model.caption([image] * batch, max_len=TOKENS, min_len=TOKENS)
@@ -137,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe", type=Path, required=True, metavar="FOLDER", help="model folder with fresh graphs")
     p.add_argument("image", type=Path)
     p.add_argument("--int8", action="store_true")
+    p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args(argv)
-    print(json.dumps(probe(args.probe, args.image, args.int8, args.threads, args.batch)))
+    print(json.dumps(probe(args.probe, args.image, args.int8, args.threads, args.batch, args.bf16)))
     return 0
 
 
