@@ -85,6 +85,9 @@ class _Timed:
     def __init__(self, session, clock: "StageClock", stage: str):
         self.session, self.clock, self.stage = session, clock, stage
 
+    def __getattr__(self, name):  # the rest of the session's API (get_inputs, ...) untimed
+        return getattr(self.session, name)
+
     def run(self, *args, **kwargs):
         t = time.perf_counter()
         out = self.session.run(*args, **kwargs)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minivlm.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, image_to_tensor
+from minivlm.data.images import IMAGENET_MEAN, IMAGENET_STD, image_to_array, image_to_tensor, load_image
 from minivlm.errors import ImageError
 
 
@@ -148,6 +148,17 @@ def test_image_to_tensor_resizes_normalises_and_pads():
     assert torch.all(x[:, 67:, :] == 0) and torch.all(x[:, :, 100:] == 0)  # padding = mean colour
     # A point on the resized image maps back by orig = resized / scale.
     assert 100 / scale == pytest.approx(300)
+
+
+def test_normalising_by_table_lookup_gives_the_formulas_floats_bit_for_bit():
+    """image_to_array looks every byte up in a table; the floats are those of (v / 255 - mean) / std in float32."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (37, 150, 3), dtype=np.uint8)
+    pixels[0, :256 // 3 + 1] = np.arange(256 // 3 * 3 + 3).reshape(-1, 3) % 256  # every byte value occurs
+    x, scale = image_to_array(Image.fromarray(pixels), 150)  # no resize: the pixels themselves
+    want = ((pixels.astype(np.float32) / 255.0).transpose(2, 0, 1) - IMAGENET_MEAN) / IMAGENET_STD
+    assert scale == 1.0 and x.dtype == np.float32 and x.shape == (3, 37, 150)
+    assert np.array_equal(x, want)
 
 
 def test_image_to_tensor_tall_exact_and_stride(tmp_path):
