@@ -140,5 +140,5 @@ def image_to_array(img: Image.Image, size: int) -> tuple[np.ndarray, float]:
     pixels = np.asarray(img)
     x = np.empty((3, nh, nw), dtype=np.float32)
     for c in range(3):
-        np.take(_NORMALISED[c], pixels[:, :, c], out=x[c])
+        np.take(_NORMALISED[c], pixels[:, :, c], out=x[c], mode="clip")  # bytes are always in range; "raise" buffers
     return x, scale
