@@ -37,7 +37,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from minivlm.data.world import World  # noqa: E402
-from minivlm.edge import EdgeMiniVLM  # noqa: E402
+from minivlm.edge import EdgeMiniVLM, cpu_has_bf16  # noqa: E402
 from minivlm.eval.caption_metrics import score_captions  # noqa: E402
 from minivlm.eval.vqa_eval import vqa_accuracy  # noqa: E402
 from minivlm.export import export_model  # noqa: E402
@@ -45,9 +45,6 @@ from minivlm.io import write_json  # noqa: E402
 from minivlm.model import MiniVLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(1, str(Path(__file__).resolve().parent))
-from fastpath import cpu_has_bf16  # noqa: E402
-
 # name -> EdgeMiniVLM options (the first system, PyTorch, is the reference)
 EDGE = {"onnxruntime_fp32": {}, "onnxruntime_int8": {"int8": True}}
 if cpu_has_bf16():

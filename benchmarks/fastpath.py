@@ -49,15 +49,6 @@ def export_folder(model, folder: Path) -> Path:
     return folder
 
 
-def cpu_has_bf16() -> bool:
-    """Whether `--bf16` can run here (OpenVINO installed, the CPU has AVX512-BF16 or AMX)."""
-    try:
-        import openvino
-    except ImportError:
-        return False
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 def open_default(folder: Path, int8: bool, threads: int, bf16: bool = False):
     """`MiniVLM.from_pretrained(folder)` as a user calls it (backend "auto"); it must pick ONNX Runtime."""
     from minivlm.edge import EdgeMiniVLM

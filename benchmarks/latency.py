@@ -60,6 +60,7 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minivlm.config import get_bert, get_butd, get_tee  # noqa: E402
+from minivlm.edge import cpu_has_bf16  # noqa: E402
 from minivlm.io import write_json  # noqa: E402
 from minivlm.regions import Regions  # noqa: E402
 
@@ -78,7 +79,7 @@ GOALS = {"vision": 0.02, "transformer": 0.35, "caption_ms": 150.0, "throughput":
 # the default path's systems -> their options; --bf16 (the detector's backbone on OpenVINO in bfloat16) only
 # where the CPU has bfloat16 units
 FAST = {"minivlm-onnx": {}, "minivlm-onnx-int8": {"int8": True}}
-if fastpath.cpu_has_bf16():
+if cpu_has_bf16():
     FAST["minivlm-onnx-int8-bf16"] = {"int8": True, "bf16": True}
 LABEL = {"minivlm-onnx": "fp32", "minivlm-onnx-int8": "int8", "minivlm-onnx-int8-bf16": "int8 + bf16 detector"}
 SYSTEMS = ["minivlm-torch", *FAST]
@@ -420,7 +421,6 @@ def goal_rows(res: dict) -> list[dict]:
     def add(goal: str, figures: dict[str, tuple[str, bool]]) -> None:
         rows.append({"goal": goal, "measured": {k: v[0] for k, v in figures.items()},
                      "met": {k: bool(v[1]) for k, v in figures.items()}})
-    label = LABEL
     if "vision" in res:
         v = res["vision"]
         add("TEE-0 <= 2% of R101-F, in one runtime (paper 3.2%)",
@@ -431,20 +431,20 @@ def goal_rows(res: dict) -> list[dict]:
     if "e2e" in res:
         e, threads = res["e2e"], res["env"]["threads"]
         add(f"image -> caption <= 150 ms, 1 thread, default path (ran on {threads})",
-            {label[k]: (f"{e['rows'][k]['median_ms']:.0f} ms", e["rows"][k]["median_ms"] <= GOALS["caption_ms"])
+            {LABEL[k]: (f"{e['rows'][k]['median_ms']:.0f} ms", e["rows"][k]["median_ms"] <= GOALS["caption_ms"])
              for k in FAST})
         for peer, goal in GOALS["speedup"].items():
             add(f">= {goal:.0f}x faster than {peer}, same run",
-                {label[k]: (f"{e['speedup'][k][peer]:.1f}x", e["speedup"][k][peer] >= goal) for k in FAST})
+                {LABEL[k]: (f"{e['speedup'][k][peer]:.1f}x", e["speedup"][k][peer] >= goal) for k in FAST})
     if "throughput" in res:
         tp = res["throughput"]
         add(f">= 10 images/s batched on {tp['threads']} threads (best batch)",
-            {label[k]: (f"{tp['best_images_per_s'][k]:.1f}/s", tp["best_images_per_s"][k] >= GOALS["throughput"])
+            {LABEL[k]: (f"{tp['best_images_per_s'][k]:.1f}/s", tp["best_images_per_s"][k] >= GOALS["throughput"])
              for k in FAST})
     mem = res.get("memory", {})
     if all("peak_rss_mb" in mem.get(k, {}) for k in FAST):
         add("peak RSS of the ONNX runtime process <= 400 MB (batch 1)",
-            {label[k]: (f"{mem[k]['peak_rss_mb']:.0f} MB", mem[k]["peak_rss_mb"] <= GOALS["onnx_peak_mb"])
+            {LABEL[k]: (f"{mem[k]['peak_rss_mb']:.0f} MB", mem[k]["peak_rss_mb"] <= GOALS["onnx_peak_mb"])
              for k in FAST})
     return rows
 

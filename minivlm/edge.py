@@ -154,6 +154,15 @@ def _ort():
     return onnxruntime
 
 
+def cpu_has_bf16() -> bool:
+    """Whether `--bf16` can run here: OpenVINO is installed and the CPU has bfloat16 units (AVX512-BF16 or AMX)."""
+    try:
+        import openvino
+    except ImportError:
+        return False
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVINOGraph:
     """An ONNX graph compiled by OpenVINO's CPU plugin at one inference precision ("bf16" or "f32"), called with
     its single input. Only the detector's backbone + BiFPN runs here: OpenVINO's CPU plugin runs convolutions
@@ -166,14 +175,13 @@ class OpenVINOGraph:
         except ImportError as err:
             raise MiniVLMError("--bf16 runs the detector's backbone with OpenVINO, which is not installed "
                                "(pip install openvino)") from err
-        core = openvino.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if precision == "bf16" and not cpu_has_bf16():
             raise MiniVLMError("this CPU has no bfloat16 units (AVX512-BF16 or AMX): run without --bf16")
         # explicit: OpenVINO's default precision on such a CPU is already bf16, and "f32" must mean fp32
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = core.compile_model(str(path), "CPU", config)
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:

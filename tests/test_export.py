@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from minivlm.config import BertConfig, get_tee
+from minivlm.edge import cpu_has_bf16
 from minivlm.errors import DataFormatError, MiniVLMError
 from minivlm.model import MiniVLM, build_task_model
 from minivlm.regions import Regions
@@ -36,12 +37,6 @@ QUESTIONS = ["what color is it?", "is there a star?", "how many?", "what shape i
 STATEMENTS = ["both images have a red star", "the left image has two circles", "there is a square", "no blue"]
 TEXTS = ["a red circle", "two blue squares and a star", "", "a square"]
 TASKS = ("caption", "vqa", "nlvr2", "retrieval")
-
-
-def cpu_has_bf16() -> bool:
-    import openvino
-
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 @pytest.fixture(scope="module")
