@@ -16,6 +16,7 @@ find them) unless --out names another folder.
                              NMS, RoIAlign, region head: fp32 in onnxruntime)
     caption_weights.bin      the weights both caption graphs use, stored once as ONNX external data
     caption_weights.int8.bin (`minivlm.onnx_weights`), and their int8 graphs' likewise
+    detector_weights.bin     with --bf16: the weights detector.onnx shares with its two halves, stored once
     vocab.txt tags.txt attributes.txt answers.txt
 
 The detector is ONE graph, NMS and RoIAlign included (ONNX NonMaxSuppression from opset 11, RoiAlign with
@@ -68,6 +69,8 @@ FUSION_INPUTS = ["input_ids", "token_type_ids", "position_ids", "text_mask", "re
 INT8_OPS = ["MatMul", "Gemm"]
 # The caption prefix and step graphs' common weights, stored once (`minivlm.onnx_weights`).
 CAPTION_WEIGHTS, CAPTION_WEIGHTS_INT8 = "caption_weights.bin", "caption_weights.int8.bin"
+# With --bf16, the one detector graph and its two halves: their common weights, stored once.
+DETECTOR_WEIGHTS = "detector_weights.bin"
 
 
 # ---------------------------------------------------------------------------------------------- graphs
@@ -316,6 +319,10 @@ def export_model(model_folder: str | Path, out: str | Path | None = None, int8: 
         for g in graphs:
             quantize(out / g, out / int8_name(g))
         config["int8"] = {g: int8_name(g) for g in graphs}
+    if bf16:  # after quantising too (--detector-int8 reads detector.onnx self-contained)
+        det = config["detector"]
+        share_weights(out, [det["graph"], det["bf16"]["features"], det["bf16"]["head"]], DETECTOR_WEIGHTS)
+        config["files"]["detector_weights"] = DETECTOR_WEIGHTS
     if "caption" in tasks:  # last: quantising reads the self-contained fp32 graphs
         pair = [tasks["caption"]["prefix"], tasks["caption"]["step"]]
         share_weights(out, pair, CAPTION_WEIGHTS)

@@ -145,7 +145,7 @@ def test_export_folder_lists_every_graph_and_the_weights(env):
                             "caption_weights.bin", "caption_weights.int8.bin"]
                            + [f"{g}.onnx" for g in graphs]
                            + [f"{g}.int8.onnx" for g in graphs if g != "detector"]  # the region head stays fp32
-                           + ["detector_features.onnx", "detector_head.onnx"])  # --bf16
+                           + ["detector_features.onnx", "detector_head.onnx", "detector_weights.bin"])  # --bf16
 
 
 def test_the_caption_graphs_share_one_copy_of_their_weights(env):
