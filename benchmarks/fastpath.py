@@ -49,7 +49,7 @@ def export_folder(model, folder: Path) -> Path:
     return folder
 
 
-def open_default(folder: Path, int8: bool, threads: int, bf16: bool = False):
+def open_default(folder: Path, threads: int, int8: bool = False, bf16: bool = False):
     """`MiniVLM.from_pretrained(folder)` as a user calls it (backend "auto"); it must pick ONNX Runtime."""
     from minivlm.edge import EdgeMiniVLM
     from minivlm.model import MiniVLM

@@ -281,7 +281,7 @@ def bench_e2e(image: Path, folder: Path, threads: int, warmup: int, repeats: int
     fns["minivlm-torch"] = lambda: outputs.__setitem__("minivlm-torch", torch_run([image]))
     params["minivlm-torch"] = sum(p.numel() for p in torch_model.parameters())
     for name, options in FAST.items():
-        edge = fastpath.open_default(folder, threads=threads, **{"int8": False, **options})
+        edge = fastpath.open_default(folder, threads=threads, **options)
         run, logs[name] = fast_captioner(edge), []
         fns[name] = fastpath.StageClock(edge).timed(lambda run=run, name=name: outputs.__setitem__(name, run([image])),
                                                     logs[name])
@@ -314,7 +314,7 @@ def bench_throughput(image: Path, folder: Path, threads: int, batches: list[int]
         run_torch = minivlm_captioner(build_minivlm())
         fast, logs = {}, {}
         for name, options in FAST.items():
-            edge = fastpath.open_default(folder, threads=threads, **{"int8": False, **options})
+            edge = fastpath.open_default(folder, threads=threads, **options)
             fast[name], logs[name] = (edge, fastpath.StageClock(edge)), []
         rows: dict[str, dict] = {name: {} for name in SYSTEMS}
         for b in batches:

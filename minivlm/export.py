@@ -62,6 +62,7 @@ from minivlm.onnx_weights import share_weights
 OPSET = 17
 # The task model's method (on a FusionBatch) that each task graph computes; also the graph output's name.
 FUSION_TASKS = {"vqa": "logits", "nlvr2": "logits", "retrieval": "scores"}
+DETECTOR_OUTPUTS = ["boxes", "scores", "labels", "attributes", "features"]  # every detector graph's, in order
 FUSION_INPUTS = ["input_ids", "token_type_ids", "position_ids", "text_mask", "region_feats", "region_boxes",
                  "region_mask"]
 # Only the matrix products are quantised: they hold almost all the weights and time of the transformer and
@@ -87,7 +88,7 @@ class DetectorGraph(nn.Module):
 
     def forward(self, canvas: torch.Tensor, image_hw: torch.Tensor):
         det = self.tee.detect(canvas, [(image_hw[0], image_hw[1])])[0]
-        return det["boxes"], det["scores"], det["labels"], det["attributes"], det["features"]
+        return tuple(det[k] for k in DETECTOR_OUTPUTS)
 
 
 class DetectorFeaturesGraph(nn.Module):
@@ -110,10 +111,8 @@ class DetectorHeadGraph(nn.Module):
         self.tee = tee
 
     def forward(self, canvas: torch.Tensor, image_hw: torch.Tensor, *levels: torch.Tensor):
-        feats, hw = list(levels), [(image_hw[0], image_hw[1])]
-        proposals, _ = self.tee.rpn(feats, hw)
-        det = self.tee.roi_head.detect(feats, proposals, hw, self.tee.cfg.max_regions, canvas)[0]
-        return det["boxes"], det["scores"], det["labels"], det["attributes"], det["features"]
+        det = self.tee.detect_from_features(list(levels), [(image_hw[0], image_hw[1])], canvas=canvas)[0]
+        return tuple(det[k] for k in DETECTOR_OUTPUTS)
 
 
 class CaptionPrefixGraph(nn.Module):
@@ -175,9 +174,6 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 def _kv_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-
-
-DETECTOR_OUTPUTS = ["boxes", "scores", "labels", "attributes", "features"]
 
 
 def export_detector(model: MiniVLM, out: Path, bf16: bool = False) -> dict:

@@ -121,6 +121,12 @@ class TEE(nn.Module):
             feats = [torch.cat(level) for level in zip(*(self.features(c[None]) for c in canvas))]
         else:
             feats = self.features(canvas)
+        return self.detect_from_features(feats, image_hw, max_regions, canvas)
+
+    def detect_from_features(self, feats: list[Tensor], image_hw: list[tuple[int, int]],
+                             max_regions: int | None = None, canvas: Tensor | None = None) -> list[dict[str, Tensor]]:
+        """`detect` after the backbone + BiFPN: RPN, NMS, RoIAlign and the region head on P2..P6 (the canvas for
+        region heads that pool the image's pixels)."""
         proposals, _ = self.rpn(feats, image_hw)
         return self.roi_head.detect(feats, proposals, image_hw, max_regions or self.cfg.max_regions, canvas)
 
