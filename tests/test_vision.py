@@ -457,6 +457,43 @@ def test_tiny_forward_backward_has_finite_losses():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_bf16_autocast_keeps_rpn_and_region_head_in_fp32():
+    """Under bf16 autocast (the demo's cpu_amp) only the backbone and BiFPN compute in bf16; box deltas, NMS,
+    RoIAlign and the region head see fp32, and the losses stay near fp32's."""
+    torch.manual_seed(0)
+    m = TEE(small_cfg()).train()
+    batch = two_object_batch()
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output.dtype)
+        return hook
+
+    def record_input(module, inputs, output):
+        seen.setdefault("rpn_in", inputs[0][0].dtype)
+
+    m.backbone.conv_stem.register_forward_hook(record("stem"))
+    m.rpn.register_forward_hook(record_input)
+    linears = [mod for mod in m.roi_head.modules() if isinstance(mod, torch.nn.Linear)]
+    for i, mod in enumerate(linears):
+        mod.register_forward_hook(record(f"head{i}"))
+    torch.manual_seed(1)
+    ref = m(batch)
+    seen.clear()
+    torch.manual_seed(1)  # the same RoI sampling
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = m(batch)
+    assert seen["stem"] == torch.bfloat16
+    assert seen["rpn_in"] == torch.float32
+    assert linears and all(seen[f"head{i}"] == torch.float32 for i in range(len(linears)) if f"head{i}" in seen)
+    assert amp["loss"].dtype == torch.float32
+    assert torch.isfinite(amp["loss"])
+    assert 0 < abs(amp["loss"].item() - ref["loss"].item()) < 0.05 * ref["loss"].item()
+    amp["loss"].backward()
+    assert m.backbone.conv_stem.weight.grad.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------------------------------
 # Weights: local ImageNet backbone, detector folders
 # ----------------------------------------------------------------------------------------------------

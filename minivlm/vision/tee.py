@@ -106,8 +106,13 @@ class TEE(nn.Module):
         images = batch["images"]
         targets = [{k: v.to(images.device) for k, v in t.items()} for t in batch["targets"]]
         feats = self.features(images)
-        proposals, losses = self.rpn(feats, batch["image_hw"], [t["boxes"] for t in targets])
-        losses.update(self.roi_head.loss(feats, proposals, targets, images, batch["image_hw"]))
+        # Under bf16 autocast (TrainConfig.cpu_amp / amp) only the backbone and BiFPN run in bf16: box deltas,
+        # NMS, RoIAlign and the region head stay fp32 (bf16's 8-bit mantissa is a pixel at 256 px), as `--bf16`
+        # splits the exported detector.
+        with torch.autocast(images.device.type, enabled=False):
+            feats = [f.float() for f in feats]
+            proposals, losses = self.rpn(feats, batch["image_hw"], [t["boxes"] for t in targets])
+            losses.update(self.roi_head.loss(feats, proposals, targets, images.float(), batch["image_hw"]))
         losses["loss"] = sum(losses[k] for k in LOSS_KEYS if k in losses)
         return losses
 
