@@ -498,6 +498,13 @@ def test_bf16_runs_the_backbone_in_bfloat16_where_the_cpu_has_it(env, tmp_path, 
     caps = fast.caption(regions)
     assert len(caps) == len(paths) and all(isinstance(c, str) and c for c in caps)
     assert len(fast.answer(regions, QUESTIONS)) == len(paths)
+    # the head's onnxruntime workers must not spin-wait on the cores OpenVINO's features graph runs on next;
+    # the transformers' sessions keep onnxruntime's default
+    spin = "session.intra_op.allow_spinning"
+    head = fast.session(fast.det["bf16"]["head"]).get_session_options()
+    assert head.get_session_config_entry(spin) == "0"
+    with pytest.raises(Exception, match="does not have configuration"):
+        fast.session(fast.task("caption")["step"]).get_session_options().get_session_config_entry(spin)
     assert main(["caption", str(root / "model"), str(paths[0]), "--bf16", "--int8"]) == 0
 
 
