@@ -486,7 +486,8 @@ def test_bf16_autocast_keeps_rpn_and_region_head_in_fp32():
         amp = m(batch)
     assert seen["stem"] == torch.bfloat16
     assert seen["rpn_in"] == torch.float32
-    assert linears and all(seen[f"head{i}"] == torch.float32 for i in range(len(linears)) if f"head{i}" in seen)
+    ran = [seen[f"head{i}"] for i in range(len(linears)) if f"head{i}" in seen]
+    assert ran and all(dtype == torch.float32 for dtype in ran)
     assert amp["loss"].dtype == torch.float32
     assert torch.isfinite(amp["loss"])
     assert 0 < abs(amp["loss"].item() - ref["loss"].item()) < 0.05 * ref["loss"].item()
