@@ -127,6 +127,12 @@ class TEEConfig:
     # blurs hexagons, pentagons and circles together: on ground-truth boxes a linear probe names the class
     # from these 144 values 93% right, where the demo detector's own class is ~87%.
     roi_silhouette: bool = False
+    # The silhouette's side (its 24 x 24 samples averaged down to this; 12 or 24). The demo uses 24: on the same
+    # world and recipe its detector's own class went 90.1 -> 91.2%, the region probe's class 89.6 -> 91.0 (its
+    # held-out hexagons and pentagons stay the hardest), mAP@0.5 0.838 -> 0.841, for a 2% dearer step (576
+    # values, 36 more 4x4 channels; docs/RESULTS.md, 2026-12-07). A probe on ground-truth boxes names the class
+    # from the silhouette alone 93% right at 12, 96% at 24.
+    roi_silhouette_side: int = 12
     # Also give the head the box's width, height and sqrt(area) over the canvas side (3 more inputs per
     # cell): RoIAlign's fixed grid normalises an object's extent away, and "small / large" is an attribute.
     roi_box_size: bool = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 
 from minivlm.config import get_tee
@@ -94,12 +95,24 @@ def test_the_silhouette_is_the_object_against_its_background():
     assert (maps[0] - maps[1]).abs().mean() < 0.1  # the same outline at 28 and 68 pixels
 
 
-def test_the_region_head_reads_the_silhouette_as_nine_more_channels():
-    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=64, roi_silhouette=True, roi_spectrum_pool=True)
+@pytest.mark.parametrize("side, channels", [(12, 9), (24, 36)])
+def test_the_region_head_reads_the_silhouette_as_more_channels(side, channels):
+    cfg = dataclasses.replace(get_tee("tee-demo"), image_size=64, roi_silhouette=True, roi_spectrum_pool=True,
+                              roi_silhouette_side=side)
     model = TEE(cfg).eval()
     canvas = torch.zeros(1, 3, 64, 64)
+    canvas[:, :, 8:24, 8:24] = 1.0  # a square in the first box
     boxes = [torch.tensor([[0.0, 0.0, 32.0, 32.0]])]
     with torch.no_grad():
         pooled = model.roi_head.pool(model.features(canvas), boxes, canvas)
-    assert tuple(pooled.shape) == (1, cfg.fpn_channels + 3 + 9, 4, 4)
-    assert model.roi_head.box_head.fc1.in_features == 16 * (cfg.fpn_channels + 12)
+        outline = model.roi_head.silhouette(canvas, torch.tensor([[0.0, 0.0, 0.0, 32.0, 32.0]]))
+    assert tuple(pooled.shape) == (1, cfg.fpn_channels + 3 + channels, 4, 4)
+    assert model.roi_head.box_head.fc1.in_features == 16 * (cfg.fpn_channels + 3 + channels)
+    assert outline.shape == (1, side * side)
+    grid = outline.view(side, side)  # the square fills the box's second quarter of each side
+    assert grid[side // 4 + 1:side // 2 - 1, side // 4 + 1:side // 2 - 1].min() > 0.9 and grid[-1, -1] < 0.1
+
+
+def test_a_silhouette_side_that_does_not_divide_its_samples_is_refused():
+    with pytest.raises(ValueError, match="must divide"):
+        BoxSilhouette(side=10)

@@ -138,13 +138,15 @@ class BoxSilhouette(nn.Module):
     """[R, side^2]: the colour distance of each cell under the box from the mean colour of the box's border,
     over the largest such distance in the box (0 where the pixels match the background, 1 at the object's
     most distinct colour). The background is what a detected box holds besides its object, and its border
-    is mostly background, so the map is the object's outline at 12 x 12: on the demo world's ground-truth
+    is mostly background, so the map is the object's outline at `side` x `side` (TEEConfig.roi_silhouette_side;
+    the samples are averaged down from 24 x 24): at 12 x 12 on the demo world's ground-truth
     boxes a linear probe names the class from these 144 values 93% right (96% at 24 x 24, 85% at 8 x 8),
     where the detector's own class is ~87%."""
 
     def __init__(self, patch: int = SILHOUETTE_PATCH, side: int = SILHOUETTE_SIDE):
         super().__init__()
-        assert patch % side == 0
+        if side < 1 or patch % side:
+            raise ValueError(f"the silhouette's side must divide its {patch} samples (got {side})")
         self.patch, self.side = patch, side
 
     @property

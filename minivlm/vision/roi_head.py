@@ -163,7 +163,7 @@ class RoIHead(nn.Module):
         self.cfg = cfg
         self.roi_max_level = min(cfg.max_level, ROI_MAX_LEVEL)
         self.spectrum = BoxSpectrum() if cfg.roi_spectrum_pool else None
-        self.silhouette = BoxSilhouette() if cfg.roi_silhouette else None
+        self.silhouette = BoxSilhouette(side=cfg.roi_silhouette_side) if cfg.roi_silhouette else None
         # A plain tuple (the modules are registered above): the order `pool` appends their channels in.
         self.descriptors = tuple(m for m in (self.spectrum, self.silhouette) if m is not None)
         in_channels = (cfg.fpn_channels + (3 if cfg.roi_image_pool else 0)
@@ -184,8 +184,8 @@ class RoIHead(nn.Module):
         """[R, C, s, s] RoIAlign of each box on its level; with `roi_image_pool`, the canvas's pixels under
         the same grid are appended as 3 more channels, with `roi_texture_pool` its texture-energy maps (15),
         with `roi_spectrum_pool` the box's power-spectrum rings (3), with `roi_silhouette` the object's outline
-        at 12 x 12 (9), with `roi_box_size` the box's size over the canvas (3), with `roi_box_image_size` over
-        its image's short side (3; `image_hw`: each image's resized (h, w))."""
+        (9 at 12 x 12, 36 at 24 x 24), with `roi_box_size` the box's size over the canvas (3), with
+        `roi_box_image_size` over its image's short side (3; `image_hw`: each image's resized (h, w))."""
         cfg = self.cfg
         levels = assign_levels(torch.cat(boxes), cfg.min_level, self.roi_max_level, cfg.canonical_box_size,
                                cfg.canonical_level)
