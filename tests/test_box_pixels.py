@@ -109,7 +109,7 @@ def test_the_region_head_reads_the_silhouette_as_more_channels(side, channels):
     assert tuple(pooled.shape) == (1, cfg.fpn_channels + 3 + channels, 4, 4)
     assert model.roi_head.box_head.fc1.in_features == 16 * (cfg.fpn_channels + 3 + channels)
     assert outline.shape == (1, side * side)
-    grid = outline.view(side, side)  # the square fills the box's second quarter of each side
+    grid = outline.view(side, side)  # the square fills the middle half of the box
     assert grid[side // 4 + 1:side // 2 - 1, side // 4 + 1:side // 2 - 1].min() > 0.9 and grid[-1, -1] < 0.1
 
 

@@ -458,7 +458,7 @@ def test_tiny_forward_backward_has_finite_losses():
 
 
 def test_bf16_autocast_keeps_rpn_and_region_head_in_fp32():
-    """Under bf16 autocast (the demo's cpu_amp) only the backbone and BiFPN compute in bf16; box deltas, NMS,
+    """Under bf16 autocast (a GPU's amp, or `cpu_amp`) only the backbone and BiFPN compute in bf16; box deltas, NMS,
     RoIAlign and the region head see fp32, and the losses stay near fp32's."""
     torch.manual_seed(0)
     m = TEE(small_cfg()).train()
