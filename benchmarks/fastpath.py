@@ -60,13 +60,12 @@ def open_default(folder: Path, threads: int, int8: bool = False, bf16: bool = Fa
 
 
 def ort_session(path: Path, threads: int):
-    """An onnxruntime session with EdgeMiniVLM's settings (full graph optimisation, one inter-op thread)."""
+    """An onnxruntime session with EdgeMiniVLM's settings (`minivlm.edge.session_options`)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.inter_op_num_threads, opts.intra_op_num_threads = 1, threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from minivlm.edge import session_options
+
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 # ---------------------------------------------------------------------------------------------- stages

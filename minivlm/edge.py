@@ -154,6 +154,20 @@ def _ort():
     return onnxruntime
 
 
+def session_options(threads: int | None, spin: bool = True):
+    """onnxruntime's options for every graph: full graph optimisation, one inter-op thread, `threads` intra-op
+    threads (default: onnxruntime's choice); `spin` False: idle workers sleep instead of spin-waiting."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def cpu_has_bf16() -> bool:
     """Whether `--bf16` can run here: OpenVINO is installed and the CPU has bfloat16 units (AVX512-BF16 or AMX)."""
     try:
@@ -240,12 +254,8 @@ class EdgeMiniVLM:
         self.det = config["detector"]
         self.tasks = config["tasks"]
 
-        ort = _ort()
-        self._options = ort.SessionOptions()
-        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._options.inter_op_num_threads = 1
-        if threads:
-            self._options.intra_op_num_threads = threads
+        self._threads = threads
+        self._options = session_options(threads)  # here: a missing onnxruntime fails before any work
         self._sessions: dict[str, Any] = {}
         self._head_inputs: list[str] | None = None
         for graph in self._graphs():  # every file first: a broken folder fails before any work
@@ -268,26 +278,15 @@ class EdgeMiniVLM:
         """The onnxruntime session of a graph named in edge.json (its int8 copy when int8 is set), opened once."""
         name = self._pick(graph)
         if name not in self._sessions:
-            ort = _ort()
-            options = self._options
-            if self.bf16 and graph == self.det["bf16"]["head"]:
-                options = self._head_options()
-            self._sessions[name] = ort.InferenceSession(str(self.folder / name), options,
-                                                        providers=["CPUExecutionProvider"])
+            # Under --bf16 the detector head's workers must not spin-wait after a run: OpenVINO's features graph
+            # runs next, on the same cores, and spinning workers held one of them (image files -> captions in
+            # batches of 32 on 2 threads, paper shapes: 8.65 -> 9.87 images/s, the detector 69 -> 55 ms an image;
+            # one thread has no workers to spin).
+            head = self.bf16 and graph == self.det["bf16"]["head"]
+            options = session_options(self._threads, spin=False) if head else self._options
+            self._sessions[name] = _ort().InferenceSession(str(self.folder / name), options,
+                                                           providers=["CPUExecutionProvider"])
         return self._sessions[name]
-
-    def _head_options(self):
-        """The detector head's session options under --bf16: its intra-op threads do not spin-wait after a run.
-        OpenVINO's features graph runs next, on the same cores, and spinning workers held one of them: image
-        files -> captions in batches of 32 on 2 threads, paper shapes, 8.65 -> 9.87 images/s (the detector
-        69 -> 55 ms an image; one thread has no workers to spin)."""
-        ort = _ort()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = self._options.graph_optimization_level
-        options.inter_op_num_threads = self._options.inter_op_num_threads
-        options.intra_op_num_threads = self._options.intra_op_num_threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return options
 
     def task(self, name: str) -> dict:
         if name not in self.tasks:

@@ -112,7 +112,7 @@ class TEE(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             feats = [f.float() for f in feats]
             proposals, losses = self.rpn(feats, batch["image_hw"], [t["boxes"] for t in targets])
-            losses.update(self.roi_head.loss(feats, proposals, targets, images.float(), batch["image_hw"]))
+            losses.update(self.roi_head.loss(feats, proposals, targets, images, batch["image_hw"]))
         losses["loss"] = sum(losses[k] for k in LOSS_KEYS if k in losses)
         return losses
 
