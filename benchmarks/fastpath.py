@@ -1,8 +1,8 @@
 """MiniVLM's default inference path for benchmarks/latency.py: the model folder exported by `minivlm export`
-(into FOLDER/onnx, fp32 + int8 + the split detector of --bf16), opened by `MiniVLM.from_pretrained(FOLDER)` with backend "auto", which
+(into FOLDER/onnx, fp32 + int8 + the int4 step + the split detector of --bf16), opened by `MiniVLM.from_pretrained(FOLDER)` with backend "auto", which
 picks ONNX Runtime; where a caption's time goes there; and a memory probe of that runtime alone.
 
-    python benchmarks/fastpath.py --probe FOLDER IMAGE [--int8] [--bf16] [--threads N] [--batch B]
+    python benchmarks/fastpath.py --probe FOLDER IMAGE [--int8] [--int4] [--bf16] [--threads N] [--batch B]
 
 The probe is a fresh process that never imports torch (nor does this module at import): it opens the folder
 through `minivlm.backend.load` (what `from_pretrained` calls for "auto"), captions B copies of IMAGE with
@@ -41,20 +41,21 @@ def peak_rss_mb() -> float:
 
 
 def export_folder(model, folder: Path) -> Path:
-    """A MiniVLM (PyTorch) -> a model folder with fresh fp32, int8 and split-detector graphs in FOLDER/onnx."""
+    """A MiniVLM (PyTorch) -> a model folder with fresh fp32, int8, int4-step and split-detector graphs in
+    FOLDER/onnx."""
     from minivlm.export import export_model
 
     model.save_pretrained(folder)
-    export_model(folder, int8=True, bf16=True)
+    export_model(folder, int8=True, bf16=True, int4=True)
     return folder
 
 
-def open_default(folder: Path, threads: int, int8: bool = False, bf16: bool = False):
+def open_default(folder: Path, threads: int, int8: bool = False, bf16: bool = False, int4: bool = False):
     """`MiniVLM.from_pretrained(folder)` as a user calls it (backend "auto"); it must pick ONNX Runtime."""
     from minivlm.edge import EdgeMiniVLM
     from minivlm.model import MiniVLM
 
-    model = MiniVLM.from_pretrained(folder, int8=int8, threads=threads, bf16=bf16)
+    model = MiniVLM.from_pretrained(folder, int8=int8, threads=threads, bf16=bf16, int4=int4)
     assert isinstance(model, EdgeMiniVLM), f"{folder}: the default path ran {type(model).__name__}, not ONNX Runtime"
     return model
 
@@ -135,11 +136,12 @@ def median_split(log: list[dict], last: int, per: int = 1) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- probe
 
 
-def probe(folder: Path, image: Path, int8: bool, threads: int, batch: int, bf16: bool = False) -> dict:
+def probe(folder: Path, image: Path, int8: bool, threads: int, batch: int, bf16: bool = False,
+          int4: bool = False) -> dict:
     before = rss_mb()
     from minivlm.backend import load
 
-    model = load(folder, "auto", "cpu", int8, threads, bf16)
+    model = load(folder, "auto", "cpu", int8, threads, bf16, int4)
     built = rss_mb()
     model.batch_size = batch
     model.caption([image] * batch, max_len=TOKENS, min_len=TOKENS)
@@ -153,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe", type=Path, required=True, metavar="FOLDER", help="model folder with fresh graphs")
     p.add_argument("image", type=Path)
     p.add_argument("--int8", action="store_true")
+    p.add_argument("--int4", action="store_true")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args(argv)
-    print(json.dumps(probe(args.probe, args.image, args.int8, args.threads, args.batch, args.bf16)))
+    print(json.dumps(probe(args.probe, args.image, args.int8, args.threads, args.batch, args.bf16, args.int4)))
     return 0
 
 

@@ -6,9 +6,11 @@
 
 Every model has random weights (nothing is downloaded; speed does not depend on weights). MiniVLM is built at
 the paper's shapes (TEE-0 on a 600-px canvas, 300 proposals, 50 regions, VG's 1600 classes; MiniLM 12/384/1536)
-and, for its default path, saved as a model folder and exported with `minivlm export --int8` (into --model-dir,
-default a temporary folder; a folder this benchmark wrote before is reused while its graphs are fresh), then
-opened with `MiniVLM.from_pretrained(folder)`, backend "auto": ONNX Runtime, fp32 (the default) or int8.
+and, for its default path, saved as a model folder and exported with `minivlm export --int4 --bf16` (into
+--model-dir, default a temporary folder; a folder this benchmark wrote before is reused while its graphs are
+fresh), then opened with `MiniVLM.from_pretrained(folder)`, backend "auto": ONNX Runtime, fp32 (the default),
+int8, int8 with the 4-bit caption step (--int4) and, where the CPU has bfloat16 units, that with the detector's
+backbone in bfloat16 on OpenVINO (--int4 --bf16).
 
 Sections:
   vision       TEE-0 on a 600x600 canvas vs R101-F on 600x800 (300 proposals each), one image from the
@@ -18,12 +20,12 @@ Sections:
   transformer  captioning one image with MiniLM vs BERT-base: the same 50 regions and tags, greedy, exactly
                20 tokens, KV-cached (paper: 346.7 vs 712.6 ms, 48.7%).
   e2e          image file -> caption text, exactly 20 new tokens, greedy, batch 1: MiniVLM in PyTorch eager and
-               through its default path (ONNX Runtime fp32, and int8), against BLIP-base, GIT-base,
+               through its default path (fp32, int8, int4, int4 + bf16), against BLIP-base, GIT-base,
                Florence-2-base and SmolVLM-256M (benchmarks/peers.py: shapes, preprocessing, token counts).
                The default path's time is split into its graphs (detector, caption prefix, decode steps) and
                the rest, so the profile names the largest stage.
   throughput   image files -> captions on --throughput-threads threads, batches of --batches distinct files:
-               PyTorch eager and the default path (fp32, int8), with the per-image split of the default path.
+               PyTorch eager and the default path (the same options), with the per-image split of the default path.
   memory       peak resident memory of each model above in a FRESH process: PyTorch models through this
                script, the default path through benchmarks/fastpath.py, which never imports torch.
 
@@ -78,10 +80,11 @@ GOALS = {"vision": 0.02, "transformer": 0.35, "caption_ms": 150.0, "throughput":
          "speedup": {"florence-2-base": 25.0, "smolvlm-256m": 15.0, "blip-base": 8.0}}
 # the default path's systems -> their options; --bf16 (the detector's backbone on OpenVINO in bfloat16) only
 # where the CPU has bfloat16 units
-FAST = {"minivlm-onnx": {}, "minivlm-onnx-int8": {"int8": True}}
+FAST = {"minivlm-onnx": {}, "minivlm-onnx-int8": {"int8": True}, "minivlm-onnx-int4": {"int4": True}}
 if cpu_has_bf16():
-    FAST["minivlm-onnx-int8-bf16"] = {"int8": True, "bf16": True}
-LABEL = {"minivlm-onnx": "fp32", "minivlm-onnx-int8": "int8", "minivlm-onnx-int8-bf16": "int8 + bf16 detector"}
+    FAST["minivlm-onnx-int4-bf16"] = {"int4": True, "bf16": True}
+LABEL = {"minivlm-onnx": "fp32", "minivlm-onnx-int8": "int8", "minivlm-onnx-int4": "int8 + int4 step",
+         "minivlm-onnx-int4-bf16": "int8 + int4 step + bf16 detector"}
 SYSTEMS = ["minivlm-torch", *FAST]
 TAGS = ["man", "horse", "grass", "tree", "sky", "fence", "hat", "shirt", "cloud", "dog", "field", "road"]
 
@@ -182,7 +185,7 @@ rss_mb, peak_rss_mb = fastpath.rss_mb, fastpath.peak_rss_mb
 
 
 def paper_model_folder(folder: Path) -> Path:
-    """The paper-shape MiniVLM saved in `folder` with fresh fp32 + int8 graphs in folder/onnx (reused when a
+    """The paper-shape MiniVLM saved in `folder` with fresh fp32, int8 and int4 graphs in folder/onnx (reused when a
     previous run left them there and they are still fresh)."""
     from minivlm.backend import ONNX_DIR, onnx_problem
     from minivlm.edge import read_manifest
@@ -190,7 +193,7 @@ def paper_model_folder(folder: Path) -> Path:
     if onnx_problem(folder) is None:
         m = read_manifest(folder / ONNX_DIR)
         cap = m["tasks"].get("caption", {})
-        if (m.get("int8") and "bf16" in m["detector"] and m["detector"]["image_size"] == TEE_SIZE
+        if (m.get("int8") and m.get("int4") and "bf16" in m["detector"] and m["detector"]["image_size"] == TEE_SIZE
                 and cap.get("num_layers") == 12):
             print(f"  reusing the exported model in {folder}", flush=True)
             return folder

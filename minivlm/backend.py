@@ -82,17 +82,17 @@ def choose(folder: str | Path, backend: str = "auto", device: str = "cpu") -> st
 
 
 def load(folder: str | Path, backend: str = "auto", device: str = "cpu", int8: bool = False,
-         threads: int | None = None, bf16: bool = False):
+         threads: int | None = None, bf16: bool = False, int4: bool = False):
     """The model folder on the chosen runtime: a `MiniVLM` (PyTorch) or an `EdgeMiniVLM` (ONNX Runtime;
-    `int8` runs its int8 graphs, `bf16` its detector's backbone in bfloat16, `threads` sets its intra-op
-    threads)."""
-    exported = [name for name, on in (("int8", int8), ("bf16", bf16)) if on]
+    `int8` runs its int8 graphs, `int4` those and the 4-bit caption step, `bf16` its detector's backbone in
+    bfloat16, `threads` sets its intra-op threads)."""
+    exported = [name for name, on in (("int8", int8), ("int4", int4), ("bf16", bf16)) if on]
     if exported and backend == "torch":
         raise MiniVLMError(f"{exported[0]} runs exported graphs: use the onnx backend (or auto)")
     if choose(folder, "onnx" if exported else backend, device) == "onnx":
         from minivlm.edge import EdgeMiniVLM
 
-        return EdgeMiniVLM(Path(folder) / ONNX_DIR, int8=int8, threads=threads, bf16=bf16)
+        return EdgeMiniVLM(Path(folder) / ONNX_DIR, int8=int8, threads=threads, bf16=bf16, int4=int4)
     from minivlm.model import MiniVLM
 
     return MiniVLM.from_pretrained(folder, device, backend="torch")

@@ -237,12 +237,15 @@ class EdgeMiniVLM:
     then differ a little from fp32's (`benchmarks/edge.py` measures what that does to the scores)."""
 
     def __init__(self, folder: str | Path, int8: bool = False, threads: int | None = None, batch_size: int = 16,
-                 bf16: bool = False):
+                 bf16: bool = False, int4: bool = False):
         self.folder = folder = Path(folder)
         config = read_manifest(folder)
-        self.config, self.int8, self.bf16, self.batch_size = config, int8, bf16, batch_size
+        int8 = int8 or int4  # the int4 step is the only 4-bit graph: everything else runs in int8
+        self.config, self.int8, self.int4, self.bf16, self.batch_size = config, int8, int4, bf16, batch_size
         if int8 and not config.get("int8"):
             raise MiniVLMError(f"{folder}: has no int8 graphs; export with `minivlm export MODEL --int8`")
+        if int4 and not config.get("int4"):
+            raise MiniVLMError(f"{folder}: has no int4 caption step; export with `minivlm export MODEL --int4`")
         if bf16 and "bf16" not in config["detector"]:
             raise MiniVLMError(f"{folder}: has no split detector graphs; export with `minivlm export MODEL --bf16`")
         files = config["files"]
@@ -272,10 +275,12 @@ class EdgeMiniVLM:
         return [self._pick(g) for g in names]
 
     def _pick(self, graph: str) -> str:
+        if self.int4 and graph in self.config["int4"]:
+            return self.config["int4"][graph]
         return self.config.get("int8", {}).get(graph, graph) if self.int8 else graph
 
     def session(self, graph: str):
-        """The onnxruntime session of a graph named in edge.json (its int8 copy when int8 is set), opened once."""
+        """The onnxruntime session of a graph named in edge.json (its int8 / int4 copy when set), opened once."""
         name = self._pick(graph)
         if name not in self._sessions:
             # Under --bf16 the detector head's workers must not spin-wait after a run: OpenVINO's features graph
@@ -480,6 +485,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     else:
         raise ValueError(f"minivlm.edge serves edge-caption and edge-vqa, not {name!r}")
     parser.add_argument("--int8", action="store_true", help="run the int8 graphs (export --int8)")
+    parser.add_argument("--int4", action="store_true", help="--int8 with the 4-bit caption step (export --int4)")
     parser.add_argument("--bf16", action="store_true",
                         help="run the detector's backbone in bfloat16 with OpenVINO (export --bf16; AVX512-BF16 / AMX)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
@@ -487,7 +493,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = EdgeMiniVLM(args.model, int8=args.int8, threads=args.threads, bf16=args.bf16)
+    model = EdgeMiniVLM(args.model, int8=args.int8, threads=args.threads, bf16=args.bf16, int4=args.int4)
     if args.command == "edge-caption":
         caps = model.caption([str(p) for p in args.images])
         doc: Any = [{"image": str(p), "caption": c} for p, c in zip(args.images, caps)]

@@ -11,11 +11,12 @@ find them) unless --out names another folder.
     nlvr2.onnx               statement + tags + regions, 2B rows (left, then right) -> [B, 2] logits
     retrieval.onnx           caption + tags + regions -> matching score (log-odds)
     *.int8.onnx              with --int8: dynamically quantised copies (int8 weights, activations quantised per call)
+    caption_step.int4.onnx   with --int4: the decode step with 4-bit weights (blocks of 32, int8 products)
     detector_features.onnx   with --bf16: the detector split in two, canvas -> P2..P6 (backbone + BiFPN, run in
     detector_head.onnx       bfloat16 by OpenVINO) and P2..P6 + resized (h, w) -> the five outputs above (RPN,
                              NMS, RoIAlign, region head: fp32 in onnxruntime)
     caption_weights.bin      the weights both caption graphs use, stored once as ONNX external data
-    caption_weights.int8.bin (`minivlm.onnx_weights`), and their int8 graphs' likewise
+    caption_weights.int8.bin (`minivlm.onnx_weights`), and their int8 graphs' (and the int4 step's) likewise
     detector_weights.bin     with --bf16: the weights detector.onnx shares with its two halves, stored once
     vocab.txt tags.txt attributes.txt answers.txt
 
@@ -68,6 +69,9 @@ FUSION_INPUTS = ["input_ids", "token_type_ids", "position_ids", "text_mask", "re
 # Only the matrix products are quantised: they hold almost all the weights and time of the transformer and
 # the box head; int8 convolutions (ConvInteger) run slower than fp32 ones in onnxruntime on CPU.
 INT8_OPS = ["MatMul", "Gemm"]
+# --int4: the decode step's weights in blocks of 32 along the input axis, each with one fp32 scale (symmetric,
+# llama.cpp's Q4_0 layout); the products run in int8 (accuracy level 4: activations quantised per block, VNNI).
+INT4_BLOCK = 32
 # The caption prefix and step graphs' common weights, stored once (`minivlm.onnx_weights`).
 CAPTION_WEIGHTS, CAPTION_WEIGHTS_INT8 = "caption_weights.bin", "caption_weights.int8.bin"
 # With --bf16, the one detector graph and its two halves: their common weights, stored once.
@@ -280,9 +284,66 @@ def int8_name(graph: str) -> str:
     return graph.removesuffix(".onnx") + ".int8.onnx"
 
 
+def int4_name(graph: str) -> str:
+    return graph.removesuffix(".onnx") + ".int4.onnx"
+
+
+def _gemm_as_matmul(model) -> None:
+    """Gemm(x, W, b) -> MatMul(x, W') + b in place, W' = W or its transpose: the 4-bit quantiser takes MatMul
+    only, and the MLM head's two layers trace as Gemm (its decoder is a third of a MiniLM step's weights)."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        name = f"{node.name}.weight"
+        model.graph.initializer.append(numpy_helper.from_array(weight.T.copy() if attrs.get("transB", 0) else weight, name))
+        product = [f"{node.output[0]}.product"] if len(node.input) > 2 else list(node.output)
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], product, name=f"{node.name}.matmul"))
+        if len(node.input) > 2:
+            nodes.append(helper.make_node("Add", [product[0], node.input[2]], list(node.output), name=f"{node.name}.bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {x for n in model.graph.node for x in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def quantize_int4(src: Path, dst: Path) -> None:
+    """Weight-only 4-bit quantisation of the graph's matrix products (onnxruntime's MatMulNBits; no calibration
+    data). For the caption step: with one image it streams every weight of the transformer for two positions,
+    so its time is the weights' bytes, which 4 bits halve against int8."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                  MatMulNBitsQuantizer)
+
+    model = onnx.load(str(src))
+    _gemm_as_matmul(model)
+    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4, bits=4)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantiser logs every node it quantises
+    try:
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+        quantizer.process()
+    finally:
+        root.setLevel(level)
+    with atomic_path(dst) as tmp:
+        onnx.save(quantizer.model.model, str(tmp))
+
+
 def export_model(model_folder: str | Path, out: str | Path | None = None, int8: bool = False,
-                 detector_int8: bool = False, bf16: bool = False) -> Path:
-    """Exports a model folder's detector and every task transformer into OUT (default MODEL/onnx); returns OUT."""
+                 detector_int8: bool = False, bf16: bool = False, int4: bool = False) -> Path:
+    """Exports a model folder's detector and every task transformer into OUT (default MODEL/onnx); returns OUT.
+    `int4` (which implies `int8`) adds the caption step with 4-bit weights."""
+    int8 = int8 or int4
     model_folder = Path(model_folder)
     out = model_folder / ONNX_DIR if out is None else Path(out)
     if not model_folder.is_dir():
@@ -315,6 +376,10 @@ def export_model(model_folder: str | Path, out: str | Path | None = None, int8: 
         for g in graphs:
             quantize(out / g, out / int8_name(g))
         config["int8"] = {g: int8_name(g) for g in graphs}
+    if int4 and "caption" in tasks:
+        step = tasks["caption"]["step"]
+        quantize_int4(out / step, out / int4_name(step))
+        config["int4"] = {step: int4_name(step)}
     if bf16:  # after quantising too (--detector-int8 reads detector.onnx self-contained)
         det = config["detector"]
         share_weights(out, [det["graph"], det["bf16"]["features"], det["bf16"]["head"]], DETECTOR_WEIGHTS)
@@ -323,8 +388,9 @@ def export_model(model_folder: str | Path, out: str | Path | None = None, int8: 
         pair = [tasks["caption"]["prefix"], tasks["caption"]["step"]]
         share_weights(out, pair, CAPTION_WEIGHTS)
         config["files"]["caption_weights"] = CAPTION_WEIGHTS
-        if int8:
-            share_weights(out, [int8_name(g) for g in pair], CAPTION_WEIGHTS_INT8)
+        if int8:  # the int4 step's embeddings and norms are the int8 graphs' too
+            share_weights(out, [int8_name(g) for g in pair] + list(config.get("int4", {}).values()),
+                          CAPTION_WEIGHTS_INT8)
             config["files"]["caption_weights_int8"] = CAPTION_WEIGHTS_INT8
 
     with atomic_path(out / "vocab.txt") as tmp:
@@ -351,13 +417,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The region head stays fp32 by default: int8 box-head layers move scores, and with them what NMS keeps.
     parser.add_argument("--detector-int8", action="store_true",
                         help="with --int8: also quantise the detector's box head (regions then differ from fp32's)")
+    parser.add_argument("--int4", action="store_true",
+                        help="--int8, and the caption decoder's step with 4-bit weights (*.int4.onnx), which "
+                             "--int4 runs: a step with one image reads all its weights, so half the bytes is faster")
     parser.add_argument("--bf16", action="store_true",
                         help="also write the detector as two graphs, so that --bf16 runs its backbone and BiFPN in "
                              "bfloat16 (OpenVINO; CPUs with AVX512-BF16 or AMX) and the rest in fp32")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_model(args.model, args.out, int8=args.int8, detector_int8=args.detector_int8, bf16=args.bf16)
+    out = export_model(args.model, args.out, int8=args.int8, detector_int8=args.detector_int8, bf16=args.bf16,
+                       int4=args.int4)
     files = sorted(p.name for p in out.iterdir() if p.suffix == ".onnx")
     print(f"exported {', '.join(files)} to {out}")
     return 0

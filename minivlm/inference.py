@@ -60,6 +60,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: the ONNX graphs of `minivlm export MODEL` when present and fresh, else PyTorch")
     parser.add_argument("--int8", action="store_true", help="run the int8 ONNX graphs (`minivlm export --int8`)")
+    parser.add_argument("--int4", action="store_true",
+                        help="--int8 with the caption decoder's step in 4-bit weights (`minivlm export --int4`)")
     parser.add_argument("--bf16", action="store_true",
                         help="run the detector's backbone in bfloat16 with OpenVINO (`minivlm export --bf16`; "
                              "CPUs with AVX512-BF16 or AMX)")
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command in ("vqa", "nlvr2") and failures:
         raise MiniVLMError(next(iter(failures.values())))
     good = sorted(images)
-    model = load(args.model, args.backend, args.device, int8=args.int8, bf16=args.bf16) if good else None
+    model = load(args.model, args.backend, args.device, int8=args.int8, bf16=args.bf16, int4=args.int4) if good else None
     if model is not None:
         model.batch_size = args.batch_size
     regions = dict(zip(good, model.regions([images[i] for i in good]))) if model is not None else {}

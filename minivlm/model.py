@@ -226,15 +226,15 @@ class MiniVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
-                        int8: bool = False, threads: int | None = None, bf16: bool = False
+                        int8: bool = False, threads: int | None = None, bf16: bool = False, int4: bool = False
                         ) -> "MiniVLM | EdgeMiniVLM":
         """The model folder on PyTorch, or on ONNX Runtime (`minivlm.edge.EdgeMiniVLM`, the same calls) when
         `minivlm export` wrote fresh graphs into FOLDER/onnx: backend "auto" picks, "torch" / "onnx" force
-        one (`minivlm.backend`). `int8`, `bf16` and `threads` apply to the exported graphs."""
-        if backend != "torch" or int8 or bf16:
+        one (`minivlm.backend`). `int8`, `int4`, `bf16` and `threads` apply to the exported graphs."""
+        if backend != "torch" or int8 or bf16 or int4:
             from minivlm.backend import load
 
-            return load(folder, backend, str(device), int8, threads, bf16)
+            return load(folder, backend, str(device), int8, threads, bf16, int4)
         from minivlm.vision.tee import TEE
 
         ckpt = checkpoint.read(folder, "model")

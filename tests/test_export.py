@@ -70,7 +70,7 @@ def env(tmp_path_factory):
     with torch.no_grad():
         tasks["nlvr2"].head.net[-1].bias[1] -= float(odds[1] + odds[2]) / 2
     model.save_pretrained(root / "model")
-    assert main(["export", str(root / "model"), "--int8", "--bf16"]) == 0  # into model/onnx
+    assert main(["export", str(root / "model"), "--int4", "--bf16"]) == 0  # into model/onnx; --int4 writes int8 too
     return root, model, paths
 
 
@@ -145,6 +145,7 @@ def test_export_folder_lists_every_graph_and_the_weights(env):
                             "caption_weights.bin", "caption_weights.int8.bin"]
                            + [f"{g}.onnx" for g in graphs]
                            + [f"{g}.int8.onnx" for g in graphs if g != "detector"]  # the region head stays fp32
+                           + ["caption_step.int4.onnx"]
                            + ["detector_features.onnx", "detector_head.onnx", "detector_weights.bin"])  # --bf16
 
 
@@ -418,6 +419,90 @@ def test_int8_graphs_run(env):
     assert q8.rank(paths, TEXTS).shape == (len(paths), len(TEXTS))
 
 
+def _unpack_int4(node, values: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMulNBits node's weight [K, N] in fp32 and each entry's quantisation step (ONNX Runtime's contrib op:
+    B [N, blocks, block / 2] two 4-bit values a byte, low nibble first; one scale per block; zero point 8)."""
+    attrs = {a.name: a.i for a in node.attribute}
+    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+    packed = values[node.input[1]].reshape(n, -1)
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.float32)
+    scales = np.repeat(values[node.input[2]].reshape(n, -1), block, axis=1)[:, :k]
+    assert len(node.input) < 4 or not node.input[3]  # symmetric: no zero points stored
+    return ((q - 8) * scales).T, np.abs(scales).T
+
+
+def test_int4_step_has_4_bit_weights_and_computes_with_them(env, tmp_path):
+    """--int4: the caption step's every weight product (the MLM head's decoder too) in 4-bit blocks, its tables
+    shared with the int8 graphs; every other graph is the int8 one."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from minivlm.edge import CachedSteps, EdgeMiniVLM
+    from minivlm.export import _gemm_as_matmul, export_model
+
+    root, _, paths = env
+    folder = root / "model" / "onnx"
+    q4 = MiniVLM.from_pretrained(root / "model", int4=True, threads=1)
+    assert isinstance(q4, EdgeMiniVLM) and q4.int4 and q4.int8
+    cfg = q4.task("caption")
+    assert q4._pick(cfg["step"]) == "caption_step.int4.onnx" and q4._pick(cfg["prefix"]) == "caption_prefix.int8.onnx"
+    assert q4._pick(q4.task("vqa")["graph"]) == "vqa.int8.onnx"
+
+    fp32 = onnx.load(str(folder / "caption_step.onnx"), load_external_data=False)
+    consts = {t.name for t in fp32.graph.initializer}
+    products = sum(n.op_type in ("MatMul", "Gemm") and n.input[1] in consts for n in fp32.graph.node)
+    step = onnx.load(str(folder / "caption_step.int4.onnx"), load_external_data=False)
+    ops = [n.op_type for n in step.graph.node]
+    assert ops.count("MatMulNBits") == products >= 4 * BERT.num_layers + 2 and "Gemm" not in ops
+    assert all(dict((a.name, a.i) for a in n.attribute)["bits"] == 4 for n in step.graph.node if n.op_type == "MatMulNBits")
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in step.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert external and all(x["location"] == "caption_weights.int8.bin" for x in external.values())
+    prefix8 = onnx.load(str(folder / "caption_prefix.int8.onnx"), load_external_data=False)
+    assert set(external) & {t.name for t in prefix8.graph.initializer}  # the word embeddings, stored once
+
+    # Each 4-bit matrix, unpacked, is its fp32 matrix rounded to its block's step (a block's largest entry may
+    # clip by up to one step: onnxruntime's symmetric scale is the largest magnitude / 8) ...
+    full = onnx.load(str(folder / "caption_step.int4.onnx"))
+    ref_graph = onnx.load(str(folder / "caption_step.onnx"))
+    _gemm_as_matmul(ref_graph)
+    weights = {t.name: numpy_helper.to_array(t) for t in ref_graph.graph.initializer}
+    by_output = {n.output[0]: n for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+    values = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer}
+    for node in (n for n in full.graph.node if n.op_type == "MatMulNBits"):
+        w, (dq, step) = weights[by_output[node.output[0]].input[1]], _unpack_int4(node, values)
+        err = np.abs(dq - w)
+        assert dq.shape == w.shape and np.all(err <= step + 1e-6) and np.mean(err <= step / 2 + 1e-6) > 0.9
+        weights[by_output[node.output[0]].input[1]] = dq
+    # ... and the int4 step computes with those matrices: against the fp32 step holding them, its logits move
+    # as int8's do (its products quantise the activations to 8 bits); against the fp32 weights, by 4-bit's error
+    # (on these random N(0, 0.3) weights, logits that correlate ~0.95), which the test does not bound.
+    for t in ref_graph.graph.initializer:
+        if t.name in weights and t.dims and len(t.dims) == 2:
+            t.CopyFrom(numpy_helper.from_array(weights[t.name], t.name))
+    onnx.save(ref_graph, str(tmp_path / "dequantised_step.onnx"))
+    ref = EdgeMiniVLM(folder, threads=1)
+    ref._sessions[cfg["step"]] = ort.InferenceSession(str(tmp_path / "dequantised_step.onnx"),
+                                                      providers=["CPUExecutionProvider"])
+    regions = ref.regions(paths[:2])
+    last = np.full(2, q4.ids["cls"], dtype=np.int64)
+    a, b = CachedSteps(ref, cfg, regions), CachedSteps(q4, cfg, regions)
+    for _ in range(3):
+        la, lb = a(last), b(last)
+        for x, y in zip(la.reshape(2, -1), lb.reshape(2, -1)):
+            assert np.abs(x - y).max() < 0.5 * x.std() and np.corrcoef(x, y)[0, 1] > 0.99
+        last = la.reshape(2, -1).argmax(-1).astype(np.int64)
+    caps = q4.caption(paths)
+    assert len(caps) == len(paths) and all(isinstance(c, str) and c for c in caps)
+
+    export_model(root / "model", tmp_path / "q8", int8=True)  # int8 graphs, no int4 step
+    with pytest.raises(MiniVLMError, match=r"no int4 caption step.*export MODEL --int4"):
+        EdgeMiniVLM(tmp_path / "q8", int4=True)
+    with pytest.raises(MiniVLMError, match="int4 runs exported graphs"):
+        MiniVLM.from_pretrained(root / "model", backend="torch", int4=True)
+
+
 def test_runtime_and_commands_never_import_torch(env):
     root, _, paths = env
     model, onnx, p0, p1 = str(root / "model"), str(root / "model" / "onnx"), str(paths[0]), str(paths[1])
@@ -430,6 +515,7 @@ assert m.caption([{p0!r}]) and m.answer({p0!r}, "is it red?")
 assert main(["edge-caption", {onnx!r}, {p1!r}, "--int8", "--threads", "1"]) == 0
 assert main(["caption", {model!r}, {p1!r}, "--bf16"]) == (0 if {cpu_has_bf16()!r} else 1)
 assert main(["caption", {model!r}, {p1!r}, "--beam-size", "2"]) == 0
+assert main(["caption", {model!r}, {p0!r}, {p1!r}, "--int4"]) == 0
 assert main(["nlvr2", {model!r}, {p0!r}, {p1!r}, "a red star", "--json"]) == 0
 assert main(["retrieve", {model!r}, "--images", {str(root)!r}, "--query", "a red star", "--int8"]) == 0
 assert main(["vqa", {model!r}, {p1!r}, "is it red?", "--json", "--top", "2"]) == 0

@@ -162,8 +162,8 @@ class Server:
 
 
 def create_app(model: str | Path | Any, config: ServeConfig | None = None, *, backend: str = "auto",
-               device: str = "cpu", int8: bool = False, bf16: bool = False, index: str | Path | None = None,
-               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+               device: str = "cpu", int8: bool = False, bf16: bool = False, int4: bool = False,
+               index: str | Path | None = None, on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
     """The server for a model folder (loaded with `minivlm.backend.load` in a background thread), or for a
     model object with `MiniVLM`'s methods. `index`: a folder of images whose regions are computed at
     start, for /v1/retrieve. `on_load_failure(message)` is called if loading fails (the CLI then exits)."""
@@ -181,7 +181,7 @@ def create_app(model: str | Path | Any, config: ServeConfig | None = None, *, ba
             if isinstance(model, (str, Path)):
                 from minivlm.backend import load as load_model
 
-                m = load_model(model, backend, device, int8=int8, bf16=bf16)
+                m = load_model(model, backend, device, int8=int8, bf16=bf16, int4=int4)
             else:
                 m = model
             # one model call per batch: its own chunking must not split what the batcher gathered

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not (Path(args.model) / "config.json").is_file():
         raise MiniVLMError(f"{args.model}: not a model folder (config.json not found)")
-    choose(args.model, "onnx" if args.int8 or args.bf16 else args.backend, args.device)  # a refused backend fails now
+    choose(args.model, "onnx" if args.int8 or args.int4 or args.bf16 else args.backend, args.device)  # a refused backend fails now
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}
     values["api_key"] = values["api_key"] or os.environ.get("MINIVLM_API_KEY") or None
     try:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(args.model, config, backend=args.backend, device=args.device, int8=args.int8,
-                     bf16=args.bf16, index=args.index, on_load_failure=stop)
+                     bf16=args.bf16, int4=args.int4, index=args.index, on_load_failure=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     try:
         server.run()

@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from minivlm.backend import load
 
-    teacher = load(args.teacher, args.backend, args.device, int8=args.int8, bf16=args.bf16)
+    teacher = load(args.teacher, args.backend, args.device, int8=args.int8, bf16=args.bf16, int4=args.int4)
     if "caption" not in teacher.tasks:
         raise MiniVLMError(f"{args.teacher}: the teacher has no caption task (tasks: {', '.join(teacher.tasks)})")
     summary = distill(teacher, args.images, args.out, args.batch_size, args.beam_size, args.limit,
