@@ -69,8 +69,10 @@ FUSION_INPUTS = ["input_ids", "token_type_ids", "position_ids", "text_mask", "re
 # Only the matrix products are quantised: they hold almost all the weights and time of the transformer and
 # the box head; int8 convolutions (ConvInteger) run slower than fp32 ones in onnxruntime on CPU.
 INT8_OPS = ["MatMul", "Gemm"]
-# --int4: the decode step's weights in blocks of 32 along the input axis, each with one fp32 scale (symmetric,
-# llama.cpp's Q4_0 layout); the products run in int8 (accuracy level 4: activations quantised per block, VNNI).
+# --int4: the decode step's weights in blocks of 32 along the input axis, each with an fp32 scale and a 4-bit zero
+# point (as llama.cpp's Q4_1); the products run in int8 (accuracy level 4: activations quantised per block, VNNI).
+# Symmetric blocks (no zero point) were as fast and worse: onnxruntime maps them to -7..7 and clips each block's
+# largest weight, and the demo model's test CIDEr fell to 98.1% of fp32's with the bf16 detector (this: 100.8%).
 INT4_BLOCK = 32
 # The caption prefix and step graphs' common weights, stored once (`minivlm.onnx_weights`).
 CAPTION_WEIGHTS, CAPTION_WEIGHTS_INT8 = "caption_weights.bin", "caption_weights.int8.bin"
@@ -326,7 +328,7 @@ def quantize_int4(src: Path, dst: Path) -> None:
 
     model = onnx.load(str(src))
     _gemm_as_matmul(model)
-    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4, bits=4)
+    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=False, accuracy_level=4, bits=4)
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))  # the quantiser logs every node it quantises

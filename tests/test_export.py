@@ -419,16 +419,23 @@ def test_int8_graphs_run(env):
     assert q8.rank(paths, TEXTS).shape == (len(paths), len(TEXTS))
 
 
+def _nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """Two 4-bit values a byte, low nibble first, [n, ...] -> [n, 2 x bytes] as float."""
+    packed = packed.reshape(n, -1)
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float32)
+
+
 def _unpack_int4(node, values: dict) -> tuple[np.ndarray, np.ndarray]:
     """A MatMulNBits node's weight [K, N] in fp32 and each entry's quantisation step (ONNX Runtime's contrib op:
-    B [N, blocks, block / 2] two 4-bit values a byte, low nibble first; one scale per block; zero point 8)."""
+    B [N, blocks, block / 2] in nibbles; per block one scale and one zero point, the zero points in nibbles too)."""
     attrs = {a.name: a.i for a in node.attribute}
     k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-    packed = values[node.input[1]].reshape(n, -1)
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.float32)
-    scales = np.repeat(values[node.input[2]].reshape(n, -1), block, axis=1)[:, :k]
-    assert len(node.input) < 4 or not node.input[3]  # symmetric: no zero points stored
-    return ((q - 8) * scales).T, np.abs(scales).T
+    blocks = -(-k // block)
+    q = _nibbles(values[node.input[1]], n)[:, :k]
+    scales = values[node.input[2]].reshape(n, blocks)
+    zero = _nibbles(values[node.input[3]], n)[:, :blocks]  # asymmetric: 4-bit zero points are stored
+    per_entry = [np.repeat(x, block, axis=1)[:, :k] for x in (scales, zero)]
+    return ((q - per_entry[1]) * per_entry[0]).T, np.abs(per_entry[0]).T
 
 
 def test_int4_step_has_4_bit_weights_and_computes_with_them(env, tmp_path):
@@ -462,8 +469,8 @@ def test_int4_step_has_4_bit_weights_and_computes_with_them(env, tmp_path):
     prefix8 = onnx.load(str(folder / "caption_prefix.int8.onnx"), load_external_data=False)
     assert set(external) & {t.name for t in prefix8.graph.initializer}  # the word embeddings, stored once
 
-    # Each 4-bit matrix, unpacked, is its fp32 matrix rounded to its block's step (a block's largest entry may
-    # clip by up to one step: onnxruntime's symmetric scale is the largest magnitude / 8) ...
+    # Each 4-bit matrix, unpacked, is its fp32 matrix rounded to its block's step (a block's extremes may land
+    # up to a step away: its zero point is rounded too) ...
     full = onnx.load(str(folder / "caption_step.int4.onnx"))
     ref_graph = onnx.load(str(folder / "caption_step.onnx"))
     _gemm_as_matmul(ref_graph)
