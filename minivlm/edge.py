@@ -242,10 +242,10 @@ class EdgeMiniVLM:
         config = read_manifest(folder)
         int8 = int8 or int4  # the int4 step is the only 4-bit graph: everything else runs in int8
         self.config, self.int8, self.int4, self.bf16, self.batch_size = config, int8, int4, bf16, batch_size
-        if int8 and not config.get("int8"):
-            raise MiniVLMError(f"{folder}: has no int8 graphs; export with `minivlm export MODEL --int8`")
         if int4 and not config.get("int4"):
             raise MiniVLMError(f"{folder}: has no int4 caption step; export with `minivlm export MODEL --int4`")
+        if int8 and not config.get("int8"):
+            raise MiniVLMError(f"{folder}: has no int8 graphs; export with `minivlm export MODEL --int8`")
         if bf16 and "bf16" not in config["detector"]:
             raise MiniVLMError(f"{folder}: has no split detector graphs; export with `minivlm export MODEL --bf16`")
         files = config["files"]

@@ -504,8 +504,10 @@ def test_int4_step_has_4_bit_weights_and_computes_with_them(env, tmp_path):
     assert len(caps) == len(paths) and all(isinstance(c, str) and c for c in caps)
 
     export_model(root / "model", tmp_path / "q8", int8=True)  # int8 graphs, no int4 step
-    with pytest.raises(MiniVLMError, match=r"no int4 caption step.*export MODEL --int4"):
-        EdgeMiniVLM(tmp_path / "q8", int4=True)
+    export_model(root / "model", tmp_path / "plain")
+    for name in ("q8", "plain"):
+        with pytest.raises(MiniVLMError, match=r"no int4 caption step.*export MODEL --int4"):
+            EdgeMiniVLM(tmp_path / name, int4=True)
     with pytest.raises(MiniVLMError, match="int4 runs exported graphs"):
         MiniVLM.from_pretrained(root / "model", backend="torch", int4=True)
 
