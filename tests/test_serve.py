@@ -618,16 +618,16 @@ def test_the_page_is_served_without_external_resources(server):
 
 
 def test_serve_bf16_runs_the_split_detector_or_says_why_not(env, tmp_path):
-    """`minivlm serve --int8 --bf16` serves the library's --bf16 captions where the CPU has bfloat16 units; elsewhere
-    the load fails with the one line the library gives, and /health reports it."""
+    """`minivlm serve --int4 --bf16` (the fastest path) serves the library's captions of that path where the CPU has
+    bfloat16 units; elsewhere the load fails with the one line the library gives, and /health reports it."""
     from minivlm.edge import EdgeMiniVLM, cpu_has_bf16
     from minivlm.export import export_model
 
     folder = tmp_path / "model"
     shutil.copytree(env.folder, folder)
-    export_model(folder, int8=True, bf16=True)
+    export_model(folder, int4=True, bf16=True)
     failures: list[str] = []
-    app = create_app(folder, LIMITS, int8=True, bf16=True, on_load_failure=failures.append)
+    app = create_app(folder, LIMITS, int4=True, bf16=True, on_load_failure=failures.append)
     with running(app) as port:
         if not cpu_has_bf16():  # e.g. an AVX2-only CPU
             wait_for(lambda: failures, "the load to fail")
@@ -639,9 +639,9 @@ def test_serve_bf16_runs_the_split_detector_or_says_why_not(env, tmp_path):
         status, _, doc = call(port, "GET", "/health")
         assert status == 200 and doc["backend"] == "onnx"
         served = app.state.server.model
-        assert isinstance(served, EdgeMiniVLM) and served.bf16 and served.int8
+        assert isinstance(served, EdgeMiniVLM) and served.bf16 and served.int4 and served.int8
         status, _, doc = call(port, "POST", "/v1/caption", {"image": env.urls[0]})
-        fast = EdgeMiniVLM(folder / "onnx", int8=True, bf16=True)
+        fast = EdgeMiniVLM(folder / "onnx", int4=True, bf16=True)
         assert status == 200 and doc["caption"] == fast.caption([env.pil[0]])[0]
     assert not failures
 
