@@ -40,7 +40,8 @@ from minivlm.text.checks import user_texts
 from minivlm.text.tokenizer import Tokenizer
 
 EDGE_FORMAT = "minivlm-edge"
-EDGE_VERSION = 2  # 2: NLVR2 and retrieval graphs, the task graphs take text and region masks, "weights"
+EDGE_VERSION = 3  # 2: NLVR2 and retrieval graphs, the task graphs take text and region masks, "weights";
+# 3: the caption step returns its [MASK]'s keys/values too
 MANIFEST = "edge.json"
 DEFAULT_MAX_LEN = 20
 
@@ -435,7 +436,10 @@ class EdgeMiniVLM:
 
 class CachedSteps:
     """`minivlm.tasks.caption_model.CachedSteps` on the graphs: the prefix (tags + regions) is encoded once, and
-    each call feeds [previous token, [MASK]] with the explicit past keys/values (a stepper of edge_decode)."""
+    each call feeds [previous token, [MASK]] with the explicit past keys/values (a stepper of edge_decode). The
+    step graph returns both new positions' keys/values, so the cache holds each earlier step's [MASK] too, masked
+    out of every later step: a masked key adds exactly nothing, and the graph copies the cache once a step, not
+    twice."""
 
     def __init__(self, model: EdgeMiniVLM, cfg: dict, regions: Sequence[EdgeRegions], expand: int = 1):
         prefix = prefix_inputs(model.tokenizer, regions, cfg)
@@ -447,11 +451,11 @@ class CachedSteps:
         self.step = model.session(cfg["step"])
         self.names = [f"past.{i}.{kv}" for i in range(cfg["num_layers"]) for kv in ("key", "value")]
         self.mask_id = model.ids["mask"]
-        self.seen = 0  # caption tokens in the cache
+        self.seen = 0  # caption tokens in the cache (each with its step's [MASK] after it)
 
     def __call__(self, last: np.ndarray) -> np.ndarray:
         n, t = len(last), self.seen + 1
-        before = np.concatenate([self.valid, np.ones((n, self.seen), dtype=bool)], axis=1)
+        before = np.concatenate([self.valid, np.tile(np.array([True, False]), (n, self.seen))], axis=1)
         new = np.array([[True, False], [True, True]])  # the token sees itself; the [MASK] sees both
         mask = np.concatenate([np.broadcast_to(before[:, None, :], (n, 2, before.shape[1])),
                                np.broadcast_to(new, (n, 2, 2))], axis=2)
