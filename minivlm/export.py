@@ -42,6 +42,7 @@ torchvision's nms / roi_align through their registered ONNX symbolics.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import warnings
@@ -266,6 +267,18 @@ def export_fusion(task: str, model: nn.Module, out: Path) -> dict:
     return {"graph": graph, **extra, **_bert_info(cfg)}
 
 
+@contextlib.contextmanager
+def _root_log_level_at_least(level: int):
+    """onnxruntime's quantisers log through the root logger; raise its level for the call, then restore it."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(max(before, level))
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
 def quantize(src: Path, dst: Path) -> None:
     """Dynamic 8-bit quantisation of the graph's matrix products (weights per channel, activations quantised
     on the fly): onnxruntime's quantiser, no calibration data needed. Weights are unsigned like the
@@ -274,15 +287,10 @@ def quantize(src: Path, dst: Path) -> None:
     against fp32 (0.048 with U8U8, inside the test's 0.05; 0.07 with 7-bit weights, the other remedy)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))  # the quantiser advises shape pre-processing (static quantisation's)
-    try:
-        with atomic_path(dst) as tmp:
-            quantize_dynamic(str(src), str(tmp), op_types_to_quantize=INT8_OPS, per_channel=True,
-                             weight_type=QuantType.QUInt8)
-    finally:
-        root.setLevel(level)
+    # the quantiser advises shape pre-processing (static quantisation's)
+    with _root_log_level_at_least(logging.ERROR), atomic_path(dst) as tmp:
+        quantize_dynamic(str(src), str(tmp), op_types_to_quantize=INT8_OPS, per_channel=True,
+                         weight_type=QuantType.QUInt8)
 
 
 def int8_name(graph: str) -> str:
@@ -333,14 +341,9 @@ def quantize_int4(src: Path, dst: Path) -> None:
     model = onnx.load(str(src))
     _gemm_as_matmul(model)
     config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=False, accuracy_level=4, bits=4)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))  # the quantiser logs every node it quantises
-    try:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    with _root_log_level_at_least(logging.WARNING):  # the quantiser logs every node it quantises
         quantizer.process()
-    finally:
-        root.setLevel(level)
     with atomic_path(dst) as tmp:
         onnx.save(quantizer.model.model, str(tmp))
 
